@@ -1,0 +1,232 @@
+"""The ``gpunn`` command: thin click commands that parse options, pick the backend, call the library, report.
+
+gpunn's own errors (:class:`gpunn.errors.GpunnError`) become one line on stderr and a non-zero exit status: 2 for
+bad input or usage, 1 for everything else (a device that cannot be used, training that diverged).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpunn import __version__
+from gpunn.errors import GpunnError
+
+DEVICE_HELP = "auto (the GPU if one answers, else the CPU), cpu, cuda, or cuda:N."
+
+
+class GpunnGroup(click.Group):
+    """A click group that prints gpunn's own errors as one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GpunnError as error:
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(error.exit_code)
+
+
+@click.group(cls=GpunnGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpunn")
+def main() -> None:
+    """Train a small neural network on MNIST with NumPy (CPU) or CuPy (GPU), one implementation for both."""
+
+
+def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated layer sizes such as 10 or 16,16, got {value!r}") from None
+    if any(size < 1 for size in sizes):
+        raise click.BadParameter(f"every hidden layer needs at least 1 unit, got {value!r}")
+    return sizes
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Directory with MNIST's IDX files (.gz or raw). "
+              "Default: the 5,000-digit sample bundled with gpunn.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--hidden", default="10", show_default=True, callback=_parse_hidden,
+              help="Hidden layer sizes, comma-separated: 10 is the seed network 784-10-10; 16,16 has two layers.")
+@click.option("--activation", type=click.Choice(["relu", "sigmoid", "tanh"]), default="relu", show_default=True,
+              help="Activation of the hidden layers (the output is always softmax).")
+@click.option("--init", "init", type=click.Choice(["he", "xavier", "uniform"]),
+              help="Weight initialization. Default: he for relu, xavier for sigmoid and tanh; uniform is the seed "
+              "notebook's rand - 0.5.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Learning rate alpha in W <- W - alpha dW.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the shuffle, the validation split and the initial weights.")
+@click.option("--val-size", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Training digits held out for validation.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("model.npz"), show_default=True,
+              help="Where to save the trained model.")
+@click.option("--metrics-out", type=click.Path(path_type=Path),
+              help="Write one JSON object per epoch, then a summary object, to this .jsonl file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def train(data_dir: Path | None, device: str, hidden: tuple[int, ...], activation: str, init: str | None,
+          dtype: str, epochs: int, lr: float, seed: int, val_size: int, out: Path, metrics_out: Path | None,
+          quiet: bool) -> None:
+    """Train the network full-batch and save it."""
+    from gpunn.backend import get_backend
+    from gpunn.data import split
+    from gpunn.files import atomic_write, check_writable
+    from gpunn.model import save_model
+    from gpunn.train import TrainConfig, fit
+
+    check_writable(out, "--out")
+    if metrics_out is not None:
+        check_writable(metrics_out, "--metrics-out")
+    config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed)
+    backend = get_backend(device)
+    dataset = _load_dataset(data_dir)
+    parts = split(dataset, val_size=val_size, seed=seed)
+    say = (lambda text: None) if quiet else click.echo
+    say(f"device:  {backend.summary()}")
+    if backend.reason:
+        say(f"         {backend.reason}")
+    say(f"data:    {dataset.source}: {parts.sizes()}")
+    sizes = "-".join(map(str, (dataset.n_features, *hidden, 10)))
+    say(f"network: {sizes} {activation}/softmax, {config.weight_init} init, {dtype}, "
+        f"lr {lr:g}, {epochs} epochs, seed {seed}")
+
+    progress = _Progress(epochs, enabled=not quiet)
+    records: list[dict[str, Any]] = []
+
+    def on_epoch(stats: Any) -> None:
+        records.append({"type": "epoch", **stats.as_dict()})
+        progress.update(stats)
+
+    try:
+        result = fit(parts, config, backend=backend, on_epoch=on_epoch)
+    finally:
+        progress.close()
+    last = result.history[-1]
+    steady = result.history[1:] or result.history
+    median_s = sorted(s.seconds for s in steady)[len(steady) // 2]
+    summary: dict[str, Any] = {
+        "type": "summary",
+        "device": backend.name,
+        "data": dataset.source,
+        "layer_sizes": list(result.model.arch.sizes),
+        "activation": activation,
+        "init": config.weight_init,
+        "dtype": dtype,
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "train_samples": len(parts.y_train),
+        "val_samples": len(parts.y_val),
+        "loss": last.loss,
+        "train_accuracy": last.train_accuracy,
+        "val_accuracy": last.val_accuracy,
+        "test_accuracy": result.test_accuracy,
+        "test_samples": result.n_test,
+        "median_epoch_s": median_s,
+        "total_s": sum(s.seconds for s in result.history),
+    }
+    save_model(out, result.model, backend)
+    if metrics_out is not None:
+        with atomic_write(metrics_out, "w") as handle:
+            for record in [*records, summary]:
+                handle.write(json.dumps(record) + "\n")
+    val = "" if last.val_accuracy is None else f", validation accuracy {last.val_accuracy:.2%}"
+    say(f"trained {epochs} epochs in {summary['total_s']:.1f} s (median {median_s * 1e3:.2f} ms/epoch, "
+        f"first epoch apart): loss {last.loss:.4f}, training accuracy {last.train_accuracy:.2%}{val}")
+    if result.test_accuracy is not None:
+        say(f"test accuracy: {result.test_accuracy:.2%} on {result.n_test:,} digits")
+    else:
+        say("test accuracy: no labelled test set in this data")
+    say(f"model saved to {out}" + (f", metrics to {metrics_out}" if metrics_out else ""))
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="Directory with MNIST's IDX files; the test set is used. Default: the bundled sample.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+def evaluate(model_path: Path, data_dir: Path | None, device: str) -> None:
+    """Print MODEL's accuracy on labelled digits."""
+    from gpunn.backend import get_backend
+    from gpunn.model import load_model
+    from gpunn.train import evaluate as accuracy_of
+
+    backend = get_backend(device)
+    model = load_model(model_path, backend)
+    dataset = _load_dataset(data_dir)
+    if dataset.test_images is not None and dataset.test_labels is not None:
+        images, labels, part = dataset.test_images, dataset.test_labels, "test set"
+    else:
+        images, labels, part = dataset.train_images, dataset.train_labels, "training digits: not a held-out score"
+    accuracy = accuracy_of(model, images.T, labels, backend=backend)
+    click.echo(f"accuracy: {accuracy:.2%} on {len(labels):,} digits ({dataset.source}, {part}) [{backend.name}]")
+
+
+@main.command()
+def info() -> None:
+    """Show gpunn's version, its libraries, and the devices it can use."""
+    import platform
+
+    import array_api_compat
+    import numpy as np
+
+    from gpunn.backend import NumpyBackend, cuda_devices, get_backend
+    from gpunn.errors import BackendError
+
+    click.echo(f"gpunn {__version__}, Python {platform.python_version()}, numpy {np.__version__}, "
+               f"array-api-compat {array_api_compat.__version__}, click {click.__version__}")
+    click.echo(f"cpu:  {NumpyBackend().summary()}")
+    try:
+        devices = cuda_devices()
+    except BackendError as error:
+        click.echo(f"cuda: unavailable: {error}")
+        return
+    for index in range(len(devices)):
+        try:
+            click.echo(f"cuda: {get_backend(f'cuda:{index}').summary()}")
+        except BackendError as error:
+            click.echo(f"cuda: cuda:{index} unusable: {error}")
+
+
+def _load_dataset(data_dir: Path | None) -> Any:
+    from gpunn.data import load_bundled_sample, load_idx_dir
+
+    return load_bundled_sample() if data_dir is None else load_idx_dir(data_dir)
+
+
+class _Progress:
+    """Per-epoch progress: one line rewritten in place on a terminal; on a pipe or log file, about 20 lines in all."""
+
+    def __init__(self, epochs: int, *, enabled: bool) -> None:
+        self.epochs = epochs
+        self.enabled = enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.every = max(1, epochs // 20)
+        self.last_draw = 0.0
+
+    def update(self, stats: Any) -> None:
+        if not self.enabled:
+            return
+        val = "" if stats.val_accuracy is None else f"  val {stats.val_accuracy:6.2%}"
+        line = (f"epoch {stats.epoch:>{len(str(self.epochs))}}/{self.epochs}  loss {stats.loss:.4f}  "
+                f"train {stats.train_accuracy:6.2%}{val}  {stats.seconds * 1e3:8.2f} ms  "
+                f"{stats.samples_per_s / 1e6:7.2f} M samples/s")
+        final = stats.epoch == self.epochs
+        if self.tty:
+            now = time.monotonic()
+            if final or now - self.last_draw > 0.1:  # at most ten redraws a second
+                click.echo(f"\r{line}", nl=False)
+                self.last_draw = now
+        elif stats.epoch == 1 or stats.epoch % self.every == 0 or final:
+            click.echo(line)
+
+    def close(self) -> None:
+        if self.tty and self.last_draw:
+            click.echo()

@@ -1,0 +1,53 @@
+"""The errors gpunn raises on purpose.
+
+Each one says what was expected, what was found and how to fix it, in one line, so that the CLI can print
+``str(error)`` and exit with ``error.exit_code`` instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GpunnError(Exception):
+    """Base class of gpunn's own errors; the CLI turns them into one line and a non-zero exit."""
+
+    exit_code = 1
+
+
+class BackendError(GpunnError):
+    """The requested device cannot be used (CuPy missing, no GPU, bad device index, ...).
+
+    ``cause`` is the short reason alone, for ``--device auto`` to say in one line why it chose the CPU.
+    """
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause or message
+
+
+class DeviceSpecError(BackendError):
+    """The device string itself is malformed: a usage error."""
+
+    exit_code = 2
+
+
+class DataError(GpunnError):
+    """A data file or array is missing, corrupt or of the wrong shape or range."""
+
+    exit_code = 2
+
+
+class ModelError(GpunnError):
+    """A model file is missing, corrupt, or does not fit the data it is used with."""
+
+    exit_code = 2
+
+
+class TrainingDivergedError(GpunnError):
+    """The loss or a weight became NaN or infinite."""
+
+    def __init__(self, epoch: int, what: str, lr: float) -> None:
+        self.epoch = epoch
+        super().__init__(
+            f"training diverged at epoch {epoch}: {what} is not finite; "
+            f"try a smaller learning rate than --lr {lr:g}"
+        )

@@ -1,0 +1,246 @@
+"""The network's math, written once against the Python array API standard.
+
+Notation and shapes are the seed notes': ``X = A[0]`` is (n_0, m) with one sample per column, layer ``l`` has
+``W[l]`` (n_l, n_{l-1}) and ``b[l]`` (n_l, 1), and for l = 1..L::
+
+    Z[l] = W[l] @ A[l-1] + b[l]         A[l] = g(Z[l])  (hidden: relu/sigmoid/tanh; output: softmax or sigmoid)
+
+    dZ[L] = A[L] - Y                    (softmax + cross-entropy, or sigmoid + binary cross-entropy)
+    dW[l] = dZ[l] @ A[l-1].T / m        db[l] = sum(dZ[l], over samples) / m
+    dZ[l-1] = (W[l].T @ dZ[l]) * g'(Z[l-1])
+    W[l] <- W[l] - lr * dW[l]           b[l] <- b[l] - lr * db[l]
+
+Each function takes its namespace from its arguments (``array_namespace``), so NumPy, CuPy and array-api-strict
+arrays all go through this same code. Functions are pure: they return new arrays and never modify their inputs.
+Fast paths that work in place live on the backends and are tested against these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from array_api_compat import array_namespace
+
+Array = Any  # an array of any array-API-standard library
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh")
+OUTPUTS = ("softmax", "sigmoid")
+INITS = ("he", "xavier", "uniform")
+DTYPES = ("float32", "float64")
+
+
+# --- activations: g(Z) and its backward pass dZ = dA * g'(Z) -------------------------------------------------
+# The backward functions receive both Z and A = g(Z) and use whichever gives g' more cheaply.
+
+
+def relu(Z: Array) -> Array:
+    """max(Z, 0), element-wise."""
+    return array_namespace(Z).clip(Z, min=0)
+
+
+def relu_backward(dA: Array, Z: Array, A: Array) -> Array:
+    """dA * relu'(Z), where relu'(Z) is 1 for Z > 0 and 0 elsewhere."""
+    xp = array_namespace(dA, Z)
+    return dA * xp.astype(Z > 0, dA.dtype)
+
+
+def sigmoid(Z: Array) -> Array:
+    """1 / (1 + exp(-Z)), computed as (1 + tanh(Z/2)) / 2, which never overflows."""
+    xp = array_namespace(Z)
+    return (xp.tanh(Z / 2) + 1) / 2
+
+
+def sigmoid_backward(dA: Array, Z: Array, A: Array) -> Array:
+    """dA * sigmoid'(Z), with sigmoid'(Z) = A (1 - A)."""
+    return dA * A * (1 - A)
+
+
+def tanh(Z: Array) -> Array:
+    return array_namespace(Z).tanh(Z)
+
+
+def tanh_backward(dA: Array, Z: Array, A: Array) -> Array:
+    """dA * tanh'(Z), with tanh'(Z) = 1 - A**2."""
+    return dA * (1 - A * A)
+
+
+def softmax(Z: Array) -> Array:
+    """Column-wise softmax: A[i, j] = exp(Z[i, j]) / sum_k exp(Z[k, j]).  Z: (classes, m)."""
+    xp = array_namespace(Z)
+    # subtract each column's max first: exp overflows above ~88 in float32, and the result does not change
+    E = xp.exp(Z - xp.max(Z, axis=0, keepdims=True))
+    return E / xp.sum(E, axis=0, keepdims=True)
+
+
+_HIDDEN: dict[str, tuple[Callable[[Array], Array], Callable[[Array, Array, Array], Array]]] = {
+    "relu": (relu, relu_backward),
+    "sigmoid": (sigmoid, sigmoid_backward),
+    "tanh": (tanh, tanh_backward),
+}
+_OUTPUT: dict[str, Callable[[Array], Array]] = {"softmax": softmax, "sigmoid": sigmoid}
+
+
+# --- the network ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Layer sizes (n_0, n_1, ..., n_L), the hidden layers' activation, and the output layer.
+
+    ``output="softmax"`` pairs with categorical cross-entropy (MNIST); ``output="sigmoid"`` with binary
+    cross-entropy (the XOR example). Both give the same output gradient dZ[L] = A[L] - Y.
+    """
+
+    sizes: tuple[int, ...]
+    activation: str = "relu"
+    output: str = "softmax"
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) < 2 or any(int(n) < 1 for n in self.sizes):
+            raise ValueError(f"layer sizes must be two or more positive integers, got {self.sizes}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"unknown output {self.output!r}; expected one of {OUTPUTS}")
+
+    @property
+    def depth(self) -> int:
+        """L, the number of layers with weights."""
+        return len(self.sizes) - 1
+
+    def __str__(self) -> str:
+        return f"{'-'.join(map(str, self.sizes))} {self.activation}/{self.output}"
+
+
+class Layer(NamedTuple):
+    """One layer's parameters, or their gradients: W (n_out, n_in) and b (n_out, 1)."""
+
+    W: Array
+    b: Array
+
+
+Params = list[Layer]
+
+
+class Trace(NamedTuple):
+    """What the forward pass keeps for the backward pass: Z[l] and A[l] for l = 0..L (Z[0] is None, A[0] = X)."""
+
+    Z: list[Array | None]
+    A: list[Array]
+
+
+def init_params(arch: Architecture, *, init: str, seed: int, dtype: str = "float32") -> list[Layer]:
+    """Weights drawn on the host from ``numpy.random.default_rng(seed)``; NumPy arrays, ready for any backend.
+
+    ``he``: W ~ N(0, 2/n_in) (for ReLU); ``xavier``: W ~ N(0, 1/n_in) (for tanh and sigmoid), both with b = 0;
+    ``uniform``: W and b ~ U(-0.5, 0.5), the seed notebook's ``np.random.rand(...) - 0.5``. Drawing on the host
+    and moving the result to the device makes a CPU run and a GPU run with the same seed start identical.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    rng = np.random.default_rng(seed)
+    params = []
+    for n_in, n_out in zip(arch.sizes[:-1], arch.sizes[1:]):
+        if init == "uniform":
+            W = rng.random((n_out, n_in)) - 0.5
+            b = rng.random((n_out, 1)) - 0.5
+        else:
+            scale = np.sqrt((2.0 if init == "he" else 1.0) / n_in)
+            W = rng.standard_normal((n_out, n_in)) * scale
+            b = np.zeros((n_out, 1))
+        params.append(Layer(W.astype(dtype), b.astype(dtype)))
+    return params
+
+
+def default_init(activation: str) -> str:
+    """He initialization for ReLU, Xavier for the saturating activations (seed notes, "weight initialization")."""
+    return "he" if activation == "relu" else "xavier"
+
+
+def forward(params: Sequence[Layer], X: Array, arch: Architecture) -> Trace:
+    """The forward pass. X: (n_0, m). Returns Z[l], A[l] for every layer; A[L] holds the class probabilities."""
+    g, _ = _HIDDEN[arch.activation]
+    Z: list[Array | None] = [None]
+    A = [X]
+    for l, (W, b) in enumerate(params, start=1):
+        Z.append(W @ A[l - 1] + b)
+        A.append(_OUTPUT[arch.output](Z[l]) if l == len(params) else g(Z[l]))
+    return Trace(Z, A)
+
+
+def output_delta(A_L: Array, Y: Array) -> Array:
+    """dZ[L] = A[L] - Y: the cost's gradient at the output logits, for softmax with cross-entropy and for a
+    sigmoid with binary cross-entropy alike (the 1/m is applied in :func:`linear_backward`)."""
+    return A_L - Y
+
+
+def linear_backward(dZ: Array, A_prev: Array) -> Layer:
+    """dW = dZ @ A_prev.T / m and db = sum(dZ over samples) / m: one gradient per weight and per unit's bias."""
+    xp = array_namespace(dZ, A_prev)
+    m = dZ.shape[1]
+    return Layer(dZ @ A_prev.T / m, xp.sum(dZ, axis=1, keepdims=True) / m)
+
+
+def hidden_delta(W_next: Array, dZ_next: Array, Z: Array, A: Array, activation: str) -> Array:
+    """dZ[l] = (W[l+1].T @ dZ[l+1]) * g'(Z[l]): the error sent back through the next layer's weights."""
+    _, g_backward = _HIDDEN[activation]
+    return g_backward(W_next.T @ dZ_next, Z, A)
+
+
+def backward(params: Sequence[Layer], trace: Trace, Y: Array, arch: Architecture) -> list[Layer]:
+    """Gradients (dW[l], db[l]) of the mean cross-entropy for l = 1..L. Y: (n_L, m), one-hot (or 0/1)."""
+    L = len(params)
+    grads: list[Layer] = []
+    dZ = output_delta(trace.A[L], Y)
+    for l in range(L, 0, -1):
+        grads.append(linear_backward(dZ, trace.A[l - 1]))
+        if l > 1:
+            dZ = hidden_delta(params[l - 1].W, dZ, trace.Z[l - 1], trace.A[l - 1], arch.activation)
+    return grads[::-1]
+
+
+def sgd_update(params: Sequence[Layer], grads: Sequence[Layer], lr: float) -> list[Layer]:
+    """W <- W - lr dW and b <- b - lr db for every layer."""
+    return [Layer(W - lr * dW, b - lr * db) for (W, b), (dW, db) in zip(params, grads)]
+
+
+def cost(Z_L: Array, Y: Array, output: str = "softmax") -> Array:
+    """Mean cross-entropy of the logits Z[L] against Y, a 0-d array on Z_L's device.
+
+    Softmax: -(1/m) sum_j sum_i Y[i, j] log softmax(Z)[i, j], from the max-subtracted log-sum-exp, so logits of
+    +-1e4 stay finite in float32. Sigmoid: -(1/m) sum [y log a + (1 - y) log(1 - a)] = (1/m) sum [log(1 + e^z) - y z].
+    """
+    xp = array_namespace(Z_L, Y)
+    m = Z_L.shape[1]
+    if output == "softmax":
+        shifted = Z_L - xp.max(Z_L, axis=0, keepdims=True)
+        log_probs = shifted - xp.log(xp.sum(xp.exp(shifted), axis=0, keepdims=True))
+        return -xp.sum(Y * log_probs) / m
+    return xp.sum(xp.logaddexp(xp.zeros_like(Z_L), Z_L) - Y * Z_L) / m
+
+
+def one_hot(y: Array, classes: int, dtype: Any) -> Array:
+    """Y[i, j] = 1 where y[j] == i.  y: (m,) integer labels; Y: (classes, m), on y's device."""
+    xp = array_namespace(y)
+    rows = xp.reshape(xp.arange(classes, device=y.device), (classes, 1))
+    return xp.astype(xp.reshape(y, (1, -1)) == rows, dtype)
+
+
+def predict(A_L: Array) -> Array:
+    """The most probable class of each column of A[L] (or of Z[L]: softmax keeps the order)."""
+    return array_namespace(A_L).argmax(A_L, axis=0)
+
+
+def accuracy(A_L: Array, y: Array) -> Array:
+    """The fraction of columns whose most probable class is the label, as a 0-d float array on the device."""
+    xp = array_namespace(A_L, y)
+    return xp.mean(xp.astype(predict(A_L) == y, A_L.dtype))
+
+
+def scale_pixels(X: Array, dtype: Any) -> Array:
+    """uint8 pixels 0..255 -> floats in [0, 1], the seed notebook's ``X / 255``, done on X's device."""
+    xp = array_namespace(X)
+    return xp.astype(X, dtype) / 255

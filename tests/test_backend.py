@@ -1,0 +1,196 @@
+"""Backend selection: every path and every message, with CuPy's absence, breakage and devices simulated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+
+from gpunn.backend import Backend, NumpyBackend, get_backend, parse_device
+from gpunn.errors import BackendError, DeviceSpecError
+
+
+class FakeCUDARuntimeError(RuntimeError):
+    pass
+
+
+def fake_cupy(monkeypatch, *, names=(), count_error=None, first_op_error=None):
+    """Install a stand-in `cupy` module that reports the given GPUs, or fails where told to."""
+
+    def get_device_count():
+        if count_error is not None:
+            raise FakeCUDARuntimeError(count_error)
+        return len(names)
+
+    def arange(*args, **kwargs):
+        if first_op_error is not None:
+            raise first_op_error
+        return np.arange(*args, **kwargs)
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def use(self):
+            pass
+
+    runtime = types.SimpleNamespace(
+        getDeviceCount=get_device_count,
+        getDeviceProperties=lambda i: {"name": names[i].encode(), "major": 9, "minor": 0},
+        CUDARuntimeError=FakeCUDARuntimeError,
+    )
+    module = types.ModuleType("cupy")
+    module.__version__ = "99.0.0"
+    module.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)
+    module.arange = arange
+    module.float32 = np.float32
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    # CupyBackend builds its namespace from array_api_compat.cupy, which would import the real CuPy
+    monkeypatch.setitem(sys.modules, "array_api_compat.cupy", types.ModuleType("array_api_compat.cupy"))
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """Make `import cupy` fail as it does where CuPy is not installed."""
+    monkeypatch.setitem(sys.modules, "cupy", None)
+
+
+def test_cpu_backend_round_trips_arrays():
+    backend = get_backend("cpu")
+    assert isinstance(backend, NumpyBackend) and backend.name == "cpu" and not backend.is_cuda
+    host = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    device = backend.asarray(host, dtype=backend.xp.float32)
+    assert backend.xp.isdtype(device.dtype, "real floating")
+    np.testing.assert_array_equal(backend.to_numpy(device), host)
+    backend.synchronize()
+    described = backend.describe()
+    assert described["device"] == "cpu" and np.__version__ in described["numpy"]
+    assert backend.summary().startswith("cpu (")
+
+
+@pytest.mark.parametrize("spec, parsed", [("cpu", ("cpu", None)), ("auto", ("auto", None)), ("cuda", ("cuda", None)),
+                                          ("cuda:3", ("cuda", 3)), (" CUDA:0 ", ("cuda", 0))])
+def test_parse_device(spec, parsed):
+    assert parse_device(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["gpu", "gpu2", "cuda:", "cuda:-1", "cuda:x", "cpu:0", "auto:1", ""])
+def test_unknown_device_names_say_what_is_expected(spec):
+    with pytest.raises(DeviceSpecError, match=r"unknown device .*expected 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        get_backend(spec)
+
+
+def test_cuda_without_cupy_names_the_extra_to_install(no_cupy):
+    with pytest.raises(BackendError) as caught:
+        get_backend("cuda")
+    message = str(caught.value)
+    assert "CuPy is not installed" in message
+    assert "gpunn[cuda12]" in message and "gpunn[cuda13]" in message and "--device cpu" in message
+
+
+def test_auto_without_cupy_chooses_the_cpu_and_says_why(no_cupy):
+    backend = get_backend("auto")
+    assert backend.name == "cpu"
+    assert backend.reason == "auto chose the CPU: CuPy is not installed"
+
+
+def test_cupy_that_fails_to_import_shows_its_error(monkeypatch, tmp_path):
+    package = tmp_path / "cupy"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise ImportError("libcudart.so.12: cannot open shared object file")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    with pytest.raises(BackendError, match=r"CuPy is installed but failed to import: .*libcudart\.so\.12"):
+        get_backend("cuda")
+
+
+def test_cupy_without_a_device_includes_cupys_own_error(monkeypatch):
+    fake_cupy(monkeypatch, count_error="cudaErrorNoDevice: no CUDA-capable device is detected")
+    with pytest.raises(BackendError) as caught:
+        get_backend("cuda:0")
+    assert "CuPy 99.0.0 is installed but no CUDA device answers" in str(caught.value)
+    assert "cudaErrorNoDevice: no CUDA-capable device is detected" in str(caught.value)
+    auto = get_backend("auto")
+    assert auto.name == "cpu" and "no CUDA device answers" in auto.reason
+
+
+def test_cupy_reporting_zero_devices(monkeypatch):
+    fake_cupy(monkeypatch, names=())
+    with pytest.raises(BackendError, match="no CUDA device answers: the CUDA runtime reports 0 devices"):
+        get_backend("cuda")
+
+
+def test_device_index_out_of_range_lists_the_devices(monkeypatch):
+    fake_cupy(monkeypatch, names=("Fake H100", "Fake H200"))
+    with pytest.raises(BackendError) as caught:
+        get_backend("cuda:2")
+    assert str(caught.value).startswith(
+        "cuda:2 is out of range: 2 CUDA devices visible: cuda:0 (Fake H100), cuda:1 (Fake H200)"
+    )
+
+
+def test_device_that_fails_its_first_operation(monkeypatch):
+    fake_cupy(monkeypatch, names=("Fake H100",), first_op_error=RuntimeError("CUDA driver version is insufficient"))
+    with pytest.raises(BackendError, match=r"found cuda:0 but could not use it: .*driver version is insufficient"):
+        get_backend("cuda")
+
+
+def test_two_cupy_wheels_at_once_are_refused(monkeypatch, tmp_path):
+    for name, version in [("cupy_cuda12x", "13.6.0"), ("cupy_cuda13x", "14.0.0")]:
+        info = tmp_path / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(BackendError) as caught:
+        get_backend("cuda")
+    message = str(caught.value)
+    assert "2 CuPy packages are installed at once (cupy-cuda12x 13.6.0, cupy-cuda13x 14.0.0)" in message
+    assert "pip uninstall cupy-cuda12x cupy-cuda13x" in message
+
+
+def test_generic_backend_needs_only_a_namespace():
+    """Any array-API namespace makes a Backend: the generic code asks nothing more of it."""
+    import array_api_strict
+
+    backend = Backend("strict", array_api_strict, array_api_strict.Device("CPU_DEVICE"))
+    array = backend.asarray(np.ones(3), dtype=array_api_strict.float32)
+    np.testing.assert_array_equal(backend.to_numpy(array), np.ones(3))
+
+
+def test_import_and_help_never_import_cupy(tmp_path):
+    """With a `cupy` on the path that announces its import, importing gpunn and every --help stay silent."""
+    package = tmp_path / "cupy"
+    package.mkdir()
+    (package / "__init__.py").write_text("import sys\nsys.stderr.write('CUPY WAS IMPORTED\\n')\n")
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import cupy  # proves that the stand-in is importable and announces itself
+        del sys.modules["cupy"]
+        import gpunn
+        from click.testing import CliRunner
+        from gpunn.cli import main
+        for args in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["info", "--help"]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, result.output
+        print("cupy imported:", "cupy" in sys.modules)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert result.stderr.count("CUPY WAS IMPORTED") == 1, result.stderr
+    assert result.stdout.strip() == "cupy imported: False"
+
+
+@pytest.mark.gpu
+def test_cuda_backend_describes_the_gpu(cuda):
+    described = cuda.describe()
+    assert described["device"] == "cuda:0"
+    assert {"gpu", "memory", "cuda", "cupy"} <= set(described)
+    host = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.testing.assert_array_equal(cuda.to_numpy(cuda.asarray(host)), host)
+    cuda.synchronize()
