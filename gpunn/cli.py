@@ -173,15 +173,13 @@ def evaluate(model_path: Path, data_dir: Path | None, device: str) -> None:
 def info() -> None:
     """Show gpunn's version, its libraries, and the devices it can use."""
     import platform
-
-    import array_api_compat
-    import numpy as np
+    from importlib.metadata import version
 
     from gpunn.backend import NumpyBackend, cuda_devices, get_backend
     from gpunn.errors import BackendError
 
-    click.echo(f"gpunn {__version__}, Python {platform.python_version()}, numpy {np.__version__}, "
-               f"array-api-compat {array_api_compat.__version__}, click {click.__version__}")
+    libraries = ", ".join(f"{name} {version(name)}" for name in ("numpy", "array-api-compat", "click", "pandas"))
+    click.echo(f"gpunn {__version__}, Python {platform.python_version()}, {libraries}")
     click.echo(f"cpu:  {NumpyBackend().summary()}")
     try:
         devices = cuda_devices()

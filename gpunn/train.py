@@ -13,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from gpunn.backend import Backend
 from gpunn.data import CLASSES, Split
-from gpunn.errors import TrainingDivergedError
+from gpunn.errors import ModelError, TrainingDivergedError
 from gpunn.model import Model
 from gpunn.nn import (
     Architecture,
@@ -119,7 +121,6 @@ def fit(
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> FitResult:
     """Train a new network on ``split`` with full-batch gradient descent on ``backend``."""
-    xp = backend.xp
     arch = Architecture((split.X_train.shape[0], *config.hidden, CLASSES), config.activation)
     train = DeviceData.from_host(split.X_train, split.y_train, backend=backend, dtype=config.dtype)
     val = DeviceData.from_host(split.X_val, split.y_val, backend=backend, dtype=config.dtype) if len(split.y_val) else None
@@ -127,39 +128,10 @@ def fit(
         Layer(backend.asarray(W), backend.asarray(b))
         for W, b in init_params(arch, init=config.weight_init, seed=config.seed, dtype=config.dtype)
     ]
-    nan = xp.asarray(math.nan, dtype=train.X.dtype, device=backend.device)
-    history = []
-    backend.synchronize()
-    for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
-        params, loss, train_accuracy = train_epoch(params, train, arch, config.lr)
-        if val is not None:
-            val_trace = forward(params, val.X, arch)
-            val_loss, val_accuracy = cost(val_trace.Z[-1], val.Y, arch.output), accuracy(val_trace.A[-1], val.y)
-        else:
-            val_loss = val_accuracy = nan
-        finite = xp.all(xp.stack([xp.all(xp.isfinite(W)) & xp.all(xp.isfinite(b)) for W, b in params]))
-        # the epoch's single device-to-host transfer; it waits for the device, so the clock is read after it
-        values = backend.to_numpy(xp.stack([loss, train_accuracy, val_loss, val_accuracy, xp.astype(finite, nan.dtype)]))
-        backend.synchronize()
-        seconds = time.perf_counter() - start
-        loss_value, train_acc_value, val_loss_value, val_acc_value, finite_value = (float(v) for v in values)
-        if not math.isfinite(loss_value):
-            raise TrainingDivergedError(epoch, "the loss", config.lr)
-        if finite_value != 1.0:
-            raise TrainingDivergedError(epoch, "a weight", config.lr)
-        stats = EpochStats(
-            epoch,
-            loss_value,
-            train_acc_value,
-            None if val is None else val_loss_value,
-            None if val is None else val_acc_value,
-            seconds,
-            train.m / seconds,
-        )
-        history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
+    # Overflow is caught once per epoch by the finiteness check and reported with the epoch and a fix; NumPy's own
+    # floating-point warnings would only repeat it, several times per epoch and with neither.
+    with np.errstate(over="ignore", invalid="ignore"):
+        params, history = _run_epochs(params, train, val, arch, config, backend, on_epoch)
     model = Model(
         arch,
         params,
@@ -179,7 +151,58 @@ def fit(
     return FitResult(model, history, test_accuracy, n_test)
 
 
+def _run_epochs(
+    params: list[Layer],
+    train: DeviceData,
+    val: DeviceData | None,
+    arch: Architecture,
+    config: TrainConfig,
+    backend: Backend,
+    on_epoch: Callable[[EpochStats], None] | None,
+) -> tuple[list[Layer], list[EpochStats]]:
+    xp = backend.xp
+    nan = xp.asarray(math.nan, dtype=train.X.dtype, device=backend.device)
+    history: list[EpochStats] = []
+    backend.synchronize()
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        params, loss, train_accuracy = train_epoch(params, train, arch, config.lr)
+        if val is not None:
+            val_trace = forward(params, val.X, arch)
+            val_loss, val_accuracy = cost(val_trace.Z[-1], val.Y, arch.output), accuracy(val_trace.A[-1], val.y)
+        else:
+            val_loss = val_accuracy = nan
+        finite = xp.all(xp.stack([xp.all(xp.isfinite(W)) & xp.all(xp.isfinite(b)) for W, b in params]))
+        # the epoch's single device-to-host transfer; it waits for the device, so the clock is read after it
+        metrics = xp.stack([loss, train_accuracy, val_loss, val_accuracy, xp.astype(finite, nan.dtype)])
+        loss_value, train_value, val_loss_value, val_value, finite_value = map(float, backend.to_numpy(metrics))
+        backend.synchronize()
+        seconds = time.perf_counter() - start
+        if not math.isfinite(loss_value):
+            raise TrainingDivergedError(epoch, "the loss", config.lr)
+        if finite_value != 1.0:
+            raise TrainingDivergedError(epoch, "a weight", config.lr)
+        stats = EpochStats(
+            epoch,
+            loss_value,
+            train_value,
+            None if val is None else val_loss_value,
+            None if val is None else val_value,
+            seconds,
+            train.m / seconds,
+        )
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return params, history
+
+
 def evaluate(model: Model, X_uint8: Any, y: Any, *, backend: Backend) -> float:
     """The fraction of the digits X (n_0, m) uint8 on the host that ``model`` labels correctly."""
+    if X_uint8.shape[0] != model.arch.sizes[0]:
+        raise ModelError(
+            f"the model takes {model.arch.sizes[0]} inputs per digit but the data has {X_uint8.shape[0]} pixels per "
+            f"image; use data of the kind the model was trained on"
+        )
     A_L = model.probabilities(backend.asarray(X_uint8))
     return float(backend.to_numpy(accuracy(A_L, backend.asarray(y))))

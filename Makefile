@@ -1,0 +1,24 @@
+# Each target installs what it needs into .venv first (once, and again when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: train test clean
+
+## make train [ARGS='--epochs 100 ...']: train on the bundled MNIST sample (the GPU if one answers, else the CPU)
+train: $(STAMP)
+	$(BIN)/gpunn train $(ARGS)
+
+## make test [ARGS='-k backend']: the test suite (GPU tests are skipped, with the reason, where there is no GPU)
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+$(STAMP): pyproject.toml
+	rm -f $(VENV)/.installed-*
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,39 @@
+"""Small MNIST-format files written by the tests themselves."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from gpunn.data import load_bundled_sample
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: 00 00 08 ndim, the dimensions as big-endian uint32, the data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, *, compress: bool = False) -> Path:
+    data = idx_bytes(array)
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+    return path
+
+
+def write_mnist_dir(folder: Path, *, n_train: int = 1200, n_test: int = 300, compress: bool = True) -> Path:
+    """A directory in MNIST's layout, filled with digits of the bundled sample (train and test disjoint)."""
+    sample = load_bundled_sample()
+    order = np.random.default_rng(0).permutation(len(sample.train_labels))
+    train, test = order[:n_train], order[n_train : n_train + n_test]
+    images = sample.train_images.reshape(-1, 28, 28)
+    suffix = ".gz" if compress else ""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / f"train-images-idx3-ubyte{suffix}", images[train], compress=compress)
+    write_idx(folder / f"train-labels-idx1-ubyte{suffix}", sample.train_labels[train], compress=compress)
+    if n_test:
+        write_idx(folder / f"t10k-images-idx3-ubyte{suffix}", images[test], compress=compress)
+        write_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", sample.train_labels[test], compress=compress)
+    return folder

