@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+BENCH_STAMP := $(STAMP)-bench
 
-.PHONY: train test clean
+.PHONY: train test bench clean
 
 ## make train [ARGS='--epochs 100 ...']: train on the bundled MNIST sample (the GPU if one answers, else the CPU)
 train: $(STAMP)
@@ -22,3 +23,11 @@ $(STAMP): pyproject.toml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+## make bench [ARGS='--data-dir ../shared/data/mnist']: epoch throughput of gpunn and its peers on every device present
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/epoch_throughput.py $(ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@

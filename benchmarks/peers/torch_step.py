@@ -1,0 +1,65 @@
+"""PyTorch doing the same full-batch step by hand (no autograd, no nn.Module), eagerly or under torch.compile.
+
+Written the way a PyTorch user would port the seed math: tensors on the device, ``X`` as (784, m), ``@`` for the
+products, ``torch.softmax`` for the output.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch
+except ImportError:  # the benchmark reports the peer as unavailable
+    torch = None
+
+AVAILABLE = torch is not None
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float64")
+
+
+def _step(X, Y, m: int, lr: float, W1, b1, W2, b2):
+    Z1 = W1 @ X + b1
+    A1 = torch.relu(Z1)
+    Z2 = W2 @ A1 + b2
+    A2 = torch.softmax(Z2, dim=0)
+    dZ2 = A2 - Y
+    dW2 = dZ2 @ A1.T / m
+    db2 = dZ2.sum(dim=1, keepdim=True) / m
+    dZ1 = (W2.T @ dZ2) * (Z1 > 0)
+    dW1 = dZ1 @ X.T / m
+    db1 = dZ1.sum(dim=1, keepdim=True) / m
+    return W1 - lr * dW1, b1 - lr * db1, W2 - lr * dW2, b2 - lr * db2
+
+
+class Runner:
+    def __init__(self, images, labels, params, lr, dtype, device, compile_step):
+        self.device = torch.device("cuda:0" if device.startswith("cuda") else "cpu")
+        float_dtype = getattr(torch, dtype)
+        self.X = torch.from_numpy(images).to(self.device).T.contiguous().to(float_dtype) / 255
+        y = torch.from_numpy(labels).to(self.device)
+        self.Y = torch.nn.functional.one_hot(y, 10).T.contiguous().to(float_dtype)
+        self.m = len(labels)
+        self.lr = lr
+        self.weights = [torch.from_numpy(a).to(self.device, float_dtype) for W, b in params for a in (W, b)]
+        self._step = torch.compile(_step) if compile_step else _step
+
+    def step(self):
+        with torch.no_grad():
+            self.weights = list(self._step(self.X, self.Y, self.m, self.lr, *self.weights))
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def params(self):
+        W1, b1, W2, b2 = (w.cpu().numpy() for w in self.weights)
+        return [(W1, b1), (W2, b2)]
+
+
+def make(images, labels, params, *, lr, dtype, device, compile_step=False):
+    if len(params) != 2:
+        raise ValueError("this peer has exactly one hidden layer")
+    return Runner(images, labels, params, lr, dtype, device, compile_step)
+
+
+def make_compiled(images, labels, params, *, lr, dtype, device):
+    return make(images, labels, params, lr=lr, dtype=dtype, device=device, compile_step=True)
