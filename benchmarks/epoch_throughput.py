@@ -38,7 +38,7 @@ from gpunn.nn import Architecture, Layer, cost, forward, init_params, one_hot  #
 from gpunn.train import DeviceData, train_epoch  # noqa: E402
 
 CHECK_EPOCHS = 3
-CHECK_SAMPLES = 4096
+CHECK_SAMPLES = 1024
 LR = 0.1
 # implementation name -> (module in peers/, factory in it)
 PEERS = {
@@ -97,7 +97,7 @@ class Budget:
     warmup: int = 1
     epochs: int = 5
     min_epochs: int = 2
-    row_seconds: float = 3.0
+    row_seconds: float = 2.0
 
 
 def time_epochs(runner: Any, budget: Budget) -> tuple[list[float], list[float]]:
@@ -311,7 +311,7 @@ def default_name(backends: list[Backend]) -> str:
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed epochs per row, at most.")
 @click.option("--min-epochs", type=click.IntRange(min=1), default=2, show_default=True,
               help="Timed epochs per row, at least.")
-@click.option("--row-seconds", type=float, default=3.0, show_default=True,
+@click.option("--row-seconds", type=float, default=2.0, show_default=True,
               help="Stop timing a row after --min-epochs once its timed epochs add up to this.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--name", help="File name stem of the results; default: the CPU or GPU model.")

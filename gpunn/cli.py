@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from gpunn import __version__
 from gpunn.errors import GpunnError
@@ -50,6 +51,13 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Directory with MNIST's IDX files (.gz or raw). "
               "Default: the 5,000-digit sample bundled with gpunn.")
+@click.option("--train-csv", type=click.Path(path_type=Path),
+              help="Kaggle digit-recognizer train.csv (label,pixel0,...,pixel783) instead of --data-dir.")
+@click.option("--test-csv", type=click.Path(path_type=Path),
+              help="With --train-csv: a test CSV. With a label column it gives the test accuracy; without one "
+              "(Kaggle's test.csv), its predictions are written to --submission.")
+@click.option("--submission", type=click.Path(path_type=Path), default=Path("submission.csv"), show_default=True,
+              help="Where predictions for an unlabelled --test-csv go, in Kaggle's ImageId,Label format.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--hidden", default="10", show_default=True, callback=_parse_hidden,
               help="Hidden layer sizes, comma-separated: 10 is the seed network 784-10-10; 16,16 has two layers.")
@@ -71,22 +79,29 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--metrics-out", type=click.Path(path_type=Path),
               help="Write one JSON object per epoch, then a summary object, to this .jsonl file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def train(data_dir: Path | None, device: str, hidden: tuple[int, ...], activation: str, init: str | None,
-          dtype: str, epochs: int, lr: float, seed: int, val_size: int, out: Path, metrics_out: Path | None,
-          quiet: bool) -> None:
+def train(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
+          hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float, seed: int,
+          val_size: int, out: Path, metrics_out: Path | None, quiet: bool) -> None:
     """Train the network full-batch and save it."""
     from gpunn.backend import get_backend
     from gpunn.data import split
     from gpunn.files import atomic_write, check_writable
     from gpunn.model import save_model
-    from gpunn.train import TrainConfig, fit
+    from gpunn.train import TrainConfig, fit, predict_proba
 
+    if data_dir is not None and train_csv is not None:
+        raise click.UsageError("give --data-dir or --train-csv, not both")
+    if test_csv is not None and train_csv is None:
+        raise click.UsageError("--test-csv goes with --train-csv")
     check_writable(out, "--out")
     if metrics_out is not None:
         check_writable(metrics_out, "--metrics-out")
     config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed)
     backend = get_backend(device)
-    dataset = _load_dataset(data_dir)
+    dataset = _load_dataset(data_dir, train_csv, test_csv)
+    unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
+    if unlabelled_test:
+        check_writable(submission, "--submission")
     parts = split(dataset, val_size=val_size, seed=seed)
     say = (lambda text: None) if quiet else click.echo
     say(f"device:  {backend.summary()}")
@@ -145,28 +160,81 @@ def train(data_dir: Path | None, device: str, hidden: tuple[int, ...], activatio
     else:
         say("test accuracy: no labelled test set in this data")
     say(f"model saved to {out}" + (f", metrics to {metrics_out}" if metrics_out else ""))
+    if unlabelled_test:
+        _write_submission(submission, predict_proba(result.model, dataset.test_images.T, backend=backend), False)
+        say(f"predictions for the {len(dataset.test_images):,} digits of {test_csv} written to {submission}")
 
 
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="Directory with MNIST's IDX files; the test set is used. Default: the bundled sample.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path),
+              help="A labelled CSV in Kaggle's train.csv layout, instead of --data-dir.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-def evaluate(model_path: Path, data_dir: Path | None, device: str) -> None:
-    """Print MODEL's accuracy on labelled digits."""
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def evaluate(model_path: Path, data_dir: Path | None, csv_path: Path | None, device: str, as_json: bool) -> None:
+    """MODEL's accuracy, per-class precision, recall and F1, and the confusion matrix, on labelled digits."""
     from gpunn.backend import get_backend
+    from gpunn.metrics import confusion_matrix, format_report, report
     from gpunn.model import load_model
-    from gpunn.train import evaluate as accuracy_of
+    from gpunn.train import predict_proba
 
+    if data_dir is not None and csv_path is not None:
+        raise click.UsageError("give --data-dir or --csv, not both")
     backend = get_backend(device)
     model = load_model(model_path, backend)
-    dataset = _load_dataset(data_dir)
+    dataset = _load_dataset(data_dir, csv_path, None)
     if dataset.test_images is not None and dataset.test_labels is not None:
         images, labels, part = dataset.test_images, dataset.test_labels, "test set"
-    else:
+    elif data_dir is None and csv_path is None:
         images, labels, part = dataset.train_images, dataset.train_labels, "training digits: not a held-out score"
-    accuracy = accuracy_of(model, images.T, labels, backend=backend)
-    click.echo(f"accuracy: {accuracy:.2%} on {len(labels):,} digits ({dataset.source}, {part}) [{backend.name}]")
+    else:
+        images, labels, part = dataset.train_images, dataset.train_labels, "all digits of the file"
+    predicted = predict_proba(model, images.T, backend=backend).argmax(axis=1)
+    result = report(confusion_matrix(labels.astype(np.int64), predicted))
+    result.update(model=str(model_path), data=dataset.source, part=part, device=backend.name)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    else:
+        click.echo(f"{model_path} on {dataset.source} ({part}) [{backend.name}]")
+        click.echo(format_report(result))
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("submission.csv"), show_default=True,
+              help="Where to write the predictions (Kaggle's submission format: ImageId,Label).")
+@click.option("--proba", is_flag=True, help="Add the ten class probabilities as columns p0,...,p9.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+def predict(model_path: Path, input_path: Path, output: Path, proba: bool, device: str) -> None:
+    """Predict the digits in INPUT (a CSV in Kaggle's test.csv layout, or IDX images) with MODEL."""
+    from gpunn.backend import get_backend
+    from gpunn.data import read_images
+    from gpunn.files import check_writable
+    from gpunn.model import load_model
+    from gpunn.train import predict_proba
+
+    check_writable(output, "--output")
+    backend = get_backend(device)
+    model = load_model(model_path, backend)
+    images = read_images(input_path)
+    probabilities = predict_proba(model, images.T, backend=backend)
+    _write_submission(output, probabilities, proba)
+    click.echo(f"{len(images):,} predictions for {input_path} written to {output} [{backend.name}]")
+
+
+def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -> None:
+    """Kaggle's submission format: header ImageId,Label, ImageId counting from 1, rows in input order."""
+    from gpunn.files import atomic_write
+
+    labels = probabilities.argmax(axis=1)
+    with atomic_write(path, "w") as handle:
+        handle.write("ImageId,Label" + "".join(f",p{k}" for k in range(probabilities.shape[1])) * with_proba + "\n")
+        for i, label in enumerate(labels, start=1):
+            extra = "".join(f",{p:.6g}" for p in probabilities[i - 1]) if with_proba else ""
+            handle.write(f"{i},{label}{extra}\n")
 
 
 @main.command()
@@ -193,9 +261,11 @@ def info() -> None:
             click.echo(f"cuda: cuda:{index} unusable: {error}")
 
 
-def _load_dataset(data_dir: Path | None) -> Any:
-    from gpunn.data import load_bundled_sample, load_idx_dir
+def _load_dataset(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None) -> Any:
+    from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs
 
+    if train_csv is not None:
+        return load_kaggle_csvs(train_csv, test_csv)
     return load_bundled_sample() if data_dir is None else load_idx_dir(data_dir)
 
 

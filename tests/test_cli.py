@@ -48,7 +48,8 @@ def test_train_on_the_bundled_sample_writes_model_and_metrics(tmp_path):
 
     evaluated = run("evaluate", model, "--device", "cpu")
     assert evaluated.exit_code == 0, evaluated.output
-    assert "on 5,000 digits" in evaluated.output and "not a held-out score" in evaluated.output
+    assert "accuracy: " in evaluated.output and "on 5,000 digits" in evaluated.output
+    assert "not a held-out score" in evaluated.output
 
 
 def test_progress_does_not_flood_a_log():
@@ -76,8 +77,23 @@ def test_train_and_evaluate_with_a_data_dir_report_test_accuracy(tmp_path):
     evaluated = run("evaluate", model, "--data-dir", data, "--device", "cpu")
     assert evaluated.exit_code == 0
     # the same figure, from the saved model
-    assert line.split()[2] == evaluated.output.split()[1]
-    assert "on 200 digits" in evaluated.output and "test set" in evaluated.output
+    report = evaluated.output.splitlines()
+    assert "(test set) [cpu]" in report[0]
+    assert report[1] == f"accuracy: {line.split()[2]} on 200 digits"
+    assert len([row for row in report if row[:9].strip().isdigit()]) == 20  # 10 per-class rows, 10 matrix rows
+
+
+def test_evaluate_json(tmp_path):
+    model = tmp_path / "m.npz"
+    assert run("train", "--device", "cpu", "--epochs", 20, "--quiet", "--out", model).exit_code == 0
+    result = run("evaluate", model, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    C = report["confusion_matrix"]
+    assert report["samples"] == 5000 == sum(map(sum, C))
+    assert report["accuracy"] == pytest.approx(sum(C[k][k] for k in range(10)) / 5000)
+    assert [row["support"] for row in report["per_class"]] == [500] * 10
+    assert report["part"] == "training digits: not a held-out score"
 
 
 @pytest.mark.slow
