@@ -30,6 +30,9 @@ class GpunnGroup(click.Group):
         except GpunnError as error:
             click.echo(f"Error: {error}", err=True)
             ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=GpunnGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,26 +81,54 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="Where to save the trained model.")
 @click.option("--metrics-out", type=click.Path(path_type=Path),
               help="Write one JSON object per epoch, then a summary object, to this .jsonl file.")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Save a resumable checkpoint here every --checkpoint-every epochs, and on Ctrl-C.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Epochs between checkpoints.")
+@click.option("--resume", type=click.Path(path_type=Path),
+              help="Continue the run saved in this checkpoint (or model) up to --epochs in all. Settings not given "
+              "again are taken from it; the data options must name the same data.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def train(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
           hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float, seed: int,
-          val_size: int, out: Path, metrics_out: Path | None, quiet: bool) -> None:
+          val_size: int, out: Path, metrics_out: Path | None, checkpoint: Path | None, checkpoint_every: int | None,
+          resume: Path | None, quiet: bool) -> None:
     """Train the network full-batch and save it."""
     from gpunn.backend import get_backend
     from gpunn.data import split
     from gpunn.files import atomic_write, check_writable
-    from gpunn.model import save_model
-    from gpunn.train import TrainConfig, fit, predict_proba
+    from click.core import ParameterSource
+
+    from gpunn.errors import ModelError
+    from gpunn.model import load_model, save_model
+    from gpunn.train import TrainConfig, TrainingInterrupted, fit, predict_proba
 
     if data_dir is not None and train_csv is not None:
         raise click.UsageError("give --data-dir or --train-csv, not both")
     if test_csv is not None and train_csv is None:
         raise click.UsageError("--test-csv goes with --train-csv")
-    check_writable(out, "--out")
-    if metrics_out is not None:
-        check_writable(metrics_out, "--metrics-out")
-    config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed)
+    if checkpoint_every is not None and checkpoint is None:
+        raise click.UsageError("--checkpoint-every needs --checkpoint PATH")
+    interrupted_path = checkpoint or out.with_name(f"{out.stem}.interrupted{out.suffix or '.npz'}")
+    for path, option in [(out, "--out"), (metrics_out, "--metrics-out"), (checkpoint, "--checkpoint")]:
+        if path is not None:
+            check_writable(path, option)
     backend = get_backend(device)
+    resumed = None
+    if resume is not None:
+        resumed = load_model(resume, backend)
+        saved = resumed.info.get("config")
+        if not isinstance(saved, dict):
+            raise ModelError(f"--resume {resume}: the file holds no training state; it was not saved by gpunn train")
+        given = click.get_current_context().get_parameter_source
+
+        def pick(name: str, value: Any) -> Any:
+            return value if given(name) == ParameterSource.COMMANDLINE else saved[name]
+
+        hidden, activation, init, dtype = pick("hidden", hidden), pick("activation", activation), pick("init", init), \
+            pick("dtype", dtype)
+        lr, seed, val_size = pick("lr", lr), pick("seed", seed), pick("val_size", val_size)
+        hidden = tuple(hidden)
+    config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed, val_size)
     dataset = _load_dataset(data_dir, train_csv, test_csv)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
@@ -111,16 +142,30 @@ def train(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, 
     sizes = "-".join(map(str, (dataset.n_features, *hidden, 10)))
     say(f"network: {sizes} {activation}/softmax, {config.weight_init} init, {dtype}, "
         f"lr {lr:g}, {epochs} epochs, seed {seed}")
+    if resumed is not None:
+        say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
 
     progress = _Progress(epochs, enabled=not quiet)
+    if resumed is not None:
+        progress.first = int(resumed.info["epochs_done"]) + 1
     records: list[dict[str, Any]] = []
 
     def on_epoch(stats: Any) -> None:
         records.append({"type": "epoch", **stats.as_dict()})
         progress.update(stats)
 
+    def on_checkpoint(model: Any) -> None:
+        save_model(checkpoint, model, backend)
+
     try:
-        result = fit(parts, config, backend=backend, on_epoch=on_epoch)
+        result = fit(parts, config, backend=backend, on_epoch=on_epoch, on_checkpoint=on_checkpoint,
+                     checkpoint_every=checkpoint_every or 0, resume=resumed)
+    except TrainingInterrupted as interrupted:
+        progress.close()  # end the progress line before the message
+        save_model(interrupted_path, interrupted.model, backend)
+        click.echo(f"interrupted after epoch {interrupted.epoch}: checkpoint written to {interrupted_path}; "
+                   f"continue with the same command and --resume {interrupted_path}", err=True)
+        raise SystemExit(130) from None
     finally:
         progress.close()
     last = result.history[-1]
@@ -277,6 +322,7 @@ class _Progress:
         self.enabled = enabled
         self.tty = enabled and sys.stdout.isatty()
         self.every = max(1, epochs // 20)
+        self.first = 1
         self.last_draw = 0.0
 
     def update(self, stats: Any) -> None:
@@ -292,9 +338,10 @@ class _Progress:
             if final or now - self.last_draw > 0.1:  # at most ten redraws a second
                 click.echo(f"\r{line}", nl=False)
                 self.last_draw = now
-        elif stats.epoch == 1 or stats.epoch % self.every == 0 or final:
+        elif stats.epoch == self.first or stats.epoch % self.every == 0 or final:
             click.echo(line)
 
     def close(self) -> None:
         if self.tty and self.last_draw:
             click.echo()
+            self.last_draw = 0.0

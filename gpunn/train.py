@@ -7,9 +7,10 @@ read back in a single transfer at the epoch's end, which is also where the clock
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ class TrainConfig:
     epochs: int = 500
     lr: float = 0.1
     seed: int = 0
+    val_size: int = 1000
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -55,6 +57,13 @@ class TrainConfig:
     @property
     def weight_init(self) -> str:
         return self.init or default_init(self.activation)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "hidden": list(self.hidden), "init": self.weight_init}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return cls(**{**values, "hidden": tuple(values["hidden"])})
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,48 @@ class FitResult:
     history: list[EpochStats]
     test_accuracy: float | None
     n_test: int
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after a completed epoch: enough to save a checkpoint and to resume bit for bit."""
+
+    params: list[Layer]
+    epoch: int
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training; ``model`` is the network after the last completed epoch, ready to save and resume."""
+
+    def __init__(self, model: Model, epoch: int) -> None:
+        super().__init__(f"interrupted after epoch {epoch}")
+        self.model = model
+        self.epoch = epoch
+
+
+def fingerprint(split: Split) -> str:
+    """SHA-256 of the training and validation data in their shuffled order: a resumed run must see the same."""
+    digest = hashlib.sha256()
+    for array in (split.X_train, split.y_train, split.X_val, split.y_val):
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def make_model(arch: Architecture, state: TrainState, config: TrainConfig, split: Split, data_sha256: str,
+               backend: Backend) -> Model:
+    """The network as it stands, with what a resumed run needs to continue it exactly (config, epoch, data)."""
+    return Model(
+        arch,
+        state.params,
+        config.dtype,
+        info={
+            "config": config.as_dict(),
+            "epochs_done": state.epoch,
+            "data_sha256": data_sha256,
+            "train_samples": len(split.y_train),
+            "device": backend.name,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -119,52 +170,82 @@ def fit(
     *,
     backend: Backend,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    on_checkpoint: Callable[[Model], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: Model | None = None,
 ) -> FitResult:
-    """Train a new network on ``split`` with full-batch gradient descent on ``backend``."""
+    """Train on ``split`` with full-batch gradient descent on ``backend``, up to ``config.epochs`` in all.
+
+    ``resume``: a model or checkpoint saved by an earlier run of the same configuration on the same data; training
+    continues after its last epoch and ends exactly where an uninterrupted run would. ``on_checkpoint`` receives the
+    model every ``checkpoint_every`` epochs. Ctrl-C raises TrainingInterrupted carrying the last completed epoch.
+    """
+    data_sha256 = fingerprint(split)
     arch = Architecture((split.X_train.shape[0], *config.hidden, CLASSES), config.activation)
     train = DeviceData.from_host(split.X_train, split.y_train, backend=backend, dtype=config.dtype)
     val = DeviceData.from_host(split.X_val, split.y_val, backend=backend, dtype=config.dtype) if len(split.y_val) else None
-    params = [
-        Layer(backend.asarray(W), backend.asarray(b))
-        for W, b in init_params(arch, init=config.weight_init, seed=config.seed, dtype=config.dtype)
-    ]
+    if resume is None:
+        params = [
+            Layer(backend.asarray(W), backend.asarray(b))
+            for W, b in init_params(arch, init=config.weight_init, seed=config.seed, dtype=config.dtype)
+        ]
+        state = TrainState(params, 0)
+    else:
+        state = TrainState(resume.params, check_resumable(resume, config, data_sha256))
     # Overflow is caught once per epoch by the finiteness check and reported with the epoch and a fix; NumPy's own
     # floating-point warnings would only repeat it, several times per epoch and with neither.
-    with np.errstate(over="ignore", invalid="ignore"):
-        params, history = _run_epochs(params, train, val, arch, config, backend, on_epoch)
-    model = Model(
-        arch,
-        params,
-        config.dtype,
-        info={
-            "epochs": config.epochs,
-            "lr": config.lr,
-            "seed": config.seed,
-            "init": config.weight_init,
-            "train_samples": train.m,
-            "device": backend.name,
-        },
-    )
+    history: list[EpochStats] = []
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            for stats, state in _run_epochs(state, train, val, arch, config, backend):
+                history.append(stats)
+                if on_epoch is not None:
+                    on_epoch(stats)
+                if on_checkpoint is not None and checkpoint_every and state.epoch % checkpoint_every == 0:
+                    on_checkpoint(make_model(arch, state, config, split, data_sha256, backend))
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(make_model(arch, state, config, split, data_sha256, backend), state.epoch) from None
+    model = make_model(arch, state, config, split, data_sha256, backend)
     test_accuracy, n_test = None, 0
     if split.X_test is not None and split.y_test is not None and len(split.y_test):
         test_accuracy, n_test = evaluate(model, split.X_test, split.y_test, backend=backend), len(split.y_test)
     return FitResult(model, history, test_accuracy, n_test)
 
 
+def check_resumable(model: Model, config: TrainConfig, data_sha256: str) -> int:
+    """The number of epochs ``model`` has done, after checking that ``config`` and the data continue its run."""
+    info = model.info
+    if "config" not in info or "epochs_done" not in info:
+        raise ModelError("the model to resume holds no training state; it was not saved by gpunn train")
+    saved = {key: value for key, value in info["config"].items() if key != "epochs"}
+    wanted = {key: value for key, value in config.as_dict().items() if key != "epochs"}
+    if saved != wanted:
+        differ = ", ".join(f"{key} {saved.get(key)!r} there, {wanted.get(key)!r} here" for key in saved
+                           if saved.get(key) != wanted.get(key))
+        raise ModelError(f"cannot resume: the settings differ from the checkpoint's ({differ})")
+    if info.get("data_sha256") != data_sha256:
+        raise ModelError("cannot resume: the training data (or its shuffled split) differ from the checkpoint's")
+    done = int(info["epochs_done"])
+    if done >= config.epochs:
+        raise ModelError(f"nothing to resume: the checkpoint has done {done} epochs and --epochs is {config.epochs}; "
+                         "--epochs counts all epochs, so raise it")
+    return done
+
+
 def _run_epochs(
-    params: list[Layer],
+    state: TrainState,
     train: DeviceData,
     val: DeviceData | None,
     arch: Architecture,
     config: TrainConfig,
     backend: Backend,
-    on_epoch: Callable[[EpochStats], None] | None,
-) -> tuple[list[Layer], list[EpochStats]]:
+) -> Iterator[tuple[EpochStats, TrainState]]:
+    """Epochs ``state.epoch + 1`` to ``config.epochs``; yields each epoch's report and the state after it."""
     xp = backend.xp
     nan = xp.asarray(math.nan, dtype=train.X.dtype, device=backend.device)
-    history: list[EpochStats] = []
+    params = state.params
     backend.synchronize()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(state.epoch + 1, config.epochs + 1):
         start = time.perf_counter()
         params, loss, train_accuracy = train_epoch(params, train, arch, config.lr)
         if val is not None:
@@ -191,10 +272,7 @@ def _run_epochs(
             seconds,
             train.m / seconds,
         )
-        history.append(stats)
-        if on_epoch is not None:
-            on_epoch(stats)
-    return params, history
+        yield stats, TrainState(params, epoch)
 
 
 def evaluate(model: Model, X_uint8: Any, y: Any, *, backend: Backend) -> float:

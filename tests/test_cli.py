@@ -163,3 +163,53 @@ def test_train_on_the_gpu(tmp_path, cuda):
     result = run("train", "--device", "cuda", "--epochs", 20, "--out", tmp_path / "m.npz")
     assert result.exit_code == 0, result.output
     assert "device:  cuda:0 (" in result.output
+
+
+def test_checkpoint_then_resume_matches_a_straight_run(tmp_path):
+    import numpy as np
+
+    straight, ckpt, resumed = tmp_path / "straight.npz", tmp_path / "ckpt.npz", tmp_path / "resumed.npz"
+    common = ["--device", "cpu", "--hidden", "16", "--lr", "0.3", "--seed", "5", "--quiet"]
+    assert run("train", *common, "--epochs", 12, "--out", straight).exit_code == 0
+    assert run("train", *common, "--epochs", 6, "--out", tmp_path / "half.npz", "--checkpoint", ckpt,
+               "--checkpoint-every", 3).exit_code == 0
+    # the settings come from the checkpoint: only --epochs (the total) is given again
+    result = run("train", "--device", "cpu", "--resume", ckpt, "--epochs", 12, "--out", resumed)
+    assert result.exit_code == 0, result.output
+    assert f"resume:  {ckpt}, after epoch 6" in result.output
+    assert "network: 784-16-10 relu/softmax, he init, float32, lr 0.3, 12 epochs, seed 5" in result.output
+    with np.load(straight) as a, np.load(resumed) as b:
+        for name in ("W1", "b1", "W2", "b2"):
+            np.testing.assert_array_equal(a[name], b[name])
+    conflict = run("train", "--device", "cpu", "--resume", ckpt, "--epochs", 12, "--lr", 0.1, "--out", resumed)
+    assert_one_line_error(conflict, 2, "cannot resume: the settings differ", "lr 0.3 there, 0.1 here")
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
+    """A real SIGINT to a running `gpunn train`: exit 130, a message naming the checkpoint, and a usable checkpoint."""
+    import signal
+    import time
+
+    import numpy as np
+
+    ckpt, out = tmp_path / "ckpt.npz", tmp_path / "model.npz"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpunn", "train", "--device", "cpu", "--epochs", "100000", "--out", str(out),
+         "--checkpoint", str(ckpt), "--checkpoint-every", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.exists(), process.communicate(timeout=10)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert f"checkpoint written to {ckpt}; continue with the same command and --resume {ckpt}" in stderr
+    assert "Traceback" not in stderr and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temporary file left behind
+    with np.load(ckpt) as npz:
+        done = json.loads(str(npz["meta"]))["info"]["epochs_done"]
+    assert done >= 2
+    result = run("train", "--device", "cpu", "--resume", ckpt, "--epochs", done + 2, "--out", out)
+    assert result.exit_code == 0, result.output

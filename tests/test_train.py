@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gpunn.data import load_bundled_sample, load_idx_dir, split
-from gpunn.errors import TrainingDivergedError
-from gpunn.train import TrainConfig, evaluate, fit
+from gpunn.errors import ModelError, TrainingDivergedError
+from gpunn.train import TrainConfig, TrainingInterrupted, evaluate, fit
 
 from helpers import write_mnist_dir
 
@@ -49,8 +49,6 @@ def test_test_accuracy_is_reported_when_labelled_test_data_exists(tmp_path, cpu)
 
 
 def test_evaluate_refuses_data_of_another_size(sample_split, cpu):
-    from gpunn.errors import ModelError
-
     model = fit(sample_split, TrainConfig(epochs=1), backend=cpu).model
     with pytest.raises(ModelError, match="takes 784 inputs per digit but the data has 256 pixels"):
         evaluate(model, np.zeros((256, 3), np.uint8), np.zeros(3, np.int64), backend=cpu)
@@ -89,3 +87,45 @@ def test_cupy_training_matches_numpy(sample_split, cpu, cuda):
     for a, b in zip(on_cpu.model.params, on_gpu.model.params):
         np.testing.assert_allclose(cuda.to_numpy(b.W), a.W, rtol=1e-3, atol=1e-5)
     assert abs(on_gpu.history[-1].val_accuracy - on_cpu.history[-1].val_accuracy) <= 0.002
+
+
+def test_resume_is_bit_identical(sample_split, cpu):
+    """20 epochs straight, and 10 epochs resumed for 10 more, end with exactly the same weights."""
+    straight = fit(sample_split, TrainConfig(hidden=(16,), epochs=20), backend=cpu)
+    half = fit(sample_split, TrainConfig(hidden=(16,), epochs=10), backend=cpu)
+    assert half.model.info["epochs_done"] == 10
+    resumed = fit(sample_split, TrainConfig(hidden=(16,), epochs=20), backend=cpu, resume=half.model)
+    assert [s.epoch for s in resumed.history] == list(range(11, 21))
+    assert [s.loss for s in resumed.history] == [s.loss for s in straight.history[10:]]
+    for a, b in zip(straight.model.params, resumed.model.params):
+        np.testing.assert_array_equal(a.W, b.W)
+        np.testing.assert_array_equal(a.b, b.b)
+
+
+def test_checkpoints_and_interruption(sample_split, cpu):
+    saved = []
+
+    def interrupt_at_7(stats):
+        if stats.epoch == 7:
+            raise KeyboardInterrupt
+
+    config = TrainConfig(epochs=12)
+    with pytest.raises(TrainingInterrupted) as caught:
+        fit(sample_split, config, backend=cpu, on_epoch=interrupt_at_7, on_checkpoint=saved.append, checkpoint_every=3)
+    assert [m.info["epochs_done"] for m in saved] == [3, 6]
+    # the epoch in which Ctrl-C came was reported before it, so the state is the one after epoch 7
+    assert caught.value.epoch == 7 and caught.value.model.info["epochs_done"] == 7
+    finished = fit(sample_split, config, backend=cpu, resume=caught.value.model)
+    straight = fit(sample_split, config, backend=cpu)
+    np.testing.assert_array_equal(finished.model.params[0].W, straight.model.params[0].W)
+
+
+def test_resume_refuses_another_run(sample_split, cpu):
+    model = fit(sample_split, TrainConfig(epochs=2), backend=cpu).model
+    with pytest.raises(ModelError, match=r"settings differ from the checkpoint's \(lr 0.1 there, 0.2 here\)"):
+        fit(sample_split, TrainConfig(epochs=4, lr=0.2), backend=cpu, resume=model)
+    with pytest.raises(ModelError, match="the training data .* differ"):
+        fit(split(load_bundled_sample(), val_size=500, seed=1), TrainConfig(epochs=4, seed=0), backend=cpu,
+            resume=model)
+    with pytest.raises(ModelError, match="nothing to resume: the checkpoint has done 2 epochs and --epochs is 2"):
+        fit(sample_split, TrainConfig(epochs=2), backend=cpu, resume=model)
