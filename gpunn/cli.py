@@ -54,6 +54,8 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Directory with MNIST's IDX files (.gz or raw). "
               "Default: the 5,000-digit sample bundled with gpunn.")
+@click.option("--dataset", "dataset_name", type=click.Choice(["mnist", "fashion-mnist"]),
+              help="Download (once, verified, into the cache) and use this data set.")
 @click.option("--train-csv", type=click.Path(path_type=Path),
               help="Kaggle digit-recognizer train.csv (label,pixel0,...,pixel783) instead of --data-dir.")
 @click.option("--test-csv", type=click.Path(path_type=Path),
@@ -88,7 +90,7 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="Continue the run saved in this checkpoint (or model) up to --epochs in all. Settings not given "
               "again are taken from it; the data options must name the same data.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def train(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
+def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
           hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float, seed: int,
           val_size: int, out: Path, metrics_out: Path | None, checkpoint: Path | None, checkpoint_every: int | None,
           resume: Path | None, quiet: bool) -> None:
@@ -102,8 +104,8 @@ def train(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, 
     from gpunn.model import load_model, save_model
     from gpunn.train import TrainConfig, TrainingInterrupted, fit, predict_proba
 
-    if data_dir is not None and train_csv is not None:
-        raise click.UsageError("give --data-dir or --train-csv, not both")
+    if sum(option is not None for option in (data_dir, dataset_name, train_csv)) > 1:
+        raise click.UsageError("give one of --data-dir, --dataset and --train-csv")
     if test_csv is not None and train_csv is None:
         raise click.UsageError("--test-csv goes with --train-csv")
     if checkpoint_every is not None and checkpoint is None:
@@ -129,7 +131,7 @@ def train(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, 
         lr, seed, val_size = pick("lr", lr), pick("seed", seed), pick("val_size", val_size)
         hidden = tuple(hidden)
     config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed, val_size)
-    dataset = _load_dataset(data_dir, train_csv, test_csv)
+    dataset = _load_dataset(data_dir, train_csv, test_csv, dataset_name, quiet)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
         check_writable(submission, "--submission")
@@ -214,25 +216,28 @@ def train(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, 
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="Directory with MNIST's IDX files; the test set is used. Default: the bundled sample.")
+@click.option("--dataset", "dataset_name", type=click.Choice(["mnist", "fashion-mnist"]),
+              help="Download (once, verified) and use this data set's test set.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path),
               help="A labelled CSV in Kaggle's train.csv layout, instead of --data-dir.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def evaluate(model_path: Path, data_dir: Path | None, csv_path: Path | None, device: str, as_json: bool) -> None:
+def evaluate(model_path: Path, data_dir: Path | None, dataset_name: str | None, csv_path: Path | None, device: str,
+             as_json: bool) -> None:
     """MODEL's accuracy, per-class precision, recall and F1, and the confusion matrix, on labelled digits."""
     from gpunn.backend import get_backend
     from gpunn.metrics import confusion_matrix, format_report, report
     from gpunn.model import load_model
     from gpunn.train import predict_proba
 
-    if data_dir is not None and csv_path is not None:
-        raise click.UsageError("give --data-dir or --csv, not both")
+    if sum(option is not None for option in (data_dir, dataset_name, csv_path)) > 1:
+        raise click.UsageError("give one of --data-dir, --dataset and --csv")
     backend = get_backend(device)
     model = load_model(model_path, backend)
-    dataset = _load_dataset(data_dir, csv_path, None)
+    dataset = _load_dataset(data_dir, csv_path, None, dataset_name, as_json)
     if dataset.test_images is not None and dataset.test_labels is not None:
         images, labels, part = dataset.test_images, dataset.test_labels, "test set"
-    elif data_dir is None and csv_path is None:
+    elif data_dir is None and csv_path is None and dataset_name is None:
         images, labels, part = dataset.train_images, dataset.train_labels, "training digits: not a held-out score"
     else:
         images, labels, part = dataset.train_images, dataset.train_labels, "all digits of the file"
@@ -282,6 +287,37 @@ def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -
             handle.write(f"{i},{label}{extra}\n")
 
 
+@main.group()
+def data() -> None:
+    """Download data sets into the cache, and show what it holds."""
+
+
+@data.command("fetch")
+@click.option("--dataset", "dataset_name", type=click.Choice(["mnist", "fashion-mnist"]), default="mnist",
+              show_default=True)
+def data_fetch(dataset_name: str) -> None:
+    """Download a data set's four files (if not cached yet) and verify their published digests."""
+    from gpunn.download import DATASETS, fetch
+
+    folder = fetch(DATASETS[dataset_name], progress=_DownloadProgress())
+    click.echo(f"{dataset_name}: all four files verified in {folder}")
+
+
+@data.command("info")
+def data_info() -> None:
+    """List the cached files with their sizes and digests."""
+    from gpunn.download import cache_root, cached
+
+    rows = cached()
+    click.echo(f"cache: {cache_root()} (set GPUNN_DATA_DIR to move it)")
+    if not rows:
+        click.echo("empty: `gpunn data fetch --dataset mnist` fills it")
+    for row in rows:
+        state = "verified" if row["verified"] else "DIGEST MISMATCH: delete it and fetch again"
+        click.echo(f"{row['dataset']:<14} {row['file']:<28} {row['bytes']:>12,} bytes  "
+                   f"{row['algorithm']} {row['digest']}  {state}")
+
+
 @main.command()
 def info() -> None:
     """Show gpunn's version, its libraries, and the devices it can use."""
@@ -306,12 +342,37 @@ def info() -> None:
             click.echo(f"cuda: cuda:{index} unusable: {error}")
 
 
-def _load_dataset(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None) -> Any:
+def _load_dataset(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, dataset_name: str | None = None,
+                  quiet: bool = False) -> Any:
+    """The data a command was asked for: a Kaggle CSV, a downloaded data set, an IDX directory, or the sample."""
     from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs
+    from gpunn.download import DATASETS, fetch
 
     if train_csv is not None:
         return load_kaggle_csvs(train_csv, test_csv)
+    if dataset_name is not None:
+        folder = fetch(DATASETS[dataset_name], progress=None if quiet else _DownloadProgress())
+        loaded = load_idx_dir(folder)
+        return type(loaded)(f"{dataset_name} (verified download in {folder})", loaded.train_images,
+                            loaded.train_labels, loaded.test_images, loaded.test_labels)
     return load_bundled_sample() if data_dir is None else load_idx_dir(data_dir)
+
+
+class _DownloadProgress:
+    """A byte counter on stderr, redrawn in place on a terminal; one line per finished file otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, name: str, done: int, total: int | None) -> None:
+        finished = total is not None and done >= total
+        of = f" of {total / 1e6:.1f} MB" if total else " MB"
+        if self.tty and (finished or time.monotonic() - self.last > 0.1):
+            click.echo(f"\rdownloading {name}: {done / 1e6:.1f}{of}", nl=finished, err=True)
+            self.last = time.monotonic()
+        elif not self.tty and finished:
+            click.echo(f"downloaded {name}: {done / 1e6:.1f} MB", err=True)
 
 
 class _Progress:
