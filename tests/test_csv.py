@@ -113,7 +113,7 @@ def test_labelled_test_csv_gives_test_accuracy_and_evaluate_reports(tmp_path):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--data-dir", "x", "--train-csv", "y"], "give --data-dir or --train-csv, not both"),
+        (["--data-dir", "x", "--train-csv", "y"], "give one of --data-dir, --dataset and --train-csv"),
         (["--test-csv", "y"], "--test-csv goes with --train-csv"),
         (["--train-csv", "absent.csv"], "absent.csv: no such file"),
     ],
