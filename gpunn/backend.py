@@ -157,6 +157,31 @@ def get_backend(device: str = "auto") -> Backend:
     return backend
 
 
+def out_of_memory_message(error: BaseException) -> str | None:
+    """One line for an allocation failure on any backend (how much was needed, how much is free), else None.
+
+    CuPy's OutOfMemoryError is recognized by name, so that this works without importing CuPy.
+    """
+    if isinstance(error, MemoryError):  # NumPy's "Unable to allocate 1.5 GiB for an array with shape ..."
+        return f"out of host memory: {_one_line(error)}; try a smaller --hidden or less data"
+    kind = type(error)
+    if kind.__name__ != "OutOfMemoryError" or not kind.__module__.startswith("cupy"):
+        return None
+    # CuPy says "Out of memory allocating 1,234,567 bytes (allocated so far: 5,000,000 bytes)."
+    numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", str(error))]
+    needed = f"{numbers[0] / 2**30:.2f} GiB" if numbers else "an allocation"
+    where = "the GPU"
+    cupy = importlib.import_module("cupy")  # already imported: it raised the error
+    try:
+        device = cupy.cuda.Device()
+        free, total = device.mem_info
+        where = f"cuda:{device.id}, which has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB"
+    except Exception:  # noqa: BLE001 - a failing query must not hide the original message
+        pass
+    return (f"out of GPU memory: needed {needed} more on {where}; try a smaller --hidden, --dtype float32, "
+            "or --device cpu")
+
+
 def cuda_devices() -> list[str]:
     """``["cuda:0 (NVIDIA H100 80GB HBM3)", ...]``, or BackendError saying why there are none."""
     cupy = _import_cupy()

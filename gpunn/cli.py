@@ -33,6 +33,14 @@ class GpunnGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except Exception as error:
+            from gpunn.backend import out_of_memory_message
+
+            message = out_of_memory_message(error)
+            if message is None:
+                raise
+            click.echo(f"Error: {message}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=GpunnGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -228,8 +228,8 @@ def read_kaggle_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         # explicit dtype: every cell must be an integer; an empty or non-numeric one fails here
         frame = pd.read_csv(path, dtype="int64", engine="c")
-    except (ValueError, pd.errors.ParserError) as error:
-        raise DataError(f"{path}: {_first_bad_cell(path, expected) or ' '.join(str(error).split())}") from error
+    except ValueError as error:  # ParserError and UnicodeDecodeError are ValueErrors too
+        raise DataError(f"{path}: {_first_bad_cell(path, expected, error)}") from error
     if frame.empty:
         raise DataError(f"{path}: the file has a header but no rows")
     values = frame.to_numpy()
@@ -245,11 +245,17 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _first_bad_cell(path: Path, columns: list[str]) -> str | None:
-    """'row 12, column pixel40: "x" is not an integer' for the first cell that is empty or not an integer."""
+def _first_bad_cell(path: Path, columns: list[str], error: Exception) -> str:
+    """Why the integer read failed, as precisely as the file allows: the first empty or non-integer cell
+    ('data row 12, column pixel40: ...'), rows of the wrong length, or text that is not UTF-8."""
     import pandas as pd
 
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if isinstance(error, UnicodeDecodeError):
+        return f"the file is not UTF-8 text ({error.reason} at byte {error.start})"
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as parse_error:  # a row with more cells than the header, mostly
+        return f"rows of different lengths: {' '.join(str(parse_error).split())}"
     for column in columns:
         cells = frame[column]
         bad = ~cells.str.fullmatch(r"\s*[-+]?\d+\s*")
@@ -258,7 +264,7 @@ def _first_bad_cell(path: Path, columns: list[str]) -> str | None:
             value = cells.iloc[row]
             what = "is empty" if value.strip() == "" else f"{value!r} is not an integer"
             return f"data row {row + 1}, column {column}: the cell {what}"
-    return None
+    return " ".join(str(error).split())
 
 
 def _check_range(path: Path, values: np.ndarray, low: int, high: int, what: str, columns: list[str]) -> None:

@@ -70,7 +70,8 @@ def load_model(path: str | Path, backend: Backend) -> Model:
     """Read a model saved by :func:`save_model` and move its parameters to ``backend``."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        # open the file here: np.load leaks its own handle when the file is not a valid archive
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except FileNotFoundError as error:
         raise ModelError(f"model file {path} does not exist") from error
