@@ -162,10 +162,11 @@ def out_of_memory_message(error: BaseException) -> str | None:
 
     CuPy's OutOfMemoryError is recognized by name, so that this works without importing CuPy.
     """
-    if isinstance(error, MemoryError):  # NumPy's "Unable to allocate 1.5 GiB for an array with shape ..."
-        return f"out of host memory: {_one_line(error)}; try a smaller --hidden or less data"
     kind = type(error)
     if kind.__name__ != "OutOfMemoryError" or not kind.__module__.startswith("cupy"):
+        # CuPy's error is a MemoryError too, so NumPy's ("Unable to allocate 1.5 GiB ...") is told apart second
+        if isinstance(error, MemoryError):
+            return f"out of host memory: {_one_line(error)}; try a smaller --hidden or less data"
         return None
     # CuPy says "Out of memory allocating 1,234,567 bytes (allocated so far: 5,000,000 bytes)."
     numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", str(error))]

@@ -194,3 +194,24 @@ def test_cuda_backend_describes_the_gpu(cuda):
     host = np.arange(12, dtype=np.float32).reshape(3, 4)
     np.testing.assert_array_equal(cuda.to_numpy(cuda.asarray(host)), host)
     cuda.synchronize()
+
+
+def test_out_of_gpu_memory_names_what_was_needed_and_what_is_free(monkeypatch):
+    """CuPy's OutOfMemoryError, recognized by name (no CuPy import), becomes one line with both figures."""
+    from gpunn.backend import out_of_memory_message
+
+    class Device:
+        id = 0
+        mem_info = (512 * 2**20, 80 * 2**30)
+
+    module = types.ModuleType("cupy")
+    module.cuda = types.SimpleNamespace(Device=Device)
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    OutOfMemoryError = type("OutOfMemoryError", (MemoryError,), {"__module__": "cupy.cuda.memory"})
+    error = OutOfMemoryError("Out of memory allocating 3,221,225,472 bytes (allocated so far: 1,024 bytes).")
+    assert out_of_memory_message(error) == (
+        "out of GPU memory: needed 3.00 GiB more on cuda:0, which has 0.50 GiB free of 80.00 GiB; "
+        "try a smaller --hidden, --dtype float32, or --device cpu"
+    )
+    assert out_of_memory_message(ValueError("other")) is None
+    assert out_of_memory_message(MemoryError("Unable to allocate 5 GiB")).startswith("out of host memory: ")
