@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers package be
 from gpunn.backend import Backend, get_backend  # noqa: E402
 from gpunn.errors import BackendError  # noqa: E402
 from gpunn.nn import Architecture, Layer, cost, forward, init_params, one_hot  # noqa: E402
-from gpunn.train import DeviceData, train_epoch  # noqa: E402
+from gpunn.optim import Optimizer  # noqa: E402
+from gpunn.train import DeviceData, train_step  # noqa: E402
 
 CHECK_EPOCHS = 3
 CHECK_SAMPLES = 1024
@@ -78,9 +79,10 @@ class GpunnRunner:
         self.arch = Architecture((images.shape[1], *(W.shape[0] for W, _ in params[:-1]), 10))
         self.weights = [Layer(backend.asarray(W.astype(dtype)), backend.asarray(b.astype(dtype))) for W, b in params]
         self.lr = lr
+        self.rule = Optimizer("gd")
 
     def step(self) -> None:
-        self.weights, _, _ = train_epoch(self.weights, self.data, self.arch, self.lr)
+        self.weights, _, _, _ = train_step(self.weights, {}, self.data, self.arch, lr=self.lr, t=1, rule=self.rule)
 
     def sync(self) -> None:
         self.backend.synchronize()

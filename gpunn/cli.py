@@ -49,6 +49,18 @@ def main() -> None:
     """Train a small neural network on MNIST with NumPy (CPU) or CuPy (GPU), one implementation for both."""
 
 
+def _parse_batch(value: str | int | None) -> int | None:
+    if value is None or value == "full":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'full' or a number of samples, got {value!r}") from None
+    if size < 1:
+        raise click.BadParameter(f"a batch needs at least 1 sample, got {size}")
+    return size
+
+
 def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(part) for part in value.split(","))
@@ -83,6 +95,18 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Learning rate alpha in W <- W - alpha dW.")
+@click.option("--batch-size", default="full", show_default=True, callback=lambda c, p, v: _parse_batch(v),
+              help="'full' (full-batch gradient descent) or N samples per mini-batch, reshuffled every epoch.")
+@click.option("--optimizer", type=click.Choice(["gd", "momentum", "rmsprop", "adam"]), default="gd",
+              show_default=True, help="Update rule (see gpunn/optim.py).")
+@click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
+              help="Momentum / Adam: weight of the running mean of gradients.")
+@click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+              help="RMSprop / Adam: weight of the running mean of squared gradients.")
+@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=1e-8, show_default=True,
+              help="RMSprop / Adam: added to the square root in the denominator.")
+@click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="L2 strength lambda: adds lambda/(2m)·sum ||W||² to the cost and lambda/m·W to each dW.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the shuffle, the validation split and the initial weights.")
 @click.option("--val-size", type=click.IntRange(min=0), default=1000, show_default=True,
@@ -99,7 +123,8 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               "again are taken from it; the data options must name the same data.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
-          hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float, seed: int,
+          hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float,
+          batch_size: int | None, optimizer: str, beta1: float, beta2: float, eps: float, l2: float, seed: int,
           val_size: int, out: Path, metrics_out: Path | None, checkpoint: Path | None, checkpoint_every: int | None,
           resume: Path | None, quiet: bool) -> None:
     """Train the network full-batch and save it."""
@@ -137,8 +162,11 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         hidden, activation, init, dtype = pick("hidden", hidden), pick("activation", activation), pick("init", init), \
             pick("dtype", dtype)
         lr, seed, val_size = pick("lr", lr), pick("seed", seed), pick("val_size", val_size)
+        batch_size, optimizer, l2 = pick("batch_size", batch_size), pick("optimizer", optimizer), pick("l2", l2)
+        beta1, beta2, eps = pick("beta1", beta1), pick("beta2", beta2), pick("eps", eps)
         hidden = tuple(hidden)
-    config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed, val_size)
+    config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed, val_size, batch_size, optimizer, beta1,
+                         beta2, eps, l2)
     dataset = _load_dataset(data_dir, train_csv, test_csv, dataset_name, quiet)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
@@ -152,6 +180,10 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     sizes = "-".join(map(str, (dataset.n_features, *hidden, 10)))
     say(f"network: {sizes} {activation}/softmax, {config.weight_init} init, {dtype}, "
         f"lr {lr:g}, {epochs} epochs, seed {seed}")
+    if (batch_size, optimizer, l2) != (None, "gd", 0.0):
+        say(f"         {'full batch' if batch_size is None else f'mini-batches of {batch_size}'}, {optimizer}"
+            + ("" if optimizer in ("gd",) else f" (beta1 {beta1:g}, beta2 {beta2:g}, eps {eps:g})")
+            + (f", L2 {l2:g}" if l2 else ""))
     if resumed is not None:
         say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
 
@@ -191,6 +223,9 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         "dtype": dtype,
         "epochs": epochs,
         "lr": lr,
+        "batch_size": batch_size,
+        "optimizer": optimizer,
+        "l2": l2,
         "seed": seed,
         "train_samples": len(parts.y_train),
         "val_samples": len(parts.y_val),

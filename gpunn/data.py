@@ -250,10 +250,12 @@ def _first_bad_cell(path: Path, columns: list[str], error: Exception) -> str:
     ('data row 12, column pixel40: ...'), rows of the wrong length, or text that is not UTF-8."""
     import pandas as pd
 
-    if isinstance(error, UnicodeDecodeError):
-        return f"the file is not UTF-8 text ({error.reason} at byte {error.start})"
     try:
+        if isinstance(error, UnicodeDecodeError):
+            raise error
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError as decode_error:
+        return f"the file is not UTF-8 text ({decode_error.reason} at byte {decode_error.start})"
     except pd.errors.ParserError as parse_error:  # a row with more cells than the header, mostly
         return f"rows of different lengths: {' '.join(str(parse_error).split())}"
     for column in columns:

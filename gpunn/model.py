@@ -36,6 +36,8 @@ class Model:
     dtype: str = "float32"
     preprocessing: str = PREPROCESSING
     info: dict[str, Any] = field(default_factory=dict)
+    #: the optimizer's running averages ("v", "s"), shaped like ``params``; saved so that a resumed run continues
+    optimizer_state: dict[str, list[Layer]] = field(default_factory=dict)
 
     def probabilities(self, X: Any) -> Any:
         """A[L] for uint8 pixels X (n_0, m) already on the parameters' device: (classes, m)."""
@@ -62,6 +64,10 @@ def save_model(path: str | Path, model: Model, backend: Backend) -> None:
     for l, (W, b) in enumerate(model.params, start=1):
         arrays[f"W{l}"] = backend.to_numpy(W)
         arrays[f"b{l}"] = backend.to_numpy(b)
+    for name, layers in model.optimizer_state.items():
+        for l, (W, b) in enumerate(layers, start=1):
+            arrays[f"opt_{name}_W{l}"] = backend.to_numpy(W)
+            arrays[f"opt_{name}_b{l}"] = backend.to_numpy(b)
     with atomic_write(path) as handle:
         np.savez(handle, **arrays)
 
@@ -93,12 +99,15 @@ def load_model(path: str | Path, backend: Backend) -> Model:
         dtype = meta["dtype"]
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
-        params = []
+        names = sorted({key.split("_")[1] for key in arrays if key.startswith("opt_")})
+        params, optimizer_state = [], {name: [] for name in names}
         for l, (n_in, n_out) in enumerate(zip(arch.sizes[:-1], arch.sizes[1:]), start=1):
-            W, b = arrays[f"W{l}"], arrays[f"b{l}"]
-            if W.shape != (n_out, n_in) or b.shape != (n_out, 1):
-                raise ValueError(f"W{l} {W.shape} / b{l} {b.shape} do not fit layer sizes {arch.sizes}")
-            params.append(Layer(backend.asarray(W.astype(dtype)), backend.asarray(b.astype(dtype))))
+            for prefix, layers in [("", params)] + [(f"opt_{name}_", optimizer_state[name]) for name in names]:
+                W, b = arrays[f"{prefix}W{l}"], arrays[f"{prefix}b{l}"]
+                if W.shape != (n_out, n_in) or b.shape != (n_out, 1):
+                    raise ValueError(f"{prefix}W{l} {W.shape} / {prefix}b{l} {b.shape} do not fit layer sizes "
+                                     f"{arch.sizes}")
+                layers.append(Layer(backend.asarray(W.astype(dtype)), backend.asarray(b.astype(dtype))))
     except (KeyError, TypeError, ValueError) as error:
         raise ModelError(f"{path} is a damaged gpunn model file: {error}") from error
-    return Model(arch, params, dtype, meta.get("preprocessing", PREPROCESSING), meta.get("info", {}))
+    return Model(arch, params, dtype, meta.get("preprocessing", PREPROCESSING), meta.get("info", {}), optimizer_state)

@@ -8,7 +8,7 @@ Notation and shapes are the seed notes': ``X = A[0]`` is (n_0, m) with one sampl
     dZ[L] = A[L] - Y                    (softmax + cross-entropy, or sigmoid + binary cross-entropy)
     dW[l] = dZ[l] @ A[l-1].T / m        db[l] = sum(dZ[l], over samples) / m
     dZ[l-1] = (W[l].T @ dZ[l]) * g'(Z[l-1])
-    W[l] <- W[l] - lr * dW[l]           b[l] <- b[l] - lr * db[l]
+    W[l] <- W[l] - lr * dW[l]           b[l] <- b[l] - lr * db[l]    (gpunn/optim.py: this and momentum, RMSprop, Adam)
 
 Each function takes its namespace from its arguments (``array_namespace``), so NumPy, CuPy and array-api-strict
 arrays all go through this same code. Functions are pure: they return new arrays and never modify their inputs.
@@ -190,21 +190,22 @@ def hidden_delta(W_next: Array, dZ_next: Array, Z: Array, A: Array, activation: 
     return g_backward(W_next.T @ dZ_next, Z, A)
 
 
-def backward(params: Sequence[Layer], trace: Trace, Y: Array, arch: Architecture) -> list[Layer]:
-    """Gradients (dW[l], db[l]) of the mean cross-entropy for l = 1..L. Y: (n_L, m), one-hot (or 0/1)."""
+def backward(params: Sequence[Layer], trace: Trace, Y: Array, arch: Architecture, *, l2: float = 0.0) -> list[Layer]:
+    """Gradients (dW[l], db[l]) of the mean cross-entropy for l = 1..L. Y: (n_L, m), one-hot (or 0/1).
+
+    With ``l2`` = lambda > 0 the cost has the term (lambda / 2m) sum_l ||W[l]||_F^2 (:func:`l2_cost`), which adds
+    (lambda / m) W[l] to each dW[l]; biases are not penalized.
+    """
     L = len(params)
+    m = Y.shape[1]
     grads: list[Layer] = []
     dZ = output_delta(trace.A[L], Y)
     for l in range(L, 0, -1):
-        grads.append(linear_backward(dZ, trace.A[l - 1]))
+        dW, db = linear_backward(dZ, trace.A[l - 1])
+        grads.append(Layer(dW + (l2 / m) * params[l - 1].W, db) if l2 else Layer(dW, db))
         if l > 1:
             dZ = hidden_delta(params[l - 1].W, dZ, trace.Z[l - 1], trace.A[l - 1], arch.activation)
     return grads[::-1]
-
-
-def sgd_update(params: Sequence[Layer], grads: Sequence[Layer], lr: float) -> list[Layer]:
-    """W <- W - lr dW and b <- b - lr db for every layer."""
-    return [Layer(W - lr * dW, b - lr * db) for (W, b), (dW, db) in zip(params, grads)]
 
 
 def cost(Z_L: Array, Y: Array, output: str = "softmax") -> Array:
@@ -220,6 +221,14 @@ def cost(Z_L: Array, Y: Array, output: str = "softmax") -> Array:
         log_probs = shifted - xp.log(xp.sum(xp.exp(shifted), axis=0, keepdims=True))
         return -xp.sum(Y * log_probs) / m
     return xp.sum(xp.logaddexp(xp.zeros_like(Z_L), Z_L) - Y * Z_L) / m
+
+
+def l2_cost(params: Sequence[Layer], l2: float, m: int) -> Array | float:
+    """(lambda / 2m) sum_l ||W[l]||_F^2, the seed notes' L2 term (0.0 when lambda is 0)."""
+    if not l2:
+        return 0.0
+    xp = array_namespace(params[0].W)
+    return l2 / (2 * m) * sum(xp.sum(W * W) for W, _ in params)
 
 
 def one_hot(y: Array, classes: int, dtype: Any) -> Array:

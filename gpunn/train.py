@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
 from gpunn.backend import Backend
 from gpunn.data import CLASSES, Split
@@ -29,10 +30,11 @@ from gpunn.nn import (
     default_init,
     forward,
     init_params,
+    l2_cost,
     one_hot,
     scale_pixels,
-    sgd_update,
 )
+from gpunn.optim import Optimizer
 
 
 @dataclass(frozen=True)
@@ -47,12 +49,27 @@ class TrainConfig:
     lr: float = 0.1
     seed: int = 0
     val_size: int = 1000
+    batch_size: int | None = None  # None: full batch
+    optimizer: str = "gd"
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    l2: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if not self.lr > 0:
             raise ValueError(f"the learning rate must be positive, got {self.lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"the batch size must be at least 1, got {self.batch_size}")
+        if self.l2 < 0:
+            raise ValueError(f"the L2 strength must not be negative, got {self.l2}")
+        self.rule  # validates the optimizer and its hyper-parameters
+
+    @property
+    def rule(self) -> Optimizer:
+        return Optimizer(self.optimizer, self.beta1, self.beta2, self.eps)
 
     @property
     def weight_init(self) -> str:
@@ -93,9 +110,12 @@ class FitResult:
 
 @dataclass
 class TrainState:
-    """Where a run stands after a completed epoch: enough to save a checkpoint and to resume bit for bit."""
+    """Where a run stands after a completed epoch: enough to save a checkpoint and to resume bit for bit.
+
+    The optimizer's step count is not kept: it is the epoch times the (fixed) number of batches per epoch."""
 
     params: list[Layer]
+    optimizer_state: dict[str, list[Layer]]
     epoch: int
 
 
@@ -123,6 +143,7 @@ def make_model(arch: Architecture, state: TrainState, config: TrainConfig, split
         arch,
         state.params,
         config.dtype,
+        optimizer_state=state.optimizer_state,
         info={
             "config": config.as_dict(),
             "epochs_done": state.epoch,
@@ -153,15 +174,35 @@ class DeviceData:
     def m(self) -> int:
         return int(self.y.shape[0])
 
+    def take(self, columns: Any) -> DeviceData:
+        """The samples at the device index array ``columns``, gathered on the device."""
+        xp = array_namespace(self.X)
+        return DeviceData(xp.take(self.X, columns, axis=1), xp.take(self.y, columns, axis=0),
+                          xp.take(self.Y, columns, axis=1))
 
-def train_epoch(params: list[Layer], data: DeviceData, arch: Architecture, lr: float) -> tuple[list[Layer], Any, Any]:
-    """One full-batch step: forward, cost, backward, update. Returns the new parameters, the loss and the
-    training accuracy (0-d device arrays, both measured before the update)."""
+
+def train_step(
+    params: list[Layer],
+    optimizer_state: dict[str, list[Layer]],
+    data: DeviceData,
+    arch: Architecture,
+    *,
+    lr: float,
+    t: int,
+    rule: Optimizer,
+    l2: float = 0.0,
+) -> tuple[list[Layer], dict[str, list[Layer]], Any, Any]:
+    """One gradient step on ``data`` (all of it, or a mini-batch): forward, cost, backward, update rule.
+
+    Returns the new parameters and optimizer state, and the cost (L2 term included) and the accuracy, both 0-d device
+    arrays measured before the update. ``t`` is the 1-based step count (Adam's bias correction uses it).
+    """
     trace = forward(params, data.X, arch)
-    loss = cost(trace.Z[-1], data.Y, arch.output)
-    train_accuracy = accuracy(trace.A[-1], data.y)
-    grads = backward(params, trace, data.Y, arch)
-    return sgd_update(params, grads, lr), loss, train_accuracy
+    loss = cost(trace.Z[-1], data.Y, arch.output) + l2_cost(params, l2, data.m)
+    batch_accuracy = accuracy(trace.A[-1], data.y)
+    grads = backward(params, trace, data.Y, arch, l2=l2)
+    params, optimizer_state = rule.step(params, grads, optimizer_state, lr, t)
+    return params, optimizer_state, loss, batch_accuracy
 
 
 def fit(
@@ -184,14 +225,19 @@ def fit(
     arch = Architecture((split.X_train.shape[0], *config.hidden, CLASSES), config.activation)
     train = DeviceData.from_host(split.X_train, split.y_train, backend=backend, dtype=config.dtype)
     val = DeviceData.from_host(split.X_val, split.y_val, backend=backend, dtype=config.dtype) if len(split.y_val) else None
+    rule = config.rule
     if resume is None:
         params = [
             Layer(backend.asarray(W), backend.asarray(b))
             for W, b in init_params(arch, init=config.weight_init, seed=config.seed, dtype=config.dtype)
         ]
-        state = TrainState(params, 0)
+        state = TrainState(params, rule.init(params), 0)
     else:
-        state = TrainState(resume.params, check_resumable(resume, config, data_sha256))
+        done = check_resumable(resume, config, data_sha256)
+        if set(resume.optimizer_state) != set(rule.state_names):
+            raise ModelError(f"cannot resume: the checkpoint holds optimizer state {sorted(resume.optimizer_state)}, "
+                             f"{config.optimizer} needs {sorted(rule.state_names)}")
+        state = TrainState(resume.params, resume.optimizer_state, done)
     # Overflow is caught once per epoch by the finiteness check and reported with the epoch and a fix; NumPy's own
     # floating-point warnings would only repeat it, several times per epoch and with neither.
     history: list[EpochStats] = []
@@ -243,11 +289,31 @@ def _run_epochs(
     """Epochs ``state.epoch + 1`` to ``config.epochs``; yields each epoch's report and the state after it."""
     xp = backend.xp
     nan = xp.asarray(math.nan, dtype=train.X.dtype, device=backend.device)
-    params = state.params
+    rule = config.rule
+    batch = config.batch_size if config.batch_size is not None and config.batch_size < train.m else train.m
+    steps_per_epoch = -(-train.m // batch)
+    params, optimizer_state = state.params, state.optimizer_state
     backend.synchronize()
     for epoch in range(state.epoch + 1, config.epochs + 1):
         start = time.perf_counter()
-        params, loss, train_accuracy = train_epoch(params, train, arch, config.lr)
+        t = (epoch - 1) * steps_per_epoch
+        if batch == train.m:  # full batch: no shuffling, the step sees every sample at once
+            t += 1
+            params, optimizer_state, loss, train_accuracy = train_step(
+                params, optimizer_state, train, arch, lr=config.lr, t=t, rule=rule, l2=config.l2)
+        else:
+            # Reshuffled every epoch from (seed, epoch), so a resumed run draws the same batches. Only this
+            # permutation crosses to the device; the batches are gathered there.
+            order = backend.asarray(np.random.default_rng([config.seed, epoch]).permutation(train.m))
+            loss = train_accuracy = 0.0
+            for first in range(0, train.m, batch):
+                t += 1
+                part = train.take(order[first : first + batch])
+                params, optimizer_state, batch_loss, batch_accuracy = train_step(
+                    params, optimizer_state, part, arch, lr=config.lr, t=t, rule=rule, l2=config.l2)
+                # epoch figures: the mean over samples of the figures each batch had before its own update
+                loss = loss + batch_loss * (part.m / train.m)
+                train_accuracy = train_accuracy + batch_accuracy * (part.m / train.m)
         if val is not None:
             val_trace = forward(params, val.X, arch)
             val_loss, val_accuracy = cost(val_trace.Z[-1], val.Y, arch.output), accuracy(val_trace.A[-1], val.y)
@@ -272,7 +338,7 @@ def _run_epochs(
             seconds,
             train.m / seconds,
         )
-        yield stats, TrainState(params, epoch)
+        yield stats, TrainState(params, optimizer_state, epoch)
 
 
 def evaluate(model: Model, X_uint8: Any, y: Any, *, backend: Backend) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gpunn.optim import Optimizer
 from gpunn.nn import (
     Architecture,
     Layer,
@@ -17,7 +18,6 @@ from gpunn.nn import (
     linear_backward,
     one_hot,
     output_delta,
-    sgd_update,
     softmax,
 )
 
@@ -137,7 +137,7 @@ def test_xor_learns_its_truth_table(cpu):
     first = float(cost(forward(params, X, arch).Z[-1], Y, "sigmoid"))
     for _ in range(5000):
         trace = forward(params, X, arch)
-        params = sgd_update(params, backward(params, trace, Y, arch), lr=2.0)
+        params, _ = Optimizer("gd").step(params, backward(params, trace, Y, arch), {}, lr=2.0, t=1)
     trace = forward(params, X, arch)
     assert float(cost(trace.Z[-1], Y, "sigmoid")) < first / 10
     np.testing.assert_array_equal(trace.A[-1] > 0.5, [[False, True, True, False]])

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from gpunn.data import CLASSES, read_idx, read_images, read_kaggle_csv
 from gpunn.errors import DataError
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomized: CI sees the same examples every run (explore further by hand with more examples and random seeds)
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def idx_like():

@@ -1,0 +1,132 @@
+"""Update rules, L2 and mini-batches: each rule learns, Adam beats plain descent, and the formulas hold exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpunn.data import load_bundled_sample, split
+from gpunn.nn import Architecture, Layer, backward, cost, forward, init_params, l2_cost, one_hot
+from gpunn.optim import Optimizer
+from gpunn.train import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def sample_split():
+    return split(load_bundled_sample(), val_size=500, seed=0)
+
+
+@pytest.mark.parametrize("optimizer, lr", [("gd", 0.1), ("momentum", 0.1), ("rmsprop", 0.001), ("adam", 0.001)])
+def test_every_rule_lowers_the_loss_on_every_backend(sample_split, backend, optimizer, lr):
+    result = fit(sample_split, TrainConfig(hidden=(16,), epochs=4, lr=lr, optimizer=optimizer, batch_size=500),
+                 backend=backend)
+    losses = [s.loss for s in result.history]
+    assert losses[-1] < losses[0] * 0.9, losses
+
+
+def test_adam_beats_plain_gradient_descent_at_equal_epochs(sample_split, cpu):
+    gd = fit(sample_split, TrainConfig(epochs=20, lr=0.1), backend=cpu)
+    adam = fit(sample_split, TrainConfig(epochs=20, lr=0.01, optimizer="adam"), backend=cpu)
+    assert adam.history[-1].loss < gd.history[-1].loss
+    assert adam.history[-1].val_accuracy > gd.history[-1].val_accuracy
+
+
+def test_the_rules_first_steps_by_hand():
+    P, dP = np.array([[1.0, -2.0]]), np.array([[0.5, -0.25]])
+    params, grads = [Layer(P, np.zeros((1, 1)))], [Layer(dP, np.full((1, 1), 2.0))]
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+
+    def first_two(name):
+        rule = Optimizer(name, b1, b2, eps)
+        state = rule.init(params)
+        one, state = rule.step(params, grads, state, lr, 1)
+        two, _ = rule.step(one, grads, state, lr, 2)
+        return one[0].W, two[0].W
+
+    one, two = first_two("gd")
+    np.testing.assert_allclose(two, P - 2 * lr * dP)
+    one, two = first_two("momentum")  # v1 = 0.1 dP, v2 = 0.19 dP
+    np.testing.assert_allclose(one, P - lr * 0.1 * dP)
+    np.testing.assert_allclose(two, P - lr * (0.1 + 0.19) * dP)
+    one, _ = first_two("rmsprop")  # s1 = 0.001 dP**2
+    np.testing.assert_allclose(one, P - lr * dP / (np.sqrt(0.001 * dP**2) + eps))
+    one, two = first_two("adam")  # bias correction: the first two steps are lr * sign(dP) each
+    np.testing.assert_allclose(one, P - lr * np.sign(dP), rtol=1e-7)
+    np.testing.assert_allclose(two, P - 2 * lr * np.sign(dP), rtol=1e-7)
+
+
+def test_l2_adds_lambda_over_m_times_w_to_dw_and_nothing_to_db():
+    arch = Architecture((6, 5, 3))
+    rng = np.random.default_rng(0)
+    params = init_params(arch, init="he", seed=0, dtype="float64")
+    X, Y = rng.random((6, 8)), one_hot(rng.integers(0, 3, 8), 3, np.float64)
+    trace = forward(params, X, arch)
+    plain, with_l2 = backward(params, trace, Y, arch), backward(params, trace, Y, arch, l2=0.7)
+    for (W, _), (dW, db), (dW2, db2) in zip(params, plain, with_l2):
+        np.testing.assert_array_equal(dW2, dW + 0.7 / 8 * W)
+        np.testing.assert_array_equal(db2, db)
+    assert float(l2_cost(params, 0.7, 8)) == pytest.approx(0.7 / 16 * sum((W**2).sum() for W, _ in params))
+
+
+def test_l2_gradients_match_central_differences():
+    arch = Architecture((5, 4, 3), "tanh")
+    rng = np.random.default_rng(1)
+    params = [Layer(rng.normal(size=(o, i)), rng.normal(size=(o, 1))) for i, o in zip(arch.sizes, arch.sizes[1:])]
+    X, Y, lam = rng.normal(size=(5, 9)), one_hot(rng.integers(0, 3, 9), 3, np.float64), 0.3
+
+    def J():
+        return float(cost(forward(params, X, arch).Z[-1], Y) + l2_cost(params, lam, 9))
+
+    analytic = backward(params, forward(params, X, arch), Y, arch, l2=lam)
+    for layer, grad in zip(params, analytic):
+        for P, dP in zip(layer, grad):
+            numeric = np.zeros_like(P)
+            for index in np.ndindex(P.shape):
+                saved = P[index]
+                P[index] = saved + 1e-7
+                plus = J()
+                P[index] = saved - 1e-7
+                minus = J()
+                P[index] = saved
+                numeric[index] = (plus - minus) / 2e-7
+            assert np.linalg.norm(dP - numeric) / (np.linalg.norm(dP) + np.linalg.norm(numeric)) < 1e-7
+
+
+def test_a_batch_of_every_sample_is_full_batch_exactly(sample_split, cpu):
+    full = fit(sample_split, TrainConfig(epochs=3, optimizer="adam", lr=0.01), backend=cpu)
+    batched = fit(sample_split, TrainConfig(epochs=3, optimizer="adam", lr=0.01, batch_size=len(sample_split.y_train)),
+                  backend=cpu)
+    assert [s.loss for s in batched.history] == [s.loss for s in full.history]
+    np.testing.assert_array_equal(batched.model.params[0].W, full.model.params[0].W)
+
+
+def test_mini_batches_use_the_last_partial_batch(sample_split, cpu, monkeypatch):
+    """4,500 samples in batches of 1,000: five steps per epoch, the last of 500; every sample once per epoch."""
+    import gpunn.train
+
+    seen = []
+    real_step = gpunn.train.train_step
+
+    def recording_step(params, state, data, arch, **kwargs):
+        seen.append((kwargs["t"], data.m, np.asarray(data.y).copy()))
+        return real_step(params, state, data, arch, **kwargs)
+
+    monkeypatch.setattr(gpunn.train, "train_step", recording_step)
+    fit(sample_split, TrainConfig(epochs=2, batch_size=1000), backend=cpu)
+    assert [t for t, _, _ in seen] == list(range(1, 11))
+    assert [m for _, m, _ in seen] == [1000, 1000, 1000, 1000, 500] * 2
+    for epoch in (seen[:5], seen[5:]):
+        labels = np.concatenate([y for _, _, y in epoch])
+        assert np.array_equal(np.sort(labels), np.sort(sample_split.y_train))
+    # reshuffled: the two epochs see the samples in different orders
+    assert not np.array_equal(seen[0][2], seen[5][2])
+
+
+def test_resume_with_adam_and_mini_batches_is_bit_identical(sample_split, cpu):
+    config = dict(hidden=(16,), optimizer="adam", lr=0.005, batch_size=700)
+    straight = fit(sample_split, TrainConfig(epochs=6, **config), backend=cpu)
+    half = fit(sample_split, TrainConfig(epochs=3, **config), backend=cpu)
+    assert set(half.model.optimizer_state) == {"v", "s"}
+    resumed = fit(sample_split, TrainConfig(epochs=6, **config), backend=cpu, resume=half.model)
+    for a, b in zip(straight.model.params, resumed.model.params):
+        np.testing.assert_array_equal(a.W, b.W)
