@@ -330,6 +330,34 @@ def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -
             handle.write(f"{i},{label}{extra}\n")
 
 
+@main.command()
+@click.option("--hidden", default="5", show_default=True, callback=_parse_hidden, help="Hidden layer sizes.")
+@click.option("--activation", type=click.Choice(["relu", "sigmoid", "tanh"]), default="relu", show_default=True)
+@click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True, help="L2 strength lambda.")
+@click.option("--inputs", type=click.IntRange(min=1), default=8, show_default=True, help="Input units.")
+@click.option("--classes", type=click.IntRange(min=2), default=4, show_default=True, help="Output units (softmax).")
+@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def gradcheck(hidden: tuple[int, ...], activation: str, l2: float, inputs: int, classes: int, samples: int,
+              seed: int) -> None:
+    """Compare every analytic gradient with central differences in float64 (eps 1e-7); exit 1 above 1e-7."""
+    from gpunn.gradcheck import EPSILON, THRESHOLD, check_gradients, random_problem
+    from gpunn.nn import Architecture
+
+    arch = Architecture((inputs, *hidden, classes), activation)
+    checks = check_gradients(*random_problem(arch, samples=samples, seed=seed), arch, l2=l2)
+    click.echo(f"network {arch}, {samples} samples, L2 {l2:g}, float64, eps {EPSILON:g}")
+    click.echo("parameter  relative error  max |analytic - numeric|")
+    for check in checks:
+        flag = "" if check.relative_error <= THRESHOLD else "  <- above the threshold"
+        click.echo(f"{check.name:>9}  {check.relative_error:14.2e}  {check.max_abs_difference:24.2e}{flag}")
+    worst = max(checks, key=lambda c: c.relative_error)
+    verdict = "ok" if worst.relative_error <= THRESHOLD else "FAILED"
+    click.echo(f"worst: {worst.name} {worst.relative_error:.2e} (threshold {THRESHOLD:g}): {verdict}")
+    if worst.relative_error > THRESHOLD:
+        raise SystemExit(1)
+
+
 @main.group()
 def data() -> None:
     """Download data sets into the cache, and show what it holds."""

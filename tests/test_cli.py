@@ -213,3 +213,21 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     assert done >= 2
     result = run("train", "--device", "cpu", "--resume", ckpt, "--epochs", done + 2, "--out", out)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args", [[], ["--activation", "tanh", "--hidden", "16,8", "--l2", "0.5"],
+                                  ["--activation", "sigmoid", "--hidden", "32"]])
+def test_gradcheck_passes(args):
+    result = run("gradcheck", *args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].endswith(": ok")
+
+
+def test_gradcheck_exits_1_on_a_wrong_gradient(monkeypatch):
+    import gpunn.nn
+
+    real = gpunn.nn.linear_backward
+    monkeypatch.setattr(gpunn.nn, "linear_backward", lambda dZ, A: gpunn.nn.Layer(real(dZ, A).W * 1.01, real(dZ, A).b))
+    result = run("gradcheck", "--hidden", "4")
+    assert result.exit_code == 1
+    assert "<- above the threshold" in result.output and result.output.splitlines()[-1].endswith("FAILED")

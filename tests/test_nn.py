@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpunn.optim import Optimizer
+from gpunn.gradcheck import check_gradients, random_problem
 from gpunn.nn import (
     Architecture,
     Layer,
@@ -20,6 +20,7 @@ from gpunn.nn import (
     output_delta,
     softmax,
 )
+from gpunn.optim import Optimizer
 
 
 def to_backend(backend, params):
@@ -64,26 +65,6 @@ def test_bias_gradient_is_per_unit_mean_over_samples(cpu):
     np.testing.assert_array_equal(dW, [[2.0] * 4, [-1.0] * 4])
 
 
-def numerical_gradients(params, X, Y, arch, eps=1e-7):
-    """Central differences (J(p + eps) - J(p - eps)) / (2 eps) for every parameter, in float64."""
-    grads = []
-    for layer in params:
-        pair = []
-        for P in layer:
-            G = np.zeros_like(P)
-            for index in np.ndindex(P.shape):
-                saved = P[index]
-                P[index] = saved + eps
-                plus = float(cost(forward(params, X, arch).Z[-1], Y, arch.output))
-                P[index] = saved - eps
-                minus = float(cost(forward(params, X, arch).Z[-1], Y, arch.output))
-                P[index] = saved
-                G[index] = (plus - minus) / (2 * eps)
-            pair.append(G)
-        grads.append(Layer(*pair))
-    return grads
-
-
 @pytest.mark.parametrize(
     "sizes, activation, output",
     [
@@ -98,20 +79,26 @@ def numerical_gradients(params, X, Y, arch, eps=1e-7):
 def test_gradients_match_central_differences(sizes, activation, output):
     """Analytic gradients agree with (J(p+e) - J(p-e)) / 2e, e = 1e-7, to a relative error below 1e-7."""
     arch = Architecture(sizes, activation, output)
-    rng = np.random.default_rng(3)
-    m = 11
-    # unit-variance weights and biases: gradients well above the difference quotient's rounding error
-    # (about 1e-16 * J / eps = 1e-9), and biases exercised away from zero
-    params = [Layer(rng.normal(size=(n_out, n_in)), rng.normal(size=(n_out, 1))) for n_in, n_out in zip(sizes, sizes[1:])]
-    X = rng.normal(size=(sizes[0], m))
-    labels = rng.integers(0, sizes[-1], m)
-    Y = one_hot(labels, sizes[-1], np.float64) if output == "softmax" else rng.integers(0, 2, (1, m)).astype(np.float64)
-    analytic = backward(params, forward(params, X, arch), Y, arch)
-    numeric = numerical_gradients(params, X, Y, arch)
-    for l, (a_layer, n_layer) in enumerate(zip(analytic, numeric), start=1):
-        for name, a, n in zip(("W", "b"), a_layer, n_layer):
-            relative = np.linalg.norm(a - n) / (np.linalg.norm(a) + np.linalg.norm(n))
-            assert relative < 1e-7, f"d{name}{l}: relative error {relative:.2e}"
+    params, X, Y = random_problem(arch, samples=11, seed=3)
+    for check in check_gradients(params, X, Y, arch):
+        assert check.relative_error < 1e-7, check
+
+
+def test_gradient_check_catches_a_wrong_backward_pass(monkeypatch):
+    """The check can fail: with the notebook's scalar bias gradient, the b errors are of order 1."""
+    import gpunn.nn
+
+    real = gpunn.nn.linear_backward
+
+    def scalar_bias(dZ, A_prev):
+        dW, _ = real(dZ, A_prev)
+        return Layer(dW, np.full((dZ.shape[0], 1), dZ.sum() / dZ.shape[1]))
+
+    monkeypatch.setattr(gpunn.nn, "linear_backward", scalar_bias)
+    arch = Architecture((6, 5, 4))
+    checks = {c.name: c.relative_error for c in check_gradients(*random_problem(arch, samples=7, seed=0), arch)}
+    assert checks["W1"] < 1e-7 and checks["W2"] < 1e-7
+    assert checks["b1"] > 0.1 and checks["b2"] > 0.1
 
 
 def test_softmax_and_cost_stay_finite_for_huge_logits(backend):
