@@ -107,6 +107,14 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="RMSprop / Adam: added to the square root in the denominator.")
 @click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="L2 strength lambda: adds lambda/(2m)·sum ||W||² to the cost and lambda/m·W to each dW.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "step", "cosine"]), default="constant",
+              show_default=True, help="step: lr·gamma^floor((epoch-1)/step-size); cosine: lr·(1+cos(pi·(epoch-1)/epochs))/2.")
+@click.option("--lr-step-size", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Epochs between two steps of the step schedule.")
+@click.option("--lr-gamma", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="Factor applied at each step of the step schedule.")
+@click.option("--early-stop", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Stop when the validation loss has not improved for K epochs, and keep the best epoch's weights.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the shuffle, the validation split and the initial weights.")
 @click.option("--val-size", type=click.IntRange(min=0), default=1000, show_default=True,
@@ -124,8 +132,9 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
           hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float,
-          batch_size: int | None, optimizer: str, beta1: float, beta2: float, eps: float, l2: float, seed: int,
-          val_size: int, out: Path, metrics_out: Path | None, checkpoint: Path | None, checkpoint_every: int | None,
+          batch_size: int | None, optimizer: str, beta1: float, beta2: float, eps: float, l2: float,
+          lr_schedule: str, lr_step_size: int, lr_gamma: float, early_stop: int | None, seed: int, val_size: int,
+          out: Path, metrics_out: Path | None, checkpoint: Path | None, checkpoint_every: int | None,
           resume: Path | None, quiet: bool) -> None:
     """Train the network full-batch and save it."""
     from gpunn.backend import get_backend
@@ -164,9 +173,11 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         lr, seed, val_size = pick("lr", lr), pick("seed", seed), pick("val_size", val_size)
         batch_size, optimizer, l2 = pick("batch_size", batch_size), pick("optimizer", optimizer), pick("l2", l2)
         beta1, beta2, eps = pick("beta1", beta1), pick("beta2", beta2), pick("eps", eps)
+        lr_schedule, lr_step_size = pick("lr_schedule", lr_schedule), pick("lr_step_size", lr_step_size)
+        lr_gamma, early_stop = pick("lr_gamma", lr_gamma), pick("early_stop", early_stop)
         hidden = tuple(hidden)
     config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed, val_size, batch_size, optimizer, beta1,
-                         beta2, eps, l2)
+                         beta2, eps, l2, lr_schedule, lr_step_size, lr_gamma, early_stop)
     dataset = _load_dataset(data_dir, train_csv, test_csv, dataset_name, quiet)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
@@ -180,6 +191,10 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     sizes = "-".join(map(str, (dataset.n_features, *hidden, 10)))
     say(f"network: {sizes} {activation}/softmax, {config.weight_init} init, {dtype}, "
         f"lr {lr:g}, {epochs} epochs, seed {seed}")
+    if lr_schedule != "constant" or early_stop is not None:
+        say(f"         lr schedule {lr_schedule}" + (f" (every {lr_step_size} epochs x{lr_gamma:g})"
+                                                     if lr_schedule == "step" else "")
+            + ("" if early_stop is None else f", early stop after {early_stop} epochs without a better val loss"))
     if (batch_size, optimizer, l2) != (None, "gd", 0.0):
         say(f"         {'full batch' if batch_size is None else f'mini-batches of {batch_size}'}, {optimizer}"
             + ("" if optimizer in ("gd",) else f" (beta1 {beta1:g}, beta2 {beta2:g}, eps {eps:g})")
@@ -210,7 +225,9 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         raise SystemExit(130) from None
     finally:
         progress.close()
-    last = result.history[-1]
+    # the figures of the epoch whose weights are kept: the last, or the best one when training stopped early
+    kept_epoch = result.model.info["epochs_done"]
+    last = next(s for s in result.history if s.epoch == kept_epoch) if kept_epoch > 0 else result.history[-1]
     steady = result.history[1:] or result.history
     median_s = sorted(s.seconds for s in steady)[len(steady) // 2]
     summary: dict[str, Any] = {
@@ -226,6 +243,8 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         "batch_size": batch_size,
         "optimizer": optimizer,
         "l2": l2,
+        "lr_schedule": lr_schedule,
+        "early_stop": result.model.info.get("early_stop"),
         "seed": seed,
         "train_samples": len(parts.y_train),
         "val_samples": len(parts.y_val),
@@ -243,12 +262,17 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
             for record in [*records, summary]:
                 handle.write(json.dumps(record) + "\n")
     val = "" if last.val_accuracy is None else f", validation accuracy {last.val_accuracy:.2%}"
-    say(f"trained {epochs} epochs in {summary['total_s']:.1f} s (median {median_s * 1e3:.2f} ms/epoch, "
-        f"first epoch apart): loss {last.loss:.4f}, training accuracy {last.train_accuracy:.2%}{val}")
+    say(f"trained {len(result.history)} epochs in {summary['total_s']:.1f} s (median {median_s * 1e3:.2f} ms/epoch, "
+        f"first epoch apart); epoch {last.epoch}: loss {last.loss:.4f}, training accuracy "
+        f"{last.train_accuracy:.2%}{val}")
     if result.test_accuracy is not None:
         say(f"test accuracy: {result.test_accuracy:.2%} on {result.n_test:,} digits")
     else:
         say("test accuracy: no labelled test set in this data")
+    stop = result.model.info.get("early_stop")
+    if stop and stop["stopped"]:
+        say(f"stopped early after epoch {stop['epochs_run']}: the validation loss last improved at epoch "
+            f"{stop['best_epoch']}, whose weights are kept")
     say(f"model saved to {out}" + (f", metrics to {metrics_out}" if metrics_out else ""))
     if unlabelled_test:
         _write_submission(submission, predict_proba(result.model, dataset.test_images.T, backend=backend), False)

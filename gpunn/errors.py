@@ -30,6 +30,12 @@ class DeviceSpecError(BackendError):
     exit_code = 2
 
 
+class ConfigError(GpunnError):
+    """Settings that cannot work together (early stopping without a validation split, ...): a usage error."""
+
+    exit_code = 2
+
+
 class DataError(GpunnError):
     """A data file or array is missing, corrupt or of the wrong shape or range."""
 

@@ -12,6 +12,7 @@ The state (v, s) lives on the parameters' device, starts at zero, and is saved i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from array_api_compat import array_namespace
 from gpunn.nn import Layer
 
 OPTIMIZERS = ("gd", "momentum", "rmsprop", "adam")
+SCHEDULES = ("constant", "step", "cosine")
 # which running averages each rule keeps
 _STATE = {"gd": (), "momentum": ("v",), "rmsprop": ("s",), "adam": ("v", "s")}
 
@@ -79,3 +81,19 @@ class Optimizer:
         v = b1 * state["v"] + (1 - b1) * dP
         v_hat, s_hat = v / (1 - b1**t), s / (1 - b2**t)
         return P - lr * v_hat / (xp.sqrt(s_hat) + self.eps), {"v": v, "s": s}
+
+
+def learning_rate(schedule: str, lr: float, epoch: int, epochs: int, *, step_size: int = 100, gamma: float = 0.1
+                  ) -> float:
+    """The learning rate for ``epoch`` (1-based) of ``epochs``.
+
+    constant: lr.  step: lr * gamma ** floor((epoch - 1) / step_size).
+    cosine: lr * (1 + cos(pi * (epoch - 1) / epochs)) / 2, from lr at the first epoch down towards 0 at the last.
+    """
+    if schedule == "constant":
+        return lr
+    if schedule == "step":
+        return lr * gamma ** ((epoch - 1) // step_size)
+    if schedule == "cosine":
+        return lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {SCHEDULES}")

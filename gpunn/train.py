@@ -19,7 +19,7 @@ from array_api_compat import array_namespace
 
 from gpunn.backend import Backend
 from gpunn.data import CLASSES, Split
-from gpunn.errors import ModelError, TrainingDivergedError
+from gpunn.errors import ConfigError, ModelError, TrainingDivergedError
 from gpunn.model import Model
 from gpunn.nn import (
     Architecture,
@@ -34,7 +34,7 @@ from gpunn.nn import (
     one_hot,
     scale_pixels,
 )
-from gpunn.optim import Optimizer
+from gpunn.optim import Optimizer, learning_rate
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class TrainConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     l2: float = 0.0
+    lr_schedule: str = "constant"
+    lr_step_size: int = 100
+    lr_gamma: float = 0.1
+    early_stop: int | None = None  # stop after this many epochs without a lower validation loss
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -66,6 +70,16 @@ class TrainConfig:
         if self.l2 < 0:
             raise ValueError(f"the L2 strength must not be negative, got {self.l2}")
         self.rule  # validates the optimizer and its hyper-parameters
+        self.lr_at(1)  # validates the schedule
+        if self.lr_step_size < 1 or not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"the step schedule needs a step size >= 1 and 0 < gamma <= 1, got {self.lr_step_size} "
+                             f"and {self.lr_gamma}")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise ValueError(f"early stopping needs a patience of at least 1 epoch, got {self.early_stop}")
+
+    def lr_at(self, epoch: int) -> float:
+        return learning_rate(self.lr_schedule, self.lr, epoch, self.epochs, step_size=self.lr_step_size,
+                             gamma=self.lr_gamma)
 
     @property
     def rule(self) -> Optimizer:
@@ -240,7 +254,11 @@ def fit(
         state = TrainState(resume.params, resume.optimizer_state, done)
     # Overflow is caught once per epoch by the finiteness check and reported with the epoch and a fix; NumPy's own
     # floating-point warnings would only repeat it, several times per epoch and with neither.
+    if config.early_stop is not None and val is None:
+        raise ConfigError("--early-stop watches the validation loss, so it needs --val-size > 0")
     history: list[EpochStats] = []
+    best: tuple[float, TrainState] | None = None  # (validation loss, state) of the best epoch so far
+    stopped_early = False
     try:
         with np.errstate(over="ignore", invalid="ignore"):
             for stats, state in _run_epochs(state, train, val, arch, config, backend):
@@ -249,9 +267,20 @@ def fit(
                     on_epoch(stats)
                 if on_checkpoint is not None and checkpoint_every and state.epoch % checkpoint_every == 0:
                     on_checkpoint(make_model(arch, state, config, split, data_sha256, backend))
+                if config.early_stop is not None:
+                    if best is None or stats.val_loss < best[0]:
+                        best = (stats.val_loss, state)
+                    elif state.epoch - best[1].epoch >= config.early_stop:
+                        stopped_early = True
+                        break
     except KeyboardInterrupt:
         raise TrainingInterrupted(make_model(arch, state, config, split, data_sha256, backend), state.epoch) from None
+    if stopped_early and best is not None:
+        state = best[1]  # parameters are never modified in place, so the best epoch's arrays are intact
     model = make_model(arch, state, config, split, data_sha256, backend)
+    if config.early_stop is not None:
+        model.info["early_stop"] = {"stopped": stopped_early, "best_epoch": None if best is None else best[1].epoch,
+                                    "epochs_run": history[-1].epoch if history else state.epoch}
     test_accuracy, n_test = None, 0
     if split.X_test is not None and split.y_test is not None and len(split.y_test):
         test_accuracy, n_test = evaluate(model, split.X_test, split.y_test, backend=backend), len(split.y_test)
@@ -296,11 +325,12 @@ def _run_epochs(
     backend.synchronize()
     for epoch in range(state.epoch + 1, config.epochs + 1):
         start = time.perf_counter()
+        lr = config.lr_at(epoch)
         t = (epoch - 1) * steps_per_epoch
         if batch == train.m:  # full batch: no shuffling, the step sees every sample at once
             t += 1
             params, optimizer_state, loss, train_accuracy = train_step(
-                params, optimizer_state, train, arch, lr=config.lr, t=t, rule=rule, l2=config.l2)
+                params, optimizer_state, train, arch, lr=lr, t=t, rule=rule, l2=config.l2)
         else:
             # Reshuffled every epoch from (seed, epoch), so a resumed run draws the same batches. Only this
             # permutation crosses to the device; the batches are gathered there.
@@ -310,7 +340,7 @@ def _run_epochs(
                 t += 1
                 part = train.take(order[first : first + batch])
                 params, optimizer_state, batch_loss, batch_accuracy = train_step(
-                    params, optimizer_state, part, arch, lr=config.lr, t=t, rule=rule, l2=config.l2)
+                    params, optimizer_state, part, arch, lr=lr, t=t, rule=rule, l2=config.l2)
                 # epoch figures: the mean over samples of the figures each batch had before its own update
                 loss = loss + batch_loss * (part.m / train.m)
                 train_accuracy = train_accuracy + batch_accuracy * (part.m / train.m)

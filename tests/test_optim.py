@@ -114,3 +114,39 @@ def test_resume_with_adam_and_mini_batches_is_bit_identical(sample_split, cpu):
     resumed = fit(sample_split, TrainConfig(epochs=6, **config), backend=cpu, resume=half.model)
     for a, b in zip(straight.model.params, resumed.model.params):
         np.testing.assert_array_equal(a.W, b.W)
+
+
+def test_learning_rate_schedules():
+    from gpunn.optim import learning_rate
+
+    assert [learning_rate("constant", 0.1, e, 10) for e in (1, 10)] == [0.1, 0.1]
+    assert [learning_rate("step", 1.0, e, 10, step_size=3, gamma=0.5) for e in (1, 3, 4, 7, 10)] == \
+        [1.0, 1.0, 0.5, 0.25, 0.125]
+    cosine = [learning_rate("cosine", 0.2, e, 4) for e in (1, 2, 3, 4)]
+    assert cosine == pytest.approx([0.2, 0.2 * (1 + np.cos(np.pi / 4)) / 2, 0.1, 0.2 * (1 + np.cos(3 * np.pi / 4)) / 2])
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        learning_rate("linear", 0.1, 1, 10)
+
+
+def test_early_stopping_keeps_the_best_epoch(sample_split, cpu):
+    """Adam at a high rate overfits the 4,500 digits fast; training stops K epochs after the best validation loss
+    and returns that epoch's weights."""
+    config = TrainConfig(hidden=(64,), epochs=200, optimizer="adam", lr=0.01, batch_size=250, early_stop=3)
+    result = fit(sample_split, config, backend=cpu)
+    stop = result.model.info["early_stop"]
+    assert stop["stopped"] and stop["epochs_run"] == stop["best_epoch"] + 3 < 200
+    val_losses = {s.epoch: s.val_loss for s in result.history}
+    assert val_losses[stop["best_epoch"]] == min(val_losses.values())
+    assert result.model.info["epochs_done"] == stop["best_epoch"]
+    # the kept weights are the best epoch's: training exactly that many epochs gives the same arrays
+    again = fit(sample_split, TrainConfig(hidden=(64,), epochs=stop["best_epoch"], optimizer="adam", lr=0.01,
+                                          batch_size=250), backend=cpu)
+    np.testing.assert_array_equal(again.model.params[0].W, result.model.params[0].W)
+
+
+def test_early_stopping_needs_a_validation_split(cpu):
+    from gpunn.errors import ConfigError
+
+    parts = split(load_bundled_sample(), val_size=0, seed=0)
+    with pytest.raises(ConfigError, match="needs --val-size > 0"):
+        fit(parts, TrainConfig(epochs=5, early_stop=2), backend=cpu)
