@@ -67,6 +67,14 @@ class Backend:
     def synchronize(self) -> None:
         """Wait until all work queued on the device has finished; a no-op where work is synchronous."""
 
+    def random(self, seed: int) -> Any:
+        """A generator of uniform [0, 1) arrays on the device: ``.random(shape, dtype)``, seeded with ``seed``.
+
+        The array API has no random numbers, so each backend brings its own. This generic one draws on the host
+        and transfers the result: correct anywhere, fast nowhere; NumPy and CuPy override it.
+        """
+        return _HostDrawn(np.random.default_rng(seed), self)
+
     def describe(self) -> dict[str, str]:
         """Library versions and hardware, as ``{label: text}`` in display order."""
         return {"device": self.name, "array library": self.xp.__name__}
@@ -81,11 +89,22 @@ class Backend:
         return f"{type(self).__name__}({self.name!r})"
 
 
+class _HostDrawn:
+    def __init__(self, rng: np.random.Generator, backend: Backend) -> None:
+        self.rng, self.backend = rng, backend
+
+    def random(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return self.backend.asarray(self.rng.random(shape), dtype=dtype)
+
+
 class NumpyBackend(Backend):
     """The CPU through NumPy (seen through array-api-compat's standard namespace)."""
 
     def __init__(self, reason: str = "") -> None:
         super().__init__("cpu", array_api_compat.array_namespace(np.empty(0)), "cpu", reason)
+
+    def random(self, seed: int) -> Any:
+        return np.random.default_rng(seed)
 
     def describe(self) -> dict[str, str]:
         return {
@@ -114,6 +133,9 @@ class CupyBackend(Backend):
 
     def synchronize(self) -> None:
         self.device.synchronize()
+
+    def random(self, seed: int) -> Any:
+        return self.cupy.random.default_rng(seed)  # drawn on the GPU
 
     def describe(self) -> dict[str, str]:
         runtime = self.cupy.cuda.runtime

@@ -107,6 +107,8 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="RMSprop / Adam: added to the square root in the denominator.")
 @click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="L2 strength lambda: adds lambda/(2m)·sum ||W||² to the cost and lambda/m·W to each dW.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Inverted dropout on the hidden layers during training: the probability of dropping a unit.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "step", "cosine"]), default="constant",
               show_default=True, help="step: lr·gamma^floor((epoch-1)/step-size); cosine: lr·(1+cos(pi·(epoch-1)/epochs))/2.")
 @click.option("--lr-step-size", type=click.IntRange(min=1), default=100, show_default=True,
@@ -133,7 +135,8 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
           hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float,
           batch_size: int | None, optimizer: str, beta1: float, beta2: float, eps: float, l2: float,
-          lr_schedule: str, lr_step_size: int, lr_gamma: float, early_stop: int | None, seed: int, val_size: int,
+          dropout: float, lr_schedule: str, lr_step_size: int, lr_gamma: float, early_stop: int | None, seed: int,
+          val_size: int,
           out: Path, metrics_out: Path | None, checkpoint: Path | None, checkpoint_every: int | None,
           resume: Path | None, quiet: bool) -> None:
     """Train the network full-batch and save it."""
@@ -174,10 +177,11 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         batch_size, optimizer, l2 = pick("batch_size", batch_size), pick("optimizer", optimizer), pick("l2", l2)
         beta1, beta2, eps = pick("beta1", beta1), pick("beta2", beta2), pick("eps", eps)
         lr_schedule, lr_step_size = pick("lr_schedule", lr_schedule), pick("lr_step_size", lr_step_size)
-        lr_gamma, early_stop = pick("lr_gamma", lr_gamma), pick("early_stop", early_stop)
+        lr_gamma, early_stop, dropout = pick("lr_gamma", lr_gamma), pick("early_stop", early_stop), \
+            pick("dropout", dropout)
         hidden = tuple(hidden)
     config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed, val_size, batch_size, optimizer, beta1,
-                         beta2, eps, l2, lr_schedule, lr_step_size, lr_gamma, early_stop)
+                         beta2, eps, l2, lr_schedule, lr_step_size, lr_gamma, early_stop, dropout)
     dataset = _load_dataset(data_dir, train_csv, test_csv, dataset_name, quiet)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
@@ -195,10 +199,10 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         say(f"         lr schedule {lr_schedule}" + (f" (every {lr_step_size} epochs x{lr_gamma:g})"
                                                      if lr_schedule == "step" else "")
             + ("" if early_stop is None else f", early stop after {early_stop} epochs without a better val loss"))
-    if (batch_size, optimizer, l2) != (None, "gd", 0.0):
+    if (batch_size, optimizer, l2, dropout) != (None, "gd", 0.0, 0.0):
         say(f"         {'full batch' if batch_size is None else f'mini-batches of {batch_size}'}, {optimizer}"
             + ("" if optimizer in ("gd",) else f" (beta1 {beta1:g}, beta2 {beta2:g}, eps {eps:g})")
-            + (f", L2 {l2:g}" if l2 else ""))
+            + (f", L2 {l2:g}" if l2 else "") + (f", dropout {dropout:g}" if dropout else ""))
     if resumed is not None:
         say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
 
@@ -243,6 +247,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         "batch_size": batch_size,
         "optimizer": optimizer,
         "l2": l2,
+        "dropout": dropout,
         "lr_schedule": lr_schedule,
         "early_stop": result.model.info.get("early_stop"),
         "seed": seed,

@@ -126,10 +126,12 @@ Params = list[Layer]
 
 
 class Trace(NamedTuple):
-    """What the forward pass keeps for the backward pass: Z[l] and A[l] for l = 0..L (Z[0] is None, A[0] = X)."""
+    """What the forward pass keeps for the backward pass: Z[l] and A[l] for l = 0..L (Z[0] is None, A[0] = X),
+    and with dropout the scaled keep-masks M[l] of the hidden layers (None elsewhere, or no list at all)."""
 
     Z: list[Array | None]
     A: list[Array]
+    M: list[Array | None] | None = None
 
 
 def init_params(arch: Architecture, *, init: str, seed: int, dtype: str = "float32") -> list[Layer]:
@@ -160,15 +162,32 @@ def default_init(activation: str) -> str:
     return "he" if activation == "relu" else "xavier"
 
 
-def forward(params: Sequence[Layer], X: Array, arch: Architecture) -> Trace:
-    """The forward pass. X: (n_0, m). Returns Z[l], A[l] for every layer; A[L] holds the class probabilities."""
+def forward(params: Sequence[Layer], X: Array, arch: Architecture, *, dropout: float = 0.0, rng: Any = None
+            ) -> Trace:
+    """The forward pass. X: (n_0, m). Returns Z[l], A[l] for every layer; A[L] holds the class probabilities.
+
+    ``dropout`` = p > 0 (training only) applies inverted dropout to every hidden layer: A[l] = g(Z[l]) * M[l] with
+    M[l] = (u < 1 - p) / (1 - p), u uniform from ``rng.random(shape, dtype)``, so that E[A[l]] is unchanged and
+    nothing needs rescaling at evaluation.
+    """
     g, _ = _HIDDEN[arch.activation]
     Z: list[Array | None] = [None]
     A = [X]
+    M: list[Array | None] | None = [None] if dropout else None
     for l, (W, b) in enumerate(params, start=1):
         Z.append(W @ A[l - 1] + b)
-        A.append(_OUTPUT[arch.output](Z[l]) if l == len(params) else g(Z[l]))
-    return Trace(Z, A)
+        if l == len(params):
+            A.append(_OUTPUT[arch.output](Z[l]))
+            if M is not None:
+                M.append(None)
+        elif M is not None:
+            xp = array_namespace(Z[l])
+            keep = 1 - dropout
+            M.append(xp.astype(rng.random(Z[l].shape, dtype=Z[l].dtype) < keep, Z[l].dtype) / keep)
+            A.append(g(Z[l]) * M[l])
+        else:
+            A.append(g(Z[l]))
+    return Trace(Z, A, M)
 
 
 def output_delta(A_L: Array, Y: Array) -> Array:
@@ -184,10 +203,15 @@ def linear_backward(dZ: Array, A_prev: Array) -> Layer:
     return Layer(dZ @ A_prev.T / m, xp.sum(dZ, axis=1, keepdims=True) / m)
 
 
-def hidden_delta(W_next: Array, dZ_next: Array, Z: Array, A: Array, activation: str) -> Array:
-    """dZ[l] = (W[l+1].T @ dZ[l+1]) * g'(Z[l]): the error sent back through the next layer's weights."""
-    _, g_backward = _HIDDEN[activation]
-    return g_backward(W_next.T @ dZ_next, Z, A)
+def hidden_delta(W_next: Array, dZ_next: Array, Z: Array, A: Array, activation: str, M: Array | None = None
+                 ) -> Array:
+    """dZ[l] = (W[l+1].T @ dZ[l+1]) * g'(Z[l]): the error sent back through the next layer's weights.
+
+    With dropout, dA[l] is first multiplied by the same mask M[l] as the forward pass, and A must be g(Z[l]) itself
+    (before the mask), which the sigmoid and tanh derivatives are computed from."""
+    g, g_backward = _HIDDEN[activation]
+    dA = W_next.T @ dZ_next
+    return g_backward(dA, Z, A) if M is None else g_backward(dA * M, Z, g(Z) if activation != "relu" else A)
 
 
 def backward(params: Sequence[Layer], trace: Trace, Y: Array, arch: Architecture, *, l2: float = 0.0) -> list[Layer]:
@@ -204,7 +228,8 @@ def backward(params: Sequence[Layer], trace: Trace, Y: Array, arch: Architecture
         dW, db = linear_backward(dZ, trace.A[l - 1])
         grads.append(Layer(dW + (l2 / m) * params[l - 1].W, db) if l2 else Layer(dW, db))
         if l > 1:
-            dZ = hidden_delta(params[l - 1].W, dZ, trace.Z[l - 1], trace.A[l - 1], arch.activation)
+            mask = None if trace.M is None else trace.M[l - 1]
+            dZ = hidden_delta(params[l - 1].W, dZ, trace.Z[l - 1], trace.A[l - 1], arch.activation, mask)
     return grads[::-1]
 
 

@@ -59,6 +59,7 @@ class TrainConfig:
     lr_step_size: int = 100
     lr_gamma: float = 0.1
     early_stop: int | None = None  # stop after this many epochs without a lower validation loss
+    dropout: float = 0.0  # probability of dropping a hidden unit, in training only
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -74,6 +75,8 @@ class TrainConfig:
         if self.lr_step_size < 1 or not 0 < self.lr_gamma <= 1:
             raise ValueError(f"the step schedule needs a step size >= 1 and 0 < gamma <= 1, got {self.lr_step_size} "
                              f"and {self.lr_gamma}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"the dropout probability must be in [0, 1), got {self.dropout}")
         if self.early_stop is not None and self.early_stop < 1:
             raise ValueError(f"early stopping needs a patience of at least 1 epoch, got {self.early_stop}")
 
@@ -205,13 +208,17 @@ def train_step(
     t: int,
     rule: Optimizer,
     l2: float = 0.0,
+    dropout: float = 0.0,
+    rng: Any = None,
 ) -> tuple[list[Layer], dict[str, list[Layer]], Any, Any]:
     """One gradient step on ``data`` (all of it, or a mini-batch): forward, cost, backward, update rule.
 
     Returns the new parameters and optimizer state, and the cost (L2 term included) and the accuracy, both 0-d device
-    arrays measured before the update. ``t`` is the 1-based step count (Adam's bias correction uses it).
+    arrays measured before the update. ``t`` is the 1-based step count (Adam's bias correction uses it). With
+    ``dropout``, the masks come from ``rng`` (see :meth:`gpunn.backend.Backend.random`), and the loss and accuracy
+    are those of the thinned network being trained.
     """
-    trace = forward(params, data.X, arch)
+    trace = forward(params, data.X, arch, dropout=dropout, rng=rng)
     loss = cost(trace.Z[-1], data.Y, arch.output) + l2_cost(params, l2, data.m)
     batch_accuracy = accuracy(trace.A[-1], data.y)
     grads = backward(params, trace, data.Y, arch, l2=l2)
@@ -327,10 +334,14 @@ def _run_epochs(
         start = time.perf_counter()
         lr = config.lr_at(epoch)
         t = (epoch - 1) * steps_per_epoch
+        # dropout masks from the device's own generator, seeded from (seed, epoch) so that a resumed run draws the same
+        rng = backend.random(int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])) \
+            if config.dropout else None
         if batch == train.m:  # full batch: no shuffling, the step sees every sample at once
             t += 1
             params, optimizer_state, loss, train_accuracy = train_step(
-                params, optimizer_state, train, arch, lr=lr, t=t, rule=rule, l2=config.l2)
+                params, optimizer_state, train, arch, lr=lr, t=t, rule=rule, l2=config.l2, dropout=config.dropout,
+                rng=rng)
         else:
             # Reshuffled every epoch from (seed, epoch), so a resumed run draws the same batches. Only this
             # permutation crosses to the device; the batches are gathered there.
@@ -340,7 +351,8 @@ def _run_epochs(
                 t += 1
                 part = train.take(order[first : first + batch])
                 params, optimizer_state, batch_loss, batch_accuracy = train_step(
-                    params, optimizer_state, part, arch, lr=lr, t=t, rule=rule, l2=config.l2)
+                    params, optimizer_state, part, arch, lr=lr, t=t, rule=rule, l2=config.l2,
+                    dropout=config.dropout, rng=rng)
                 # epoch figures: the mean over samples of the figures each batch had before its own update
                 loss = loss + batch_loss * (part.m / train.m)
                 train_accuracy = train_accuracy + batch_accuracy * (part.m / train.m)

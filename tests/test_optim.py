@@ -7,7 +7,7 @@ import pytest
 
 from gpunn.data import load_bundled_sample, split
 from gpunn.gradcheck import check_gradients, random_problem
-from gpunn.nn import Architecture, Layer, backward, forward, init_params, l2_cost, one_hot
+from gpunn.nn import Architecture, Layer, backward, cost, forward, init_params, l2_cost, one_hot
 from gpunn.optim import Optimizer
 from gpunn.train import TrainConfig, fit
 
@@ -150,3 +150,60 @@ def test_early_stopping_needs_a_validation_split(cpu):
     parts = split(load_bundled_sample(), val_size=0, seed=0)
     with pytest.raises(ConfigError, match="needs --val-size > 0"):
         fit(parts, TrainConfig(epochs=5, early_stop=2), backend=cpu)
+
+
+def test_dropout_keeps_the_expected_activation_scale():
+    arch = Architecture((50, 400, 10))
+    params = init_params(arch, init="he", seed=0, dtype="float64")
+    X = np.random.default_rng(1).random((50, 2000))
+    plain = forward(params, X, arch)
+    dropped = forward(params, X, arch, dropout=0.4, rng=np.random.default_rng(2))
+    A, A_drop, M = plain.A[1], dropped.A[1], dropped.M[1]
+    assert set(np.unique(M)) == {0.0, 1 / 0.6}
+    assert (M == 0).mean() == pytest.approx(0.4, abs=0.005)
+    assert A_drop.mean() == pytest.approx(A.mean(), rel=0.01)  # inverted dropout: same expectation
+    np.testing.assert_array_equal(A_drop, A * M)
+    assert dropped.M[0] is None and dropped.M[2] is None  # input and output are never dropped
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_dropout_gradients_match_central_differences_for_fixed_masks(activation):
+    """With the masks held fixed (the same seed for every evaluation of J), dropout's backward pass is exact."""
+    arch = Architecture((5, 6, 4, 3), activation)
+    params, X, Y = random_problem(arch, samples=9, seed=4)
+
+    def trace():
+        return forward(params, X, arch, dropout=0.5, rng=np.random.default_rng(7))
+
+    analytic = backward(params, trace(), Y, arch)
+    for layer, grad in zip(params, analytic):
+        for P, dP in zip(layer, grad):
+            numeric = np.zeros_like(P)
+            for index in np.ndindex(P.shape):
+                saved = P[index]
+                P[index] = saved + 1e-7
+                plus = float(cost(trace().Z[-1], Y))
+                P[index] = saved - 1e-7
+                minus = float(cost(trace().Z[-1], Y))
+                P[index] = saved
+                numeric[index] = (plus - minus) / 2e-7
+            assert np.linalg.norm(dP - numeric) / (np.linalg.norm(dP) + np.linalg.norm(numeric)) < 1e-7
+
+
+def test_dropout_trains_on_every_backend_and_is_off_at_evaluation(sample_split, backend):
+    from gpunn.train import evaluate
+
+    config = TrainConfig(hidden=(32,), epochs=3, optimizer="adam", lr=0.003, batch_size=900, dropout=0.3)
+    result = fit(sample_split, config, backend=backend)
+    assert result.history[-1].loss < result.history[0].loss
+    first = evaluate(result.model, sample_split.X_val, sample_split.y_val, backend=backend)
+    assert first == evaluate(result.model, sample_split.X_val, sample_split.y_val, backend=backend)
+    assert first == pytest.approx(result.history[-1].val_accuracy)
+
+
+def test_resume_with_dropout_is_bit_identical(sample_split, cpu):
+    config = dict(hidden=(16,), optimizer="adam", lr=0.005, batch_size=1500, dropout=0.2)
+    straight = fit(sample_split, TrainConfig(epochs=4, **config), backend=cpu)
+    half = fit(sample_split, TrainConfig(epochs=2, **config), backend=cpu)
+    resumed = fit(sample_split, TrainConfig(epochs=4, **config), backend=cpu, resume=half.model)
+    np.testing.assert_array_equal(straight.model.params[1].W, resumed.model.params[1].W)
