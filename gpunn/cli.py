@@ -107,6 +107,9 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="RMSprop / Adam: added to the square root in the denominator.")
 @click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="L2 strength lambda: adds lambda/(2m)·sum ||W||² to the cost and lambda/m·W to each dW.")
+@click.option("--normalize", type=click.Choice(["scale", "standardize"]), default="scale", show_default=True,
+              help="scale: pixels / 255. standardize: then (x - mean) / std per pixel, with the training split's "
+              "statistics, stored in the model and applied unchanged to every other input.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Inverted dropout on the hidden layers during training: the probability of dropping a unit.")
 @click.option("--lr-schedule", type=click.Choice(["constant", "step", "cosine"]), default="constant",
@@ -135,7 +138,7 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
           hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float,
           batch_size: int | None, optimizer: str, beta1: float, beta2: float, eps: float, l2: float,
-          dropout: float, lr_schedule: str, lr_step_size: int, lr_gamma: float, early_stop: int | None, seed: int,
+          normalize: str, dropout: float, lr_schedule: str, lr_step_size: int, lr_gamma: float, early_stop: int | None, seed: int,
           val_size: int,
           out: Path, metrics_out: Path | None, checkpoint: Path | None, checkpoint_every: int | None,
           resume: Path | None, quiet: bool) -> None:
@@ -179,9 +182,10 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         lr_schedule, lr_step_size = pick("lr_schedule", lr_schedule), pick("lr_step_size", lr_step_size)
         lr_gamma, early_stop, dropout = pick("lr_gamma", lr_gamma), pick("early_stop", early_stop), \
             pick("dropout", dropout)
+        normalize = pick("normalize", normalize)
         hidden = tuple(hidden)
     config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed, val_size, batch_size, optimizer, beta1,
-                         beta2, eps, l2, lr_schedule, lr_step_size, lr_gamma, early_stop, dropout)
+                         beta2, eps, l2, lr_schedule, lr_step_size, lr_gamma, early_stop, dropout, normalize)
     dataset = _load_dataset(data_dir, train_csv, test_csv, dataset_name, quiet)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
@@ -194,7 +198,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     say(f"data:    {dataset.source}: {parts.sizes()}")
     sizes = "-".join(map(str, (dataset.n_features, *hidden, 10)))
     say(f"network: {sizes} {activation}/softmax, {config.weight_init} init, {dtype}, "
-        f"lr {lr:g}, {epochs} epochs, seed {seed}")
+        f"lr {lr:g}, {epochs} epochs, seed {seed}" + (", standardized inputs" if normalize == "standardize" else ""))
     if lr_schedule != "constant" or early_stop is not None:
         say(f"         lr schedule {lr_schedule}" + (f" (every {lr_step_size} epochs x{lr_gamma:g})"
                                                      if lr_schedule == "step" else "")
@@ -248,6 +252,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         "optimizer": optimizer,
         "l2": l2,
         "dropout": dropout,
+        "normalize": normalize,
         "lr_schedule": lr_schedule,
         "early_stop": result.model.info.get("early_stop"),
         "seed": seed,

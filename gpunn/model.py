@@ -19,12 +19,38 @@ from gpunn import __version__
 from gpunn.backend import Backend
 from gpunn.errors import ModelError
 from gpunn.files import atomic_write
-from gpunn.nn import DTYPES, Architecture, Layer, forward, scale_pixels
+from gpunn.nn import DTYPES, Architecture, Layer, forward, scale_pixels, standardize_stats
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
-# the only input preparation so far: uint8 pixels divided by 255 (nn.scale_pixels)
-PREPROCESSING = "scale-255"
+# input preparations: uint8 pixels divided by 255 (the seed notebook's), then optionally standardized per pixel
+# with the training split's mean and standard deviation (the seed notes' "normalizing inputs")
+PREPROCESSINGS = ("scale-255", "standardize")
+
+
+@dataclass
+class Preprocessing:
+    """How uint8 pixels become the network's input: X / 255, then (X - mean) / std for ``standardize``.
+
+    The statistics come from the training split only and are stored with the model, so validation, test and
+    prediction inputs are transformed exactly as the training inputs were."""
+
+    kind: str = "scale-255"
+    mean: Any = None  # (n_0, 1) on the device, for "standardize"
+    std: Any = None
+
+    @classmethod
+    def fit(cls, kind: str, X_uint8: Any, dtype: Any) -> Preprocessing:
+        """The preprocessing ``kind`` with its statistics taken from ``X_uint8`` (the training split, on the device)."""
+        if kind not in PREPROCESSINGS:
+            raise ValueError(f"unknown preprocessing {kind!r}; expected one of {PREPROCESSINGS}")
+        if kind == "scale-255":
+            return cls(kind)
+        return cls(kind, *standardize_stats(scale_pixels(X_uint8, dtype)))
+
+    def __call__(self, X_uint8: Any, dtype: Any) -> Any:
+        X = scale_pixels(X_uint8, dtype)
+        return X if self.kind == "scale-255" else (X - self.mean) / self.std
 
 
 @dataclass
@@ -34,7 +60,7 @@ class Model:
     arch: Architecture
     params: list[Layer]
     dtype: str = "float32"
-    preprocessing: str = PREPROCESSING
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
     info: dict[str, Any] = field(default_factory=dict)
     #: the optimizer's running averages ("v", "s"), shaped like ``params``; saved so that a resumed run continues
     optimizer_state: dict[str, list[Layer]] = field(default_factory=dict)
@@ -42,7 +68,7 @@ class Model:
     def probabilities(self, X: Any) -> Any:
         """A[L] for uint8 pixels X (n_0, m) already on the parameters' device: (classes, m)."""
         xp = array_namespace(X)
-        return forward(self.params, scale_pixels(X, getattr(xp, self.dtype)), self.arch).A[-1]
+        return forward(self.params, self.preprocessing(X, getattr(xp, self.dtype)), self.arch).A[-1]
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -53,7 +79,7 @@ class Model:
             "activation": self.arch.activation,
             "output": self.arch.output,
             "dtype": self.dtype,
-            "preprocessing": self.preprocessing,
+            "preprocessing": self.preprocessing.kind,
             "info": self.info,
         }
 
@@ -64,6 +90,9 @@ def save_model(path: str | Path, model: Model, backend: Backend) -> None:
     for l, (W, b) in enumerate(model.params, start=1):
         arrays[f"W{l}"] = backend.to_numpy(W)
         arrays[f"b{l}"] = backend.to_numpy(b)
+    if model.preprocessing.kind == "standardize":
+        arrays["input_mean"] = backend.to_numpy(model.preprocessing.mean)
+        arrays["input_std"] = backend.to_numpy(model.preprocessing.std)
     for name, layers in model.optimizer_state.items():
         for l, (W, b) in enumerate(layers, start=1):
             arrays[f"opt_{name}_W{l}"] = backend.to_numpy(W)
@@ -108,6 +137,15 @@ def load_model(path: str | Path, backend: Backend) -> Model:
                     raise ValueError(f"{prefix}W{l} {W.shape} / {prefix}b{l} {b.shape} do not fit layer sizes "
                                      f"{arch.sizes}")
                 layers.append(Layer(backend.asarray(W.astype(dtype)), backend.asarray(b.astype(dtype))))
+        kind = meta.get("preprocessing", "scale-255")
+        if kind not in PREPROCESSINGS:
+            raise ValueError(f"preprocessing {kind!r} is not one of {PREPROCESSINGS}")
+        preprocessing = Preprocessing(kind)
+        if kind == "standardize":
+            mean, std = arrays["input_mean"], arrays["input_std"]
+            if mean.shape != (arch.sizes[0], 1) or std.shape != mean.shape:
+                raise ValueError(f"input_mean {mean.shape} / input_std {std.shape} do not fit {arch.sizes[0]} inputs")
+            preprocessing = Preprocessing(kind, backend.asarray(mean.astype(dtype)), backend.asarray(std.astype(dtype)))
     except (KeyError, TypeError, ValueError) as error:
         raise ModelError(f"{path} is a damaged gpunn model file: {error}") from error
-    return Model(arch, params, dtype, meta.get("preprocessing", PREPROCESSING), meta.get("info", {}), optimizer_state)
+    return Model(arch, params, dtype, preprocessing, meta.get("info", {}), optimizer_state)

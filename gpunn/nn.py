@@ -274,6 +274,16 @@ def accuracy(A_L: Array, y: Array) -> Array:
     return xp.mean(xp.astype(predict(A_L) == y, A_L.dtype))
 
 
+def standardize_stats(X: Array) -> tuple[Array, Array]:
+    """Per-input mean and standard deviation over the samples. X: (n_0, m); both results (n_0, 1).
+
+    An input that never varies (MNIST's border pixels) gets a deviation of 1, so that it stays 0 instead of 0/0."""
+    xp = array_namespace(X)
+    mean = xp.mean(X, axis=1, keepdims=True)
+    std = xp.std(X, axis=1, keepdims=True)
+    return mean, xp.where(std > 0, std, xp.ones_like(std))
+
+
 def scale_pixels(X: Array, dtype: Any) -> Array:
     """uint8 pixels 0..255 -> floats in [0, 1], the seed notebook's ``X / 255``, done on X's device."""
     xp = array_namespace(X)

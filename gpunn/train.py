@@ -20,7 +20,7 @@ from array_api_compat import array_namespace
 from gpunn.backend import Backend
 from gpunn.data import CLASSES, Split
 from gpunn.errors import ConfigError, ModelError, TrainingDivergedError
-from gpunn.model import Model
+from gpunn.model import Model, Preprocessing
 from gpunn.nn import (
     Architecture,
     Layer,
@@ -32,7 +32,6 @@ from gpunn.nn import (
     init_params,
     l2_cost,
     one_hot,
-    scale_pixels,
 )
 from gpunn.optim import Optimizer, learning_rate
 
@@ -60,6 +59,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     early_stop: int | None = None  # stop after this many epochs without a lower validation loss
     dropout: float = 0.0  # probability of dropping a hidden unit, in training only
+    normalize: str = "scale"  # "scale": pixels / 255; "standardize": then per pixel (x - mean) / std of the train split
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -75,6 +75,8 @@ class TrainConfig:
         if self.lr_step_size < 1 or not 0 < self.lr_gamma <= 1:
             raise ValueError(f"the step schedule needs a step size >= 1 and 0 < gamma <= 1, got {self.lr_step_size} "
                              f"and {self.lr_gamma}")
+        if self.normalize not in ("scale", "standardize"):
+            raise ValueError(f"unknown normalization {self.normalize!r}; expected 'scale' or 'standardize'")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"the dropout probability must be in [0, 1), got {self.dropout}")
         if self.early_stop is not None and self.early_stop < 1:
@@ -154,12 +156,13 @@ def fingerprint(split: Split) -> str:
 
 
 def make_model(arch: Architecture, state: TrainState, config: TrainConfig, split: Split, data_sha256: str,
-               backend: Backend) -> Model:
+               backend: Backend, preprocessing: Preprocessing) -> Model:
     """The network as it stands, with what a resumed run needs to continue it exactly (config, epoch, data)."""
     return Model(
         arch,
         state.params,
         config.dtype,
+        preprocessing,
         optimizer_state=state.optimizer_state,
         info={
             "config": config.as_dict(),
@@ -180,10 +183,11 @@ class DeviceData:
     Y: Any
 
     @classmethod
-    def from_host(cls, X_uint8: Any, y: Any, *, backend: Backend, dtype: str) -> DeviceData:
-        """The one host-to-device transfer of a data set: uint8 pixels and int64 labels, converted on the device."""
+    def from_host(cls, X_uint8: Any, y: Any, *, backend: Backend, dtype: str,
+                  preprocessing: Preprocessing | None = None) -> DeviceData:
+        """The one host-to-device transfer of a data set: uint8 pixels and int64 labels, prepared on the device."""
         float_dtype = getattr(backend.xp, dtype)
-        X = scale_pixels(backend.asarray(X_uint8), float_dtype)
+        X = (preprocessing or Preprocessing())(backend.asarray(X_uint8), float_dtype)
         y_dev = backend.asarray(y)
         return cls(X, y_dev, one_hot(y_dev, CLASSES, float_dtype))
 
@@ -244,8 +248,14 @@ def fit(
     """
     data_sha256 = fingerprint(split)
     arch = Architecture((split.X_train.shape[0], *config.hidden, CLASSES), config.activation)
-    train = DeviceData.from_host(split.X_train, split.y_train, backend=backend, dtype=config.dtype)
-    val = DeviceData.from_host(split.X_val, split.y_val, backend=backend, dtype=config.dtype) if len(split.y_val) else None
+    X_train = backend.asarray(split.X_train)
+    # statistics from the training split only, then applied unchanged to validation, test and prediction inputs
+    preprocessing = Preprocessing.fit("standardize" if config.normalize == "standardize" else "scale-255", X_train,
+                                      getattr(backend.xp, config.dtype))
+    train = DeviceData.from_host(X_train, split.y_train, backend=backend, dtype=config.dtype,
+                                 preprocessing=preprocessing)
+    val = DeviceData.from_host(split.X_val, split.y_val, backend=backend, dtype=config.dtype,
+                               preprocessing=preprocessing) if len(split.y_val) else None
     rule = config.rule
     if resume is None:
         params = [
@@ -259,6 +269,9 @@ def fit(
             raise ModelError(f"cannot resume: the checkpoint holds optimizer state {sorted(resume.optimizer_state)}, "
                              f"{config.optimizer} needs {sorted(rule.state_names)}")
         state = TrainState(resume.params, resume.optimizer_state, done)
+    def snapshot(state: TrainState) -> Model:
+        return make_model(arch, state, config, split, data_sha256, backend, preprocessing)
+
     # Overflow is caught once per epoch by the finiteness check and reported with the epoch and a fix; NumPy's own
     # floating-point warnings would only repeat it, several times per epoch and with neither.
     if config.early_stop is not None and val is None:
@@ -273,7 +286,7 @@ def fit(
                 if on_epoch is not None:
                     on_epoch(stats)
                 if on_checkpoint is not None and checkpoint_every and state.epoch % checkpoint_every == 0:
-                    on_checkpoint(make_model(arch, state, config, split, data_sha256, backend))
+                    on_checkpoint(snapshot(state))
                 if config.early_stop is not None:
                     if best is None or stats.val_loss < best[0]:
                         best = (stats.val_loss, state)
@@ -281,10 +294,10 @@ def fit(
                         stopped_early = True
                         break
     except KeyboardInterrupt:
-        raise TrainingInterrupted(make_model(arch, state, config, split, data_sha256, backend), state.epoch) from None
+        raise TrainingInterrupted(snapshot(state), state.epoch) from None
     if stopped_early and best is not None:
         state = best[1]  # parameters are never modified in place, so the best epoch's arrays are intact
-    model = make_model(arch, state, config, split, data_sha256, backend)
+    model = snapshot(state)
     if config.early_stop is not None:
         model.info["early_stop"] = {"stopped": stopped_early, "best_epoch": None if best is None else best[1].epoch,
                                     "epochs_run": history[-1].epoch if history else state.epoch}

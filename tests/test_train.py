@@ -129,3 +129,25 @@ def test_resume_refuses_another_run(sample_split, cpu):
             resume=model)
     with pytest.raises(ModelError, match="nothing to resume: the checkpoint has done 2 epochs and --epochs is 2"):
         fit(sample_split, TrainConfig(epochs=2), backend=cpu, resume=model)
+
+
+def test_standardize_uses_the_training_split_only_and_travels_with_the_model(sample_split, cpu, tmp_path):
+    from gpunn.model import load_model, save_model
+
+    result = fit(sample_split, TrainConfig(epochs=3, normalize="standardize"), backend=cpu)
+    pre = result.model.preprocessing
+    X_train = sample_split.X_train / 255.0
+    np.testing.assert_allclose(pre.mean[:, 0], X_train.mean(axis=1), rtol=1e-5, atol=1e-6)
+    expected_std = X_train.std(axis=1)
+    np.testing.assert_allclose(pre.std[:, 0], np.where(expected_std > 0, expected_std, 1), rtol=1e-4, atol=1e-6)
+    # the validation part's own statistics are not the ones used
+    assert not np.allclose(pre.mean[:, 0], (sample_split.X_val / 255.0).mean(axis=1), atol=1e-4)
+    # a constant pixel (the corner) keeps std 1, so it stays 0 rather than 0/0
+    assert pre.std[0, 0] == 1.0 and float(pre.mean[0, 0]) == 0.0
+    path = tmp_path / "m.npz"
+    save_model(path, result.model, cpu)
+    loaded = load_model(path, cpu)
+    assert loaded.preprocessing.kind == "standardize"
+    np.testing.assert_array_equal(loaded.preprocessing.mean, pre.mean)
+    accuracy = evaluate(loaded, sample_split.X_val, sample_split.y_val, backend=cpu)
+    assert accuracy == pytest.approx(result.history[-1].val_accuracy)
