@@ -135,20 +135,20 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="Continue the run saved in this checkpoint (or model) up to --epochs in all. Settings not given "
               "again are taken from it; the data options must name the same data.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None, submission: Path, device: str,
-          hidden: tuple[int, ...], activation: str, init: str | None, dtype: str, epochs: int, lr: float,
-          batch_size: int | None, optimizer: str, beta1: float, beta2: float, eps: float, l2: float,
-          normalize: str, dropout: float, lr_schedule: str, lr_step_size: int, lr_gamma: float, early_stop: int | None, seed: int,
-          val_size: int,
-          out: Path, metrics_out: Path | None, checkpoint: Path | None, checkpoint_every: int | None,
-          resume: Path | None, quiet: bool) -> None:
-    """Train the network full-batch and save it."""
-    from gpunn.backend import get_backend
-    from gpunn.data import split
-    from gpunn.files import atomic_write, check_writable
+def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None,
+          submission: Path, device: str, out: Path, metrics_out: Path | None, checkpoint: Path | None,
+          checkpoint_every: int | None, resume: Path | None, quiet: bool, **settings: Any) -> None:
+    """Train the network and save it.
+
+    \f
+    ``settings`` are the options named like TrainConfig's fields.
+    """
     from click.core import ParameterSource
 
+    from gpunn.backend import get_backend
+    from gpunn.data import split
     from gpunn.errors import ModelError
+    from gpunn.files import atomic_write, check_writable
     from gpunn.model import load_model, save_model
     from gpunn.train import TrainConfig, TrainingInterrupted, fit, predict_proba
 
@@ -169,48 +169,38 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         saved = resumed.info.get("config")
         if not isinstance(saved, dict):
             raise ModelError(f"--resume {resume}: the file holds no training state; it was not saved by gpunn train")
-        given = click.get_current_context().get_parameter_source
-
-        def pick(name: str, value: Any) -> Any:
-            return value if given(name) == ParameterSource.COMMANDLINE else saved[name]
-
-        hidden, activation, init, dtype = pick("hidden", hidden), pick("activation", activation), pick("init", init), \
-            pick("dtype", dtype)
-        lr, seed, val_size = pick("lr", lr), pick("seed", seed), pick("val_size", val_size)
-        batch_size, optimizer, l2 = pick("batch_size", batch_size), pick("optimizer", optimizer), pick("l2", l2)
-        beta1, beta2, eps = pick("beta1", beta1), pick("beta2", beta2), pick("eps", eps)
-        lr_schedule, lr_step_size = pick("lr_schedule", lr_schedule), pick("lr_step_size", lr_step_size)
-        lr_gamma, early_stop, dropout = pick("lr_gamma", lr_gamma), pick("early_stop", early_stop), \
-            pick("dropout", dropout)
-        normalize = pick("normalize", normalize)
-        hidden = tuple(hidden)
-    config = TrainConfig(hidden, activation, init, dtype, epochs, lr, seed, val_size, batch_size, optimizer, beta1,
-                         beta2, eps, l2, lr_schedule, lr_step_size, lr_gamma, early_stop, dropout, normalize)
+        # settings not given on this command line continue the checkpoint's run; --epochs is the new total
+        source = click.get_current_context().get_parameter_source
+        for name in settings:
+            if name != "epochs" and name in saved and source(name) != ParameterSource.COMMANDLINE:
+                settings[name] = saved[name]
+    config = TrainConfig(**{**settings, "hidden": tuple(settings["hidden"])})
     dataset = _load_dataset(data_dir, train_csv, test_csv, dataset_name, quiet)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
         check_writable(submission, "--submission")
-    parts = split(dataset, val_size=val_size, seed=seed)
+    parts = split(dataset, val_size=config.val_size, seed=config.seed)
+    c = config
     say = (lambda text: None) if quiet else click.echo
     say(f"device:  {backend.summary()}")
     if backend.reason:
         say(f"         {backend.reason}")
     say(f"data:    {dataset.source}: {parts.sizes()}")
-    sizes = "-".join(map(str, (dataset.n_features, *hidden, 10)))
-    say(f"network: {sizes} {activation}/softmax, {config.weight_init} init, {dtype}, "
-        f"lr {lr:g}, {epochs} epochs, seed {seed}" + (", standardized inputs" if normalize == "standardize" else ""))
-    if lr_schedule != "constant" or early_stop is not None:
-        say(f"         lr schedule {lr_schedule}" + (f" (every {lr_step_size} epochs x{lr_gamma:g})"
-                                                     if lr_schedule == "step" else "")
-            + ("" if early_stop is None else f", early stop after {early_stop} epochs without a better val loss"))
-    if (batch_size, optimizer, l2, dropout) != (None, "gd", 0.0, 0.0):
-        say(f"         {'full batch' if batch_size is None else f'mini-batches of {batch_size}'}, {optimizer}"
-            + ("" if optimizer in ("gd",) else f" (beta1 {beta1:g}, beta2 {beta2:g}, eps {eps:g})")
-            + (f", L2 {l2:g}" if l2 else "") + (f", dropout {dropout:g}" if dropout else ""))
+    sizes = "-".join(map(str, (dataset.n_features, *c.hidden, 10)))
+    say(f"network: {sizes} {c.activation}/softmax, {c.weight_init} init, {c.dtype}, lr {c.lr:g}, {c.epochs} epochs, "
+        f"seed {c.seed}" + (", standardized inputs" if c.normalize == "standardize" else ""))
+    if c.lr_schedule != "constant" or c.early_stop is not None:
+        say(f"         lr schedule {c.lr_schedule}"
+            + (f" (every {c.lr_step_size} epochs x{c.lr_gamma:g})" if c.lr_schedule == "step" else "")
+            + ("" if c.early_stop is None else f", early stop after {c.early_stop} epochs without a better val loss"))
+    if (c.batch_size, c.optimizer, c.l2, c.dropout) != (None, "gd", 0.0, 0.0):
+        say(f"         {'full batch' if c.batch_size is None else f'mini-batches of {c.batch_size}'}, {c.optimizer}"
+            + ("" if c.optimizer == "gd" else f" (beta1 {c.beta1:g}, beta2 {c.beta2:g}, eps {c.eps:g})")
+            + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
     if resumed is not None:
         say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
 
-    progress = _Progress(epochs, enabled=not quiet)
+    progress = _Progress(config.epochs, enabled=not quiet)
     if resumed is not None:
         progress.first = int(resumed.info["epochs_done"]) + 1
     records: list[dict[str, Any]] = []
@@ -243,19 +233,8 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         "device": backend.name,
         "data": dataset.source,
         "layer_sizes": list(result.model.arch.sizes),
-        "activation": activation,
-        "init": config.weight_init,
-        "dtype": dtype,
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "optimizer": optimizer,
-        "l2": l2,
-        "dropout": dropout,
-        "normalize": normalize,
-        "lr_schedule": lr_schedule,
-        "early_stop": result.model.info.get("early_stop"),
-        "seed": seed,
+        **config.as_dict(),
+        "early_stopping": result.model.info.get("early_stop"),
         "train_samples": len(parts.y_train),
         "val_samples": len(parts.y_val),
         "loss": last.loss,
