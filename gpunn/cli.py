@@ -128,6 +128,9 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="Where to save the trained model.")
 @click.option("--metrics-out", type=click.Path(path_type=Path),
               help="Write one JSON object per epoch, then a summary object, to this .jsonl file.")
+@click.option("--plot-dir", type=click.Path(path_type=Path),
+              help="Write learning curves, the confusion matrix, misclassified digits and the first layer's weights "
+              "here as PNG files (needs matplotlib: gpunn[plot]).")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="Save a resumable checkpoint here every --checkpoint-every epochs, and on Ctrl-C.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Epochs between checkpoints.")
@@ -136,7 +139,8 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               "again are taken from it; the data options must name the same data.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None,
-          submission: Path, device: str, out: Path, metrics_out: Path | None, checkpoint: Path | None,
+          submission: Path, device: str, out: Path, metrics_out: Path | None, plot_dir: Path | None,
+          checkpoint: Path | None,
           checkpoint_every: int | None, resume: Path | None, quiet: bool, **settings: Any) -> None:
     """Train the network and save it.
 
@@ -148,7 +152,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     from gpunn.backend import get_backend
     from gpunn.data import split
     from gpunn.errors import ModelError
-    from gpunn.files import atomic_write, check_writable
+    from gpunn.files import atomic_write, check_directory, check_writable
     from gpunn.model import load_model, save_model
     from gpunn.train import TrainConfig, TrainingInterrupted, fit, predict_proba
 
@@ -162,6 +166,11 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     for path, option in [(out, "--out"), (metrics_out, "--metrics-out"), (checkpoint, "--checkpoint")]:
         if path is not None:
             check_writable(path, option)
+    if plot_dir is not None:
+        from gpunn.plots import require_matplotlib
+
+        check_directory(plot_dir, "--plot-dir")
+        require_matplotlib()  # fail now, not after training
     backend = get_backend(device)
     resumed = None
     if resume is not None:
@@ -263,6 +272,13 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         say(f"stopped early after epoch {stop['epochs_run']}: the validation loss last improved at epoch "
             f"{stop['best_epoch']}, whose weights are kept")
     say(f"model saved to {out}" + (f", metrics to {metrics_out}" if metrics_out else ""))
+    if plot_dir is not None:
+        if parts.X_test is not None and parts.y_test is not None:
+            images, labels, part = parts.X_test.T, parts.y_test, "test set"
+        else:
+            images, labels, part = parts.X_val.T, parts.y_val, "validation split"
+        written = _write_plots(plot_dir, [*records, summary], result.model, images, labels, part, backend)
+        say(f"plots ({part}) written to {plot_dir}: {', '.join(p.name for p in written)}")
     if unlabelled_test:
         _write_submission(submission, predict_proba(result.model, dataset.test_images.T, backend=backend), False)
         say(f"predictions for the {len(dataset.test_images):,} digits of {test_csv} written to {submission}")
@@ -329,6 +345,68 @@ def predict(model_path: Path, input_path: Path, output: Path, proba: bool, devic
     probabilities = predict_proba(model, images.T, backend=backend)
     _write_submission(output, probabilities, proba)
     click.echo(f"{len(images):,} predictions for {input_path} written to {output} [{backend.name}]")
+
+
+@main.command()
+@click.argument("metrics", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="Also draw the confusion matrix, misclassified digits and first-layer weights of this model.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="With --model: MNIST IDX files (the test set).")
+@click.option("--dataset", "dataset_name", type=click.Choice(["mnist", "fashion-mnist"]),
+              help="With --model: a downloaded data set's test set.")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="With --model: a labelled Kaggle-layout CSV.")
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("plots"), show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+def plot(metrics: Path, model_path: Path | None, data_dir: Path | None, dataset_name: str | None,
+         csv_path: Path | None, out_dir: Path, device: str) -> None:
+    """Draw METRICS (a --metrics-out .jsonl file) and, with --model, what the model gets wrong, as PNG files."""
+    from gpunn.plots import PlotError
+
+    try:
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except OSError as error:
+        raise PlotError(f"cannot read {metrics}: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise PlotError(f"{metrics} is not a JSON-lines metrics file ({error})") from error
+    model = images = labels = backend = None
+    part = ""
+    if model_path is not None:
+        from gpunn.backend import get_backend
+        from gpunn.model import load_model
+
+        backend = get_backend(device)
+        model = load_model(model_path, backend)
+        dataset = _load_dataset(data_dir, csv_path, None, dataset_name, False)
+        labelled_test = dataset.test_images is not None and dataset.test_labels is not None
+        images, labels = (dataset.test_images, dataset.test_labels) if labelled_test else \
+            (dataset.train_images, dataset.train_labels)
+        part = "test set" if labelled_test else "all digits of the data"
+    from gpunn.files import check_directory
+
+    check_directory(out_dir, "--out-dir")
+    written = _write_plots(out_dir, records, model, images, labels, part, backend)
+    click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _write_plots(folder: Path, records: list[dict[str, Any]], model: Any, images: Any, labels: Any, part: str,
+                 backend: Any) -> list[Path]:
+    """curves.png from the metrics; with a model and labelled digits (m, 784), also confusion.png,
+    misclassified.png and weights.png."""
+    from gpunn.metrics import confusion_matrix
+    from gpunn.plots import confusion_heatmap, first_layer_weights, learning_curves, misclassified_grid
+    from gpunn.train import predict_proba
+
+    folder.mkdir(exist_ok=True)
+    written = [learning_curves(records, folder / "curves.png")]
+    if model is not None:
+        predicted = predict_proba(model, images.T, backend=backend).argmax(axis=1)
+        labels = labels.astype(np.int64)
+        written.append(confusion_heatmap(confusion_matrix(labels, predicted), folder / "confusion.png",
+                                         f"confusion matrix, {part}"))
+        if (predicted != labels).any():
+            written.append(misclassified_grid(images, labels, predicted, folder / "misclassified.png"))
+        written.append(first_layer_weights(backend.to_numpy(model.params[0].W), folder / "weights.png"))
+    return written
 
 
 def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -> None:

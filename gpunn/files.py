@@ -31,6 +31,23 @@ def check_writable(path: str | Path, option: str) -> Path:
     return path
 
 
+def check_directory(path: str | Path, option: str) -> Path:
+    """Fail now if ``path`` cannot hold output files: an existing writable directory, or one its parent can hold."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(f"{option} {path}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputError(f"{option} {path}: directory is not writable")
+        return path
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: directory {parent} is not writable")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Write to a temporary file beside ``path`` and rename it into place only when the block succeeds."""

@@ -1,0 +1,122 @@
+"""Pictures of a training run (matplotlib, the optional extra ``gpunn[plot]``): learning curves, the confusion
+matrix, misclassified digits and the first layer's weights. Everything here works on NumPy arrays on the host."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpunn.errors import GpunnError
+from gpunn.files import atomic_write
+
+
+class PlotError(GpunnError):
+    """matplotlib is missing, or there is nothing to draw."""
+
+
+def require_matplotlib() -> None:
+    """Raise PlotError, with the install command, when matplotlib is missing."""
+    _pyplot()
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise PlotError("plots need matplotlib, which is not installed: pip install 'gpunn[plot]'") from error
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_write(path) as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def learning_curves(records: list[dict[str, Any]], path: Path) -> Path:
+    """Loss and accuracy per epoch, training against validation, from ``--metrics-out`` records."""
+    epochs = [r for r in records if r.get("type") == "epoch"]
+    if not epochs:
+        raise PlotError("no epoch records to plot: give the .jsonl file written by gpunn train --metrics-out")
+    plt = _pyplot()
+    x = [r["epoch"] for r in epochs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, key, title in [(left, "loss", "cross-entropy"), (right, "accuracy", "accuracy")]:
+        train_key, val_key = ("loss", "val_loss") if key == "loss" else ("train_accuracy", "val_accuracy")
+        axis.plot(x, [r[train_key] for r in epochs], label="training (before each epoch's update)")
+        if any(r.get(val_key) is not None for r in epochs):
+            axis.plot(x, [r[val_key] for r in epochs], label="validation (after it)")
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    left.set_yscale("log")
+    right.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def confusion_heatmap(C: np.ndarray, path: Path, title: str = "confusion matrix") -> Path:
+    """Rows: true digit; columns: prediction; each cell shows its count, coloured by its share of the row."""
+    plt = _pyplot()
+    share = C / np.maximum(C.sum(axis=1, keepdims=True), 1)
+    fig, axis = plt.subplots(figsize=(6.4, 5.6))
+    image = axis.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i, j in np.ndindex(C.shape):
+        axis.text(j, i, f"{C[i, j]:,}", ha="center", va="center", fontsize=7,
+                  color="white" if share[i, j] > 0.5 else "black")
+    axis.set_xticks(range(len(C)))
+    axis.set_yticks(range(len(C)))
+    axis.set_xlabel("predicted digit")
+    axis.set_ylabel("true digit")
+    axis.set_title(f"{title} ({C.trace() / max(C.sum(), 1):.2%} correct)")
+    fig.colorbar(image, ax=axis, label="share of the true digit's samples")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def misclassified_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, path: Path, *,
+                       limit: int = 36) -> Path:
+    """The first ``limit`` wrongly labelled digits (images (m, 784) uint8), each titled 'true → predicted'."""
+    wrong = np.flatnonzero(labels != predicted)[:limit]
+    if not len(wrong):
+        raise PlotError("every digit was labelled correctly: there is no misclassified digit to show")
+    plt = _pyplot()
+    columns = min(9, len(wrong))
+    rows = -(-len(wrong) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.25 * columns, 1.45 * rows), squeeze=False)
+    side = int(round(np.sqrt(images.shape[1])))
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, wrong):
+        axis.imshow(images[index].reshape(side, side), cmap="gray_r", vmin=0, vmax=255)
+        axis.set_title(f"{labels[index]} → {predicted[index]}", fontsize=9, color="firebrick")
+    fig.suptitle(f"misclassified digits ({len(np.flatnonzero(labels != predicted)):,} of {len(labels):,}); "
+                 "title: true → predicted", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def first_layer_weights(W1: np.ndarray, path: Path, *, limit: int = 64) -> Path:
+    """Each hidden unit's incoming weights W1[k] as a 28×28 image: red pushes the unit up, blue down."""
+    plt = _pyplot()
+    units = W1[:limit]
+    side = int(round(np.sqrt(units.shape[1])))
+    columns = min(8, len(units))
+    rows = -(-len(units) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.4 * rows + 0.4), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for k, (axis, weights) in enumerate(zip(axes.flat, units)):
+        bound = float(np.abs(weights).max()) or 1.0  # each unit on its own symmetric scale
+        axis.imshow(weights.reshape(side, side), cmap="RdBu_r", vmin=-bound, vmax=bound)
+        axis.set_title(f"unit {k}", fontsize=8)
+    fig.suptitle(f"first-layer weights, {len(units)} of {len(W1)} units (red +, blue −)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
