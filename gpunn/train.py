@@ -1,8 +1,11 @@
-"""Full-batch gradient descent: every epoch is one forward pass, one backward pass and one update over all of X.
+"""The training loop. By default every epoch is one full-batch step: one forward pass, one backward pass and one
+update over all of X. Mini-batches, the update rules of :mod:`gpunn.optim`, L2, dropout, schedules, early stopping
+and checkpoints are options of the same loop.
 
-The data go to the device once, before the first epoch. Inside an epoch nothing comes back to the host: the
-epoch's metrics (loss, accuracies, a finiteness flag for the weights) are stacked into one small device array and
-read back in a single transfer at the epoch's end, which is also where the clock is read.
+The data go to the device once, before the first epoch. Inside an epoch nothing comes back to the host; with
+mini-batches only the epoch's permutation goes to it. The epoch's metrics (loss, accuracies, a finiteness flag for
+the weights) are stacked into one small device array and read back in a single transfer at the epoch's end, which
+is also where the clock is read.
 """
 
 from __future__ import annotations
