@@ -22,6 +22,7 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -71,7 +72,8 @@ class Row:
 
 
 class GpunnRunner:
-    """gpunn's own training step, as `gpunn train` runs it (loss and accuracy computed on the device included)."""
+    """gpunn's own training step, as `gpunn train` runs it (loss and accuracy computed on the device included),
+    with the backend's gradient pass (its fast path, or the generic math) held from construction to close()."""
 
     def __init__(self, images, labels, params, *, lr, dtype, backend: Backend):
         self.backend = backend
@@ -80,9 +82,15 @@ class GpunnRunner:
         self.weights = [Layer(backend.asarray(W.astype(dtype)), backend.asarray(b.astype(dtype))) for W, b in params]
         self.lr = lr
         self.rule = Optimizer("gd")
+        self._scope = ExitStack()
+        self.gradients = self._scope.enter_context(backend.gradient_pass(self.arch, dtype=dtype, columns=self.data.m))
 
     def step(self) -> None:
-        self.weights, _, _, _ = train_step(self.weights, {}, self.data, self.arch, lr=self.lr, t=1, rule=self.rule)
+        self.weights, _, _, _ = train_step(self.weights, {}, self.data, self.arch, lr=self.lr, t=1, rule=self.rule,
+                                           gradients=self.gradients)
+
+    def close(self) -> None:
+        self._scope.close()
 
     def sync(self) -> None:
         self.backend.synchronize()
@@ -126,10 +134,18 @@ def reference_loss(params: list[tuple[np.ndarray, np.ndarray]], images: np.ndarr
 def loss_after_steps(make: Callable[..., Any], images, labels, params, *, dtype: str, **kwargs) -> float:
     """Run ``make``'s runner for CHECK_EPOCHS epochs from ``params`` and return the loss of its new weights."""
     runner = make(images, labels, params, lr=LR, dtype=dtype, **kwargs)
-    for _ in range(CHECK_EPOCHS):
-        runner.step()
-    runner.sync()
-    return reference_loss(runner.params(), images, labels)
+    try:
+        for _ in range(CHECK_EPOCHS):
+            runner.step()
+        runner.sync()
+        return reference_loss(runner.params(), images, labels)
+    finally:
+        close(runner)
+
+
+def close(runner: Any) -> None:
+    """Let a runner give back what it holds (gpunn's threads and BLAS setting); peers hold nothing."""
+    getattr(runner, "close", lambda: None)()
 
 
 def same_step(loss: float, reference: float, dtype: str) -> bool:
@@ -271,7 +287,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         if r["status"] == "ok":
             key = (r["device"], r["implementation"], r["dtype"])
             series.setdefault(key, []).append((r["hidden"], result["m"] / statistics.median(r["epoch_ms"]) * 1e3))
-    colors = {name: f"C{i}" for i, name in enumerate(["gpunn", *PEERS])}
+    colors = {name: f"C{i}" for i, name in enumerate(["gpunn", "gpunn-generic", *PEERS])}
     for (device, implementation, dtype), points in sorted(series.items()):
         points.sort()
         ax.plot(*zip(*points), color=colors.get(implementation, "k"), linestyle="-" if dtype == "float32" else "--",
@@ -357,12 +373,24 @@ def main(data_dir, m, hidden, dtypes, devices, peers, warmup, epochs, min_epochs
                 arch = Architecture((784, h, 10))
                 params = init_params(arch, init="he", seed=0, dtype="float64")
                 bound = lower_bound_ms(h, m, dtype, limits)
-                gpunn_row = Row(backend.name, dtype, h, "gpunn", bound_ms=bound)
-                gpunn_make = lambda *a, **k: GpunnRunner(*a, **k, backend=backend)  # noqa: E731
-                gpunn_check = loss_after_steps(gpunn_make, check_images, check_labels, params, dtype=dtype)
-                gpunn_row.check_loss = gpunn_row.reference_loss = gpunn_check
-                run_row(gpunn_row, lambda: gpunn_make(images, labels, params, lr=LR, dtype=dtype), budget)
-                result["rows"].append(asdict(gpunn_row))
+                # gpunn as `gpunn train` runs it and, where the backend has a fast path for this network, the
+                # generic math beside it ("gpunn-generic"), which must agree with it like any peer
+                variants = [("gpunn", backend)]
+                if backend.fast_path(arch, columns=m) is not None:
+                    variants.append(("gpunn-generic", generic_twin(backend)))
+                gpunn_check = None
+                for implementation, variant in variants:
+                    row = Row(backend.name, dtype, h, implementation, bound_ms=bound, reference_loss=gpunn_check)
+                    make = lambda *a, _variant=variant, **k: GpunnRunner(*a, **k, backend=_variant)  # noqa: E731
+                    row.check_loss = loss_after_steps(make, check_images, check_labels, params, dtype=dtype)
+                    if gpunn_check is None:
+                        gpunn_check = row.reference_loss = row.check_loss
+                    elif not same_step(row.check_loss, gpunn_check, dtype):
+                        row.status = (f"refused: its loss after {CHECK_EPOCHS} epochs is {row.check_loss:.8g}, "
+                                      f"the fast path's {gpunn_check:.8g}")
+                    if row.status == "ok":
+                        run_row(row, lambda: make(images, labels, params, lr=LR, dtype=dtype), budget)
+                    result["rows"].append(asdict(row))
                 for peer in peer_list:
                     row = time_peer(peer, backend, dtype, h, params, images, labels, check_images, check_labels,
                                     gpunn_check, bound, budget)
@@ -397,9 +425,17 @@ def time_peer(peer, backend, dtype, h, params, images, labels, check_images, che
     return row
 
 
+def generic_twin(backend: Backend) -> Backend:
+    """The same device with the fast paths off."""
+    return get_backend(backend.name, fast=False)
+
+
 def run_row(row: Row, make: Callable[[], Any], budget: Budget) -> None:
     runner = make()
-    row.warmup_ms, row.epoch_ms = time_epochs(runner, budget)
+    try:
+        row.warmup_ms, row.epoch_ms = time_epochs(runner, budget)
+    finally:
+        close(runner)
     del runner
     click.echo(f"{row.device:>7} {row.dtype} h={row.hidden:<5} {row.implementation:<14} "
                f"{row.median_ms:9.2f} ms/epoch (first {row.warmup_ms[0]:.1f} ms, bound {row.bound_ms:.2f} ms)")

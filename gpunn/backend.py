@@ -15,6 +15,9 @@ import importlib.metadata
 import os
 import platform
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -22,8 +25,12 @@ import array_api_compat
 import numpy as np
 
 from gpunn.errors import BackendError, DeviceSpecError
+from gpunn.nn import Architecture, loss_and_gradients
 
-__all__ = ["Backend", "CupyBackend", "NumpyBackend", "get_backend", "parse_device"]
+__all__ = ["Backend", "CupyBackend", "GradientPass", "NumpyBackend", "get_backend", "parse_device"]
+
+#: ``(params, X, Y, y, *, l2, dropout, rng) -> (loss, accuracy, grads)``, as :func:`gpunn.nn.loss_and_gradients`
+GradientPass = Callable[..., tuple[Any, Any, list[Any]]]
 
 DEVICE_CHOICES = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
 CUDA_EXTRAS_HINT = (
@@ -41,16 +48,18 @@ class Backend:
 
     ``xp`` is an array-API-standard namespace. Arrays cross between the host and the device only through
     :meth:`asarray` (host to device) and :meth:`to_numpy` (device to host); both are explicit so that a reader
-    can find every transfer. Subclasses add what a library needs (device synchronization, a description) and,
-    later, fast paths that fall back to the generic code.
+    can find every transfer. Subclasses add what a library needs (device synchronization, a description) and
+    fast paths (:meth:`gradient_pass`) that fall back to the generic code for what they do not cover.
+    ``fast=False`` turns the fast paths off: the generic code runs everywhere, to compare against or to read.
     """
 
-    def __init__(self, name: str, xp: ModuleType, device: Any, reason: str = "") -> None:
+    def __init__(self, name: str, xp: ModuleType, device: Any, reason: str = "", *, fast: bool = True) -> None:
         self.name = name
         self.xp = xp
         self.device = device
         #: why this backend was chosen, when ``auto`` chose it; empty otherwise
         self.reason = reason
+        self.fast = fast
 
     @property
     def is_cuda(self) -> bool:
@@ -75,6 +84,22 @@ class Backend:
         """
         return _HostDrawn(np.random.default_rng(seed), self)
 
+    def fast_path(self, arch: Architecture, *, columns: int, dropout: float = 0.0) -> str | None:
+        """What :meth:`gradient_pass` would use for this network and batch: a fast path's name, or None for the
+        generic code. ``columns``: the samples in one step."""
+        return None
+
+    @contextmanager
+    def gradient_pass(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0
+                      ) -> Iterator[GradientPass]:
+        """The function that computes every step's loss, accuracy and gradients during one training run.
+
+        Entered once around the run (a fast path may hold buffers, threads or library settings while it lasts).
+        Here, and wherever a backend's fast path does not cover ``arch``, ``dropout`` or ``dtype``, it is the
+        generic :func:`gpunn.nn.loss_and_gradients`, which the fast paths are tested against.
+        """
+        yield partial(loss_and_gradients, arch=arch)
+
     def describe(self) -> dict[str, str]:
         """Library versions and hardware, as ``{label: text}`` in display order."""
         return {"device": self.name, "array library": self.xp.__name__}
@@ -98,13 +123,36 @@ class _HostDrawn:
 
 
 class NumpyBackend(Backend):
-    """The CPU through NumPy (seen through array-api-compat's standard namespace)."""
+    """The CPU through NumPy (seen through array-api-compat's standard namespace).
 
-    def __init__(self, reason: str = "") -> None:
-        super().__init__("cpu", array_api_compat.array_namespace(np.empty(0)), "cpu", reason)
+    Its fast path is :class:`gpunn.fused_cpu.FusedCpuPass`: ReLU networks with a softmax output, without dropout,
+    computed in place on every core."""
+
+    def __init__(self, reason: str = "", *, fast: bool = True) -> None:
+        super().__init__("cpu", array_api_compat.array_namespace(np.empty(0)), "cpu", reason, fast=fast)
 
     def random(self, seed: int) -> Any:
         return np.random.default_rng(seed)
+
+    def fast_path(self, arch: Architecture, *, columns: int, dropout: float = 0.0) -> str | None:
+        from gpunn import fused_cpu
+
+        if not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
+            return None
+        threads = fused_cpu.threads_for(columns)
+        return f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}"
+
+    @contextmanager
+    def gradient_pass(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0
+                      ) -> Iterator[GradientPass]:
+        if self.fast_path(arch, columns=columns, dropout=dropout) is None:
+            with super().gradient_pass(arch, dtype=dtype, columns=columns, dropout=dropout) as generic:
+                yield generic
+            return
+        from gpunn.fused_cpu import FusedCpuPass
+
+        with FusedCpuPass(arch, dtype, columns) as fused:
+            yield fused
 
     def describe(self) -> dict[str, str]:
         return {
@@ -118,7 +166,7 @@ class NumpyBackend(Backend):
 class CupyBackend(Backend):
     """One CUDA GPU through CuPy. Made by :func:`get_backend`, which checks first that the GPU answers."""
 
-    def __init__(self, cupy: ModuleType, index: int, reason: str = "") -> None:
+    def __init__(self, cupy: ModuleType, index: int, reason: str = "", *, fast: bool = True) -> None:
         import array_api_compat.cupy as xp
 
         self.cupy = cupy
@@ -126,7 +174,7 @@ class CupyBackend(Backend):
         device = cupy.cuda.Device(index)
         # CuPy launches work on the *current* device: make it this one for the thread, once, here at the edge.
         device.use()
-        super().__init__(f"cuda:{index}", xp, device, reason)
+        super().__init__(f"cuda:{index}", xp, device, reason, fast=fast)
 
     def to_numpy(self, a: Any) -> np.ndarray:
         return self.cupy.asnumpy(a)
@@ -159,21 +207,22 @@ def parse_device(device: str) -> tuple[str, int | None]:
     return match[1], None if match[2] is None else int(match[2])
 
 
-def get_backend(device: str = "auto") -> Backend:
+def get_backend(device: str = "auto", *, fast: bool = True) -> Backend:
     """The backend for ``device``: ``"auto"``, ``"cpu"``, ``"cuda"`` (GPU 0) or ``"cuda:N"``.
 
     ``auto`` uses cuda:0 when CuPy imports and the GPU answers, else the CPU; ``Backend.reason`` says which and
     why. An explicit ``cuda`` raises BackendError naming the cause and the fix when the GPU cannot be used.
+    ``fast=False``: the generic code only, no fast paths.
     """
     kind, index = parse_device(device)
     if kind == "cpu":
-        return NumpyBackend()
+        return NumpyBackend(fast=fast)
     if kind == "cuda":
-        return _cuda_backend(0 if index is None else index)
+        return _cuda_backend(0 if index is None else index, fast=fast)
     try:
-        backend = _cuda_backend(0)
+        backend = _cuda_backend(0, fast=fast)
     except BackendError as error:
-        return NumpyBackend(reason=f"auto chose the CPU: {error.cause}")
+        return NumpyBackend(reason=f"auto chose the CPU: {error.cause}", fast=fast)
     gpu = backend.describe()["gpu"]
     backend.reason = f"auto chose cuda:0: {gpu}"
     return backend
@@ -211,7 +260,7 @@ def cuda_devices() -> list[str]:
     return [f"cuda:{i} ({name})" for i, name in enumerate(_device_names(cupy))]
 
 
-def _cuda_backend(index: int) -> CupyBackend:
+def _cuda_backend(index: int, *, fast: bool = True) -> CupyBackend:
     cupy = _import_cupy()
     names = _device_names(cupy)
     if index >= len(names):
@@ -222,7 +271,7 @@ def _cuda_backend(index: int) -> CupyBackend:
             cause=f"cuda:{index} is out of range",
         )
     try:
-        backend = CupyBackend(cupy, index)
+        backend = CupyBackend(cupy, index, fast=fast)
         # a first real operation creates the context and compiles a kernel: a broken driver or a missing
         # NVRTC library fails here, at selection time, rather than in the middle of training
         float(cupy.arange(4, dtype=cupy.float32).sum())

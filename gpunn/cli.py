@@ -84,6 +84,8 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--submission", type=click.Path(path_type=Path), default=Path("submission.csv"), show_default=True,
               help="Where predictions for an unlabelled --test-csv go, in Kaggle's ImageId,Label format.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--generic", is_flag=True,
+              help="Run the generic array-API math even where the device has a fast path (to compare, or to read).")
 @click.option("--hidden", default="10", show_default=True, callback=_parse_hidden,
               help="Hidden layer sizes, comma-separated: 10 is the seed network 784-10-10; 16,16 has two layers.")
 @click.option("--activation", type=click.Choice(["relu", "sigmoid", "tanh"]), default="relu", show_default=True,
@@ -139,7 +141,7 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               "again are taken from it; the data options must name the same data.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None,
-          submission: Path, device: str, out: Path, metrics_out: Path | None, plot_dir: Path | None,
+          submission: Path, device: str, generic: bool, out: Path, metrics_out: Path | None, plot_dir: Path | None,
           checkpoint: Path | None,
           checkpoint_every: int | None, resume: Path | None, quiet: bool, **settings: Any) -> None:
     """Train the network and save it.
@@ -154,6 +156,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     from gpunn.errors import ModelError
     from gpunn.files import atomic_write, check_directory, check_writable
     from gpunn.model import load_model, save_model
+    from gpunn.nn import Architecture
     from gpunn.train import TrainConfig, TrainingInterrupted, fit, predict_proba
 
     if sum(option is not None for option in (data_dir, dataset_name, train_csv)) > 1:
@@ -171,7 +174,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
 
         check_directory(plot_dir, "--plot-dir")
         require_matplotlib()  # fail now, not after training
-    backend = get_backend(device)
+    backend = get_backend(device, fast=not generic)
     resumed = None
     if resume is not None:
         resumed = load_model(resume, backend)
@@ -206,6 +209,9 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         say(f"         {'full batch' if c.batch_size is None else f'mini-batches of {c.batch_size}'}, {c.optimizer}"
             + ("" if c.optimizer == "gd" else f" (beta1 {c.beta1:g}, beta2 {c.beta2:g}, eps {c.eps:g})")
             + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
+    arch = Architecture((dataset.n_features, *c.hidden, 10), c.activation)
+    columns = min(c.batch_size or len(parts.y_train), len(parts.y_train))
+    say(f"step:    {backend.fast_path(arch, columns=columns, dropout=c.dropout) or 'the generic array-API math'}")
     if resumed is not None:
         say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
 

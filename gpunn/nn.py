@@ -233,6 +233,19 @@ def backward(params: Sequence[Layer], trace: Trace, Y: Array, arch: Architecture
     return grads[::-1]
 
 
+def loss_and_gradients(params: Sequence[Layer], X: Array, Y: Array, y: Array, arch: Architecture, *,
+                       l2: float = 0.0, dropout: float = 0.0, rng: Any = None) -> tuple[Array, Array, list[Layer]]:
+    """One step's work before the update: the cost (L2 term included) and the accuracy, both 0-d arrays measured
+    on ``params`` as they are, and the gradients. X: (n_0, m), Y: (n_L, m) one-hot, y: (m,) labels.
+
+    This is the reference that the backends' fast paths (:meth:`gpunn.backend.Backend.gradient_pass`) are tested
+    against. With ``dropout`` the figures are those of the thinned network being trained.
+    """
+    trace = forward(params, X, arch, dropout=dropout, rng=rng)
+    loss = cost(trace.Z[-1], Y, arch.output) + l2_cost(params, l2, Y.shape[1])
+    return loss, accuracy(trace.A[-1], y), backward(params, trace, Y, arch, l2=l2)
+
+
 def cost(Z_L: Array, Y: Array, output: str = "softmax") -> Array:
     """Mean cross-entropy of the logits Z[L] against Y, a 0-d array on Z_L's device.
 

@@ -15,12 +15,13 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace
 
-from gpunn.backend import Backend
+from gpunn.backend import Backend, GradientPass
 from gpunn.data import CLASSES, Split
 from gpunn.errors import ConfigError, ModelError, TrainingDivergedError
 from gpunn.model import Model, Preprocessing
@@ -28,12 +29,11 @@ from gpunn.nn import (
     Architecture,
     Layer,
     accuracy,
-    backward,
     cost,
     default_init,
     forward,
     init_params,
-    l2_cost,
+    loss_and_gradients,
     one_hot,
 )
 from gpunn.optim import Optimizer, learning_rate
@@ -217,18 +217,18 @@ def train_step(
     l2: float = 0.0,
     dropout: float = 0.0,
     rng: Any = None,
+    gradients: GradientPass | None = None,
 ) -> tuple[list[Layer], dict[str, list[Layer]], Any, Any]:
     """One gradient step on ``data`` (all of it, or a mini-batch): forward, cost, backward, update rule.
 
     Returns the new parameters and optimizer state, and the cost (L2 term included) and the accuracy, both 0-d device
     arrays measured before the update. ``t`` is the 1-based step count (Adam's bias correction uses it). With
     ``dropout``, the masks come from ``rng`` (see :meth:`gpunn.backend.Backend.random`), and the loss and accuracy
-    are those of the thinned network being trained.
+    are those of the thinned network being trained. ``gradients``: the backend's pass for this run (see
+    :meth:`gpunn.backend.Backend.gradient_pass`); the generic :func:`gpunn.nn.loss_and_gradients` when None.
     """
-    trace = forward(params, data.X, arch, dropout=dropout, rng=rng)
-    loss = cost(trace.Z[-1], data.Y, arch.output) + l2_cost(params, l2, data.m)
-    batch_accuracy = accuracy(trace.A[-1], data.y)
-    grads = backward(params, trace, data.Y, arch, l2=l2)
+    gradients = gradients or partial(loss_and_gradients, arch=arch)
+    loss, batch_accuracy, grads = gradients(params, data.X, data.Y, data.y, l2=l2, dropout=dropout, rng=rng)
     params, optimizer_state = rule.step(params, grads, optimizer_state, lr, t)
     return params, optimizer_state, loss, batch_accuracy
 
@@ -282,9 +282,12 @@ def fit(
     history: list[EpochStats] = []
     best: tuple[float, TrainState] | None = None  # (validation loss, state) of the best epoch so far
     stopped_early = False
+    columns = _batch_columns(config, train.m)
     try:
-        with np.errstate(over="ignore", invalid="ignore"):
-            for stats, state in _run_epochs(state, train, val, arch, config, backend):
+        # the backend's fast path for this network where it has one (the generic math otherwise), held for the run
+        with np.errstate(over="ignore", invalid="ignore"), \
+                backend.gradient_pass(arch, dtype=config.dtype, columns=columns, dropout=config.dropout) as gradients:
+            for stats, state in _run_epochs(state, train, val, arch, config, backend, gradients):
                 history.append(stats)
                 if on_epoch is not None:
                     on_epoch(stats)
@@ -330,6 +333,11 @@ def check_resumable(model: Model, config: TrainConfig, data_sha256: str) -> int:
     return done
 
 
+def _batch_columns(config: TrainConfig, m: int) -> int:
+    """The samples in one step: the batch size, or all m for full-batch training."""
+    return config.batch_size if config.batch_size is not None and config.batch_size < m else m
+
+
 def _run_epochs(
     state: TrainState,
     train: DeviceData,
@@ -337,12 +345,13 @@ def _run_epochs(
     arch: Architecture,
     config: TrainConfig,
     backend: Backend,
+    gradients: GradientPass,
 ) -> Iterator[tuple[EpochStats, TrainState]]:
     """Epochs ``state.epoch + 1`` to ``config.epochs``; yields each epoch's report and the state after it."""
     xp = backend.xp
     nan = xp.asarray(math.nan, dtype=train.X.dtype, device=backend.device)
     rule = config.rule
-    batch = config.batch_size if config.batch_size is not None and config.batch_size < train.m else train.m
+    batch = _batch_columns(config, train.m)
     steps_per_epoch = -(-train.m // batch)
     params, optimizer_state = state.params, state.optimizer_state
     backend.synchronize()
@@ -357,7 +366,7 @@ def _run_epochs(
             t += 1
             params, optimizer_state, loss, train_accuracy = train_step(
                 params, optimizer_state, train, arch, lr=lr, t=t, rule=rule, l2=config.l2, dropout=config.dropout,
-                rng=rng)
+                rng=rng, gradients=gradients)
         else:
             # Reshuffled every epoch from (seed, epoch), so a resumed run draws the same batches. Only this
             # permutation crosses to the device; the batches are gathered there.
@@ -368,7 +377,7 @@ def _run_epochs(
                 part = train.take(order[first : first + batch])
                 params, optimizer_state, batch_loss, batch_accuracy = train_step(
                     params, optimizer_state, part, arch, lr=lr, t=t, rule=rule, l2=config.l2,
-                    dropout=config.dropout, rng=rng)
+                    dropout=config.dropout, rng=rng, gradients=gradients)
                 # epoch figures: the mean over samples of the figures each batch had before its own update
                 loss = loss + batch_loss * (part.m / train.m)
                 train_accuracy = train_accuracy + batch_accuracy * (part.m / train.m)

@@ -30,9 +30,10 @@ def test_epoch_throughput_at_toy_size(tmp_path):
     assert set(data["limits"]["cpu"]) == {"read_bytes_per_s", "gemm_flops_per_s_float32", "gemm_flops_per_s_float64"}
     assert "cpu" in data["environment"]["devices"] and data["peak_rss_mib"] > 0
     rows = {(r["dtype"], r["hidden"], r["implementation"]): r for r in data["rows"]}
-    # gpunn in both dtypes; the naive program in float64 only, as its `/ 255` makes it
-    assert set(rows) == {(d, h, "gpunn") for d in ("float32", "float64") for h in (10, 16)} | {
-        ("float64", h, "numpy-naive") for h in (10, 16)}
+    # gpunn (its fast path) and the generic math beside it in both dtypes; the naive program in float64 only, as
+    # its `/ 255` makes it
+    assert set(rows) == {(d, h, i) for d in ("float32", "float64") for h in (10, 16)
+                         for i in ("gpunn", "gpunn-generic")} | {("float64", h, "numpy-naive") for h in (10, 16)}
     for row in rows.values():
         assert row["status"] == "ok"
         assert len(row["warmup_ms"]) == 1 and len(row["epoch_ms"]) == 2 and min(row["epoch_ms"]) > 0
@@ -40,7 +41,7 @@ def test_epoch_throughput_at_toy_size(tmp_path):
     naive = rows[("float64", 10, "numpy-naive")]
     assert naive["check_loss"] == pytest.approx(naive["reference_loss"], rel=1e-9)
     table = (tmp_path / "toy.md").read_text()
-    assert table.count("\n| cpu |") == 6 and "× bound" in table
+    assert table.count("\n| cpu |") == 10 and "× bound" in table
     assert "toy.json" in result.stdout
 
 

