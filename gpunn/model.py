@@ -50,7 +50,10 @@ class Preprocessing:
 
     def __call__(self, X_uint8: Any, dtype: Any) -> Any:
         X = scale_pixels(X_uint8, dtype)
-        return X if self.kind == "scale-255" else (X - self.mean) / self.std
+        if self.kind == "standardize":
+            X -= self.mean  # in place on the new array, as in scale_pixels
+            X /= self.std
+        return X
 
 
 @dataclass

@@ -307,6 +307,7 @@ def fit(
     if config.early_stop is not None:
         model.info["early_stop"] = {"stopped": stopped_early, "best_epoch": None if best is None else best[1].epoch,
                                     "epochs_run": history[-1].epoch if history else state.epoch}
+    del train, val  # the training set in floats is the largest array of the run: free it before the test set's
     test_accuracy, n_test = None, 0
     if split.X_test is not None and split.y_test is not None and len(split.y_test):
         test_accuracy, n_test = evaluate(model, split.X_test, split.y_test, backend=backend), len(split.y_test)

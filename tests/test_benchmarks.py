@@ -77,3 +77,18 @@ def test_a_wrong_peer_is_refused(monkeypatch):
     row = epoch_throughput.time_peer("numpy-naive", backend, "float64", 8, params, images, labels, images, labels,
                                      reference, 1.0, epoch_throughput.Budget(1, 1, 1))
     assert row.status == "ok" and len(row.epoch_ms) == 1
+
+
+def test_train_memory_at_toy_size(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_memory.py"), "--epochs", "1", "--out-dir", str(tmp_path), "--name",
+         "toy", "--", "--hidden", "12"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    data = json.loads((tmp_path / "toy.json").read_text())
+    assert data["train_command"] == "gpunn train --device cpu --epochs 1 --val-size 1000 --hidden 12"
+    assert data["train_samples"] == 4000 and data["x_float32_mib"] == pytest.approx(784 * 4000 * 4 / 2**20)
+    assert data["baseline_mib"] > 20 and data["peak_mib"] > 20  # an interpreter with NumPy in it, at least
+    assert data["over_baseline_mib"] == pytest.approx(data["peak_mib"] - data["baseline_mib"])
+    assert "| over / X |" in (tmp_path / "toy.md").read_text()

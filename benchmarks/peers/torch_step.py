@@ -6,6 +6,8 @@ products, ``torch.softmax`` for the output.
 
 from __future__ import annotations
 
+import numpy as np
+
 try:
     import torch
 except ImportError:  # the benchmark reports the peer as unavailable
@@ -34,7 +36,9 @@ class Runner:
     def __init__(self, images, labels, params, lr, dtype, device, compile_step):
         self.device = torch.device("cuda:0" if device.startswith("cuda") else "cpu")
         float_dtype = getattr(torch, dtype)
-        self.X = torch.from_numpy(images).to(self.device).T.contiguous().to(float_dtype) / 255
+        # torch warns on read-only arrays (real MNIST is read with np.frombuffer): it has no read-only tensors
+        pixels = torch.from_numpy(np.require(images, requirements="W")).to(self.device)
+        self.X = pixels.T.contiguous().to(float_dtype) / 255
         y = torch.from_numpy(labels).to(self.device)
         self.Y = torch.nn.functional.one_hot(y, 10).T.contiguous().to(float_dtype)
         self.m = len(labels)
