@@ -154,6 +154,14 @@ def same_step(loss: float, reference: float, dtype: str) -> bool:
     return abs(loss - reference) <= tolerance * abs(reference)
 
 
+def verdict(loss: float, reference: float, dtype: str) -> str:
+    """A row's status after the check: "ok" when its loss matches gpunn's, else why it is refused."""
+    if same_step(loss, reference, dtype):
+        return "ok"
+    return (f"refused: its loss after {CHECK_EPOCHS} epochs is {loss:.8g}, gpunn's {reference:.8g}: it does not "
+            "compute the same step")
+
+
 # --- the machine's limits -------------------------------------------------------------------------------------
 
 
@@ -385,9 +393,8 @@ def main(data_dir, m, hidden, dtypes, devices, peers, warmup, epochs, min_epochs
                     row.check_loss = loss_after_steps(make, check_images, check_labels, params, dtype=dtype)
                     if gpunn_check is None:
                         gpunn_check = row.reference_loss = row.check_loss
-                    elif not same_step(row.check_loss, gpunn_check, dtype):
-                        row.status = (f"refused: its loss after {CHECK_EPOCHS} epochs is {row.check_loss:.8g}, "
-                                      f"the fast path's {gpunn_check:.8g}")
+                    else:
+                        row.status = verdict(row.check_loss, gpunn_check, dtype)
                     if row.status == "ok":
                         run_row(row, lambda: make(images, labels, params, lr=LR, dtype=dtype), budget)
                     result["rows"].append(asdict(row))
@@ -417,9 +424,8 @@ def time_peer(peer, backend, dtype, h, params, images, labels, check_images, che
     except Exception as error:  # a peer that cannot run here (no compiler for torch.compile, ...) is reported
         row.status = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
         return row
-    if not same_step(row.check_loss, gpunn_check, dtype):
-        row.status = (f"refused: its loss after {CHECK_EPOCHS} epochs is {row.check_loss:.8g}, gpunn's "
-                      f"{gpunn_check:.8g}: it does not compute the same step")
+    row.status = verdict(row.check_loss, gpunn_check, dtype)
+    if row.status != "ok":
         return row
     run_row(row, lambda: make(images, labels, params, lr=LR, dtype=dtype, device=device), budget)
     return row

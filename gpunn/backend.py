@@ -24,6 +24,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from gpunn import fused_cpu
 from gpunn.errors import BackendError, DeviceSpecError
 from gpunn.nn import Architecture, loss_and_gradients
 
@@ -135,8 +136,6 @@ class NumpyBackend(Backend):
         return np.random.default_rng(seed)
 
     def fast_path(self, arch: Architecture, *, columns: int, dropout: float = 0.0) -> str | None:
-        from gpunn import fused_cpu
-
         if not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
             return None
         threads = fused_cpu.threads_for(columns)
@@ -149,9 +148,7 @@ class NumpyBackend(Backend):
             with super().gradient_pass(arch, dtype=dtype, columns=columns, dropout=dropout) as generic:
                 yield generic
             return
-        from gpunn.fused_cpu import FusedCpuPass
-
-        with FusedCpuPass(arch, dtype, columns) as fused:
+        with fused_cpu.FusedCpuPass(arch, dtype, columns) as fused:
             yield fused
 
     def describe(self) -> dict[str, str]:

@@ -156,7 +156,6 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     from gpunn.errors import ModelError
     from gpunn.files import atomic_write, check_directory, check_writable
     from gpunn.model import load_model, save_model
-    from gpunn.nn import Architecture
     from gpunn.train import TrainConfig, TrainingInterrupted, fit, predict_proba
 
     if sum(option is not None for option in (data_dir, dataset_name, train_csv)) > 1:
@@ -209,9 +208,9 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         say(f"         {'full batch' if c.batch_size is None else f'mini-batches of {c.batch_size}'}, {c.optimizer}"
             + ("" if c.optimizer == "gd" else f" (beta1 {c.beta1:g}, beta2 {c.beta2:g}, eps {c.eps:g})")
             + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
-    arch = Architecture((dataset.n_features, *c.hidden, 10), c.activation)
-    columns = min(c.batch_size or len(parts.y_train), len(parts.y_train))
-    say(f"step:    {backend.fast_path(arch, columns=columns, dropout=c.dropout) or 'the generic array-API math'}")
+    step = backend.fast_path(c.architecture(dataset.n_features), columns=c.batch_columns(len(parts.y_train)),
+                             dropout=c.dropout)
+    say(f"step:    {step or 'the generic array-API math'}")
     if resumed is not None:
         say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
 

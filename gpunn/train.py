@@ -89,6 +89,14 @@ class TrainConfig:
         return learning_rate(self.lr_schedule, self.lr, epoch, self.epochs, step_size=self.lr_step_size,
                              gamma=self.lr_gamma)
 
+    def architecture(self, n_inputs: int) -> Architecture:
+        """The network these settings train on inputs of ``n_inputs`` features: n_inputs-hidden...-10."""
+        return Architecture((n_inputs, *self.hidden, CLASSES), self.activation)
+
+    def batch_columns(self, m: int) -> int:
+        """The samples in one step on ``m`` training samples: the batch size, or all m for full-batch training."""
+        return self.batch_size if self.batch_size is not None and self.batch_size < m else m
+
     @property
     def rule(self) -> Optimizer:
         return Optimizer(self.optimizer, self.beta1, self.beta2, self.eps)
@@ -250,7 +258,7 @@ def fit(
     model every ``checkpoint_every`` epochs. Ctrl-C raises TrainingInterrupted carrying the last completed epoch.
     """
     data_sha256 = fingerprint(split)
-    arch = Architecture((split.X_train.shape[0], *config.hidden, CLASSES), config.activation)
+    arch = config.architecture(split.X_train.shape[0])
     X_train = backend.asarray(split.X_train)
     # statistics from the training split only, then applied unchanged to validation, test and prediction inputs
     preprocessing = Preprocessing.fit("standardize" if config.normalize == "standardize" else "scale-255", X_train,
@@ -282,7 +290,7 @@ def fit(
     history: list[EpochStats] = []
     best: tuple[float, TrainState] | None = None  # (validation loss, state) of the best epoch so far
     stopped_early = False
-    columns = _batch_columns(config, train.m)
+    columns = config.batch_columns(train.m)
     try:
         # the backend's fast path for this network where it has one (the generic math otherwise), held for the run
         with np.errstate(over="ignore", invalid="ignore"), \
@@ -334,11 +342,6 @@ def check_resumable(model: Model, config: TrainConfig, data_sha256: str) -> int:
     return done
 
 
-def _batch_columns(config: TrainConfig, m: int) -> int:
-    """The samples in one step: the batch size, or all m for full-batch training."""
-    return config.batch_size if config.batch_size is not None and config.batch_size < m else m
-
-
 def _run_epochs(
     state: TrainState,
     train: DeviceData,
@@ -352,7 +355,7 @@ def _run_epochs(
     xp = backend.xp
     nan = xp.asarray(math.nan, dtype=train.X.dtype, device=backend.device)
     rule = config.rule
-    batch = _batch_columns(config, train.m)
+    batch = config.batch_columns(train.m)
     steps_per_epoch = -(-train.m // batch)
     params, optimizer_state = state.params, state.optimizer_state
     backend.synchronize()
