@@ -33,8 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers package beside this script
 
-from gpunn.backend import Backend, get_backend  # noqa: E402
+from gpunn.backend import GENERIC, Backend, get_backend  # noqa: E402
 from gpunn.errors import BackendError  # noqa: E402
+from gpunn.model import Preprocessing  # noqa: E402
 from gpunn.nn import Architecture, Layer, cost, forward, init_params, one_hot  # noqa: E402
 from gpunn.optim import Optimizer  # noqa: E402
 from gpunn.train import DeviceData, train_step  # noqa: E402
@@ -77,17 +78,20 @@ class GpunnRunner:
 
     def __init__(self, images, labels, params, *, lr, dtype, backend: Backend):
         self.backend = backend
-        self.data = DeviceData.from_host(np.ascontiguousarray(images.T), labels, backend=backend, dtype=dtype)
         self.arch = Architecture((images.shape[1], *(W.shape[0] for W, _ in params[:-1]), 10))
+        step = backend.step(self.arch, dtype=dtype, columns=len(labels))
+        self.data = DeviceData.from_host(np.ascontiguousarray(images.T), labels, backend=backend, dtype=dtype,
+                                         preprocessing=None if step.pixels else Preprocessing())
         self.weights = [Layer(backend.asarray(W.astype(dtype)), backend.asarray(b.astype(dtype))) for W, b in params]
         self.lr = lr
         self.rule = Optimizer("gd")
         self._scope = ExitStack()
-        self.gradients = self._scope.enter_context(backend.gradient_pass(self.arch, dtype=dtype, columns=self.data.m))
+        self.gradients = self._scope.enter_context(step.gradients())
+        self.update = self._scope.enter_context(step.update(self.rule))
 
     def step(self) -> None:
         self.weights, _, _, _ = train_step(self.weights, {}, self.data, self.arch, lr=self.lr, t=1, rule=self.rule,
-                                           gradients=self.gradients)
+                                           gradients=self.gradients, update=self.update)
 
     def close(self) -> None:
         self._scope.close()
@@ -384,7 +388,7 @@ def main(data_dir, m, hidden, dtypes, devices, peers, warmup, epochs, min_epochs
                 # gpunn as `gpunn train` runs it and, where the backend has a fast path for this network, the
                 # generic math beside it ("gpunn-generic"), which must agree with it like any peer
                 variants = [("gpunn", backend)]
-                if backend.fast_path(arch, columns=m) is not None:
+                if backend.step(arch, dtype=dtype, columns=m).name != GENERIC:
                     variants.append(("gpunn-generic", generic_twin(backend)))
                 gpunn_check = None
                 for implementation, variant in variants:

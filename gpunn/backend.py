@@ -5,18 +5,18 @@
 benchmarks and the test fixtures receives the resulting :class:`Backend`; nothing else picks a device.
 
 This is the only module of gpunn that imports CuPy, and it does so only when a CUDA device is asked for, so
-``import gpunn`` and ``gpunn --help`` work (and stay fast) on machines without it.
+``import gpunn`` and ``gpunn --help`` work (and stay fast) on machines without it. Why a device cannot be used, and
+what the machine is, are worked out in :mod:`gpunn.diagnostics`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import os
-import platform
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -24,24 +24,42 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from gpunn import fused_cpu
+from gpunn import diagnostics, fused_cpu
 from gpunn.errors import BackendError, DeviceSpecError
 from gpunn.nn import Architecture, loss_and_gradients
+from gpunn.optim import Optimizer
 
-__all__ = ["Backend", "CupyBackend", "GradientPass", "NumpyBackend", "get_backend", "parse_device"]
+__all__ = ["Backend", "CupyBackend", "GradientPass", "NumpyBackend", "Step", "UpdateRule", "get_backend",
+           "parse_device"]
 
 #: ``(params, X, Y, y, *, l2, dropout, rng) -> (loss, accuracy, grads)``, as :func:`gpunn.nn.loss_and_gradients`
 GradientPass = Callable[..., tuple[Any, Any, list[Any]]]
+#: ``(params, grads, state, lr, t) -> (params, state)``, as :meth:`gpunn.optim.Optimizer.step`
+UpdateRule = Callable[..., tuple[list[Any], dict[str, list[Any]]]]
 
 DEVICE_CHOICES = "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
-CUDA_EXTRAS_HINT = (
-    "install the extra that matches your NVIDIA driver: pip install 'gpunn[cuda12]' or 'gpunn[cuda13]' "
-    "(nvidia-smi prints the highest CUDA version the driver supports)"
-)
-
+GENERIC = "the generic array-API math"
 _DEVICE_RE = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
-# cupy (a source build), cupy-cuda11x / -cuda12x / -cuda13x, cupy-rocm-5-0 ...: all install the module `cupy`.
-_CUPY_DIST_RE = re.compile(r"cupy(-cuda\d+x?|-rocm-[\d-]+)?")
+
+
+def _generic_update(rule: Optimizer) -> AbstractContextManager[UpdateRule]:
+    return nullcontext(rule.step)
+
+
+@dataclass(frozen=True)
+class Step:
+    """How one training run computes its steps: the one decision :meth:`Backend.step` makes, named in the run's
+    header (``step:``) and opened by the training loop around its epochs.
+
+    ``gradients()`` and ``update(rule)`` are context managers giving the run's gradient pass and update rule (a fast
+    path may hold buffers, threads or library settings while they last). ``pixels``: the gradient pass takes the raw
+    uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats.
+    """
+
+    name: str
+    gradients: Callable[[], AbstractContextManager[GradientPass]]
+    update: Callable[[Optimizer], AbstractContextManager[UpdateRule]] = _generic_update
+    pixels: bool = False
 
 
 class Backend:
@@ -49,9 +67,9 @@ class Backend:
 
     ``xp`` is an array-API-standard namespace. Arrays cross between the host and the device only through
     :meth:`asarray` (host to device) and :meth:`to_numpy` (device to host); both are explicit so that a reader
-    can find every transfer. Subclasses add what a library needs (device synchronization, a description) and
-    fast paths (:meth:`gradient_pass`) that fall back to the generic code for what they do not cover.
-    ``fast=False`` turns the fast paths off: the generic code runs everywhere, to compare against or to read.
+    can find every transfer. Subclasses add what a library needs (device synchronization, clocks, a description)
+    and fast paths (:meth:`step`) for the networks they cover. ``fast=False`` turns the fast paths off: the generic
+    code runs everywhere, to compare against or to read.
     """
 
     def __init__(self, name: str, xp: ModuleType, device: Any, reason: str = "", *, fast: bool = True) -> None:
@@ -77,6 +95,14 @@ class Backend:
     def synchronize(self) -> None:
         """Wait until all work queued on the device has finished; a no-op where work is synchronous."""
 
+    def mark(self) -> Any:
+        """A point in the device's work queue, for :meth:`seconds`; here, where work is synchronous, the clock."""
+        return time.perf_counter()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        """Seconds of device work between two :meth:`mark` s (waiting for ``end`` to be reached)."""
+        return end - start
+
     def random(self, seed: int) -> Any:
         """A generator of uniform [0, 1) arrays on the device: ``.random(shape, dtype)``, seeded with ``seed``.
 
@@ -85,21 +111,14 @@ class Backend:
         """
         return _HostDrawn(np.random.default_rng(seed), self)
 
-    def fast_path(self, arch: Architecture, *, columns: int, dropout: float = 0.0) -> str | None:
-        """What :meth:`gradient_pass` would use for this network and batch: a fast path's name, or None for the
-        generic code. ``columns``: the samples in one step."""
-        return None
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
+        """How a run of ``arch`` in ``dtype`` with ``columns`` samples per step computes its steps.
 
-    @contextmanager
-    def gradient_pass(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0
-                      ) -> Iterator[GradientPass]:
-        """The function that computes every step's loss, accuracy and gradients during one training run.
-
-        Entered once around the run (a fast path may hold buffers, threads or library settings while it lasts).
-        Here, and wherever a backend's fast path does not cover ``arch``, ``dropout`` or ``dtype``, it is the
-        generic :func:`gpunn.nn.loss_and_gradients`, which the fast paths are tested against.
+        Here, and wherever a backend's fast path does not cover the run, it is the generic
+        :func:`gpunn.nn.loss_and_gradients` and :meth:`gpunn.optim.Optimizer.step`, which the fast paths are
+        tested against.
         """
-        yield partial(loss_and_gradients, arch=arch)
+        return Step(GENERIC, lambda: nullcontext(partial(loss_and_gradients, arch=arch)))
 
     def describe(self) -> dict[str, str]:
         """Library versions and hardware, as ``{label: text}`` in display order."""
@@ -135,28 +154,19 @@ class NumpyBackend(Backend):
     def random(self, seed: int) -> Any:
         return np.random.default_rng(seed)
 
-    def fast_path(self, arch: Architecture, *, columns: int, dropout: float = 0.0) -> str | None:
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
         if not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
-            return None
+            return super().step(arch, dtype=dtype, columns=columns, dropout=dropout)
         threads = fused_cpu.threads_for(columns)
-        return f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}"
-
-    @contextmanager
-    def gradient_pass(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0
-                      ) -> Iterator[GradientPass]:
-        if self.fast_path(arch, columns=columns, dropout=dropout) is None:
-            with super().gradient_pass(arch, dtype=dtype, columns=columns, dropout=dropout) as generic:
-                yield generic
-            return
-        with fused_cpu.FusedCpuPass(arch, dtype, columns) as fused:
-            yield fused
+        return Step(f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}",
+                    lambda: fused_cpu.FusedCpuPass(arch, dtype, columns))
 
     def describe(self) -> dict[str, str]:
         return {
             "device": "cpu",
-            "cpu": f"{_cpu_model()}, {os.cpu_count()} logical cores",
+            "cpu": f"{diagnostics.cpu_model()}, {os.cpu_count()} logical cores",
             "numpy": f"numpy {np.__version__}",
-            "blas": _numpy_blas(),
+            "blas": diagnostics.numpy_blas(),
         }
 
 
@@ -179,6 +189,15 @@ class CupyBackend(Backend):
     def synchronize(self) -> None:
         self.device.synchronize()
 
+    def mark(self) -> Any:
+        event = self.cupy.cuda.Event()
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        end.synchronize()
+        return self.cupy.cuda.get_elapsed_time(start, end) / 1e3
+
     def random(self, seed: int) -> Any:
         return self.cupy.random.default_rng(seed)  # drawn on the GPU
 
@@ -188,10 +207,10 @@ class CupyBackend(Backend):
         free, total = self.device.mem_info
         return {
             "device": self.name,
-            "gpu": f"{_decode(props['name'])} (compute capability {props['major']}.{props['minor']})",
+            "gpu": f"{diagnostics.decode(props['name'])} (compute capability {props['major']}.{props['minor']})",
             "memory": f"{total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free",
-            "cuda": f"CUDA runtime {_cuda_version(runtime.runtimeGetVersion())}, "
-            f"driver supports {_cuda_version(runtime.driverGetVersion())}",
+            "cuda": f"CUDA runtime {diagnostics.cuda_version(runtime.runtimeGetVersion())}, "
+            f"driver supports {diagnostics.cuda_version(runtime.driverGetVersion())}",
             "cupy": f"cupy {self.cupy.__version__}",
         }
 
@@ -225,41 +244,15 @@ def get_backend(device: str = "auto", *, fast: bool = True) -> Backend:
     return backend
 
 
-def out_of_memory_message(error: BaseException) -> str | None:
-    """One line for an allocation failure on any backend (how much was needed, how much is free), else None.
-
-    CuPy's OutOfMemoryError is recognized by name, so that this works without importing CuPy.
-    """
-    kind = type(error)
-    if kind.__name__ != "OutOfMemoryError" or not kind.__module__.startswith("cupy"):
-        # CuPy's error is a MemoryError too, so NumPy's ("Unable to allocate 1.5 GiB ...") is told apart second
-        if isinstance(error, MemoryError):
-            return f"out of host memory: {_one_line(error)}; try a smaller --hidden or less data"
-        return None
-    # CuPy says "Out of memory allocating 1,234,567 bytes (allocated so far: 5,000,000 bytes)."
-    numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", str(error))]
-    needed = f"{numbers[0] / 2**30:.2f} GiB" if numbers else "an allocation"
-    where = "the GPU"
-    cupy = importlib.import_module("cupy")  # already imported: it raised the error
-    try:
-        device = cupy.cuda.Device()
-        free, total = device.mem_info
-        where = f"cuda:{device.id}, which has {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB"
-    except Exception:  # noqa: BLE001 - a failing query must not hide the original message
-        pass
-    return (f"out of GPU memory: needed {needed} more on {where}; try a smaller --hidden, --dtype float32, "
-            "or --device cpu")
-
-
 def cuda_devices() -> list[str]:
     """``["cuda:0 (NVIDIA H100 80GB HBM3)", ...]``, or BackendError saying why there are none."""
-    cupy = _import_cupy()
-    return [f"cuda:{i} ({name})" for i, name in enumerate(_device_names(cupy))]
+    names = diagnostics.device_names(diagnostics.import_cupy())
+    return [f"cuda:{i} ({name})" for i, name in enumerate(names)]
 
 
 def _cuda_backend(index: int, *, fast: bool = True) -> CupyBackend:
-    cupy = _import_cupy()
-    names = _device_names(cupy)
+    cupy = diagnostics.import_cupy()
+    names = diagnostics.device_names(cupy)
     if index >= len(names):
         visible = ", ".join(f"cuda:{i} ({name})" for i, name in enumerate(names))
         raise BackendError(
@@ -274,98 +267,8 @@ def _cuda_backend(index: int, *, fast: bool = True) -> CupyBackend:
         float(cupy.arange(4, dtype=cupy.float32).sum())
     except Exception as error:  # CuPy raises several unrelated types here; all of them mean "unusable"
         raise BackendError(
-            f"CuPy {cupy.__version__} found cuda:{index} but could not use it: {_one_line(error)}; "
+            f"CuPy {cupy.__version__} found cuda:{index} but could not use it: {diagnostics.one_line(error)}; "
             "check the NVIDIA driver with nvidia-smi, or use --device cpu",
-            cause=f"cuda:{index} failed its first operation ({_one_line(error)})",
+            cause=f"cuda:{index} failed its first operation ({diagnostics.one_line(error)})",
         ) from error
     return backend
-
-
-def _import_cupy() -> ModuleType:
-    """Import CuPy, or raise BackendError with a distinct message for each reason it cannot be used."""
-    wheels = _cupy_distributions()
-    if len(wheels) > 1:
-        raise BackendError(
-            f"{len(wheels)} CuPy packages are installed at once ({', '.join(wheels)}) and they overwrite each "
-            f"other's files; keep one: pip uninstall {' '.join(name.split()[0] for name in wheels)}, "
-            "then reinstall the one that matches your driver",
-            cause="several CuPy packages are installed at once",
-        )
-    try:
-        return importlib.import_module("cupy")
-    except ModuleNotFoundError as error:
-        if error.name != "cupy":
-            raise _broken_cupy(error) from error
-        raise BackendError(
-            f"CuPy is not installed, so CUDA devices cannot be used; {CUDA_EXTRAS_HINT}; or use --device cpu",
-            cause="CuPy is not installed",
-        ) from error
-    except Exception as error:  # an ImportError or OSError from a missing CUDA library, mostly
-        raise _broken_cupy(error) from error
-
-
-def _broken_cupy(error: BaseException) -> BackendError:
-    return BackendError(
-        f"CuPy is installed but failed to import: {_one_line(error)}; reinstall the extra that matches your "
-        f"driver ({CUDA_EXTRAS_HINT}), or use --device cpu",
-        cause=f"CuPy failed to import ({_one_line(error)})",
-    )
-
-
-def _device_names(cupy: ModuleType) -> list[str]:
-    runtime = cupy.cuda.runtime
-    try:
-        count = runtime.getDeviceCount()
-    except runtime.CUDARuntimeError as error:
-        count, why = 0, _one_line(error)
-    else:
-        why = "the CUDA runtime reports 0 devices"
-    if count == 0:
-        raise BackendError(
-            f"CuPy {cupy.__version__} is installed but no CUDA device answers: {why}; "
-            "check the GPU and its driver with nvidia-smi, or use --device cpu",
-            cause=f"no CUDA device answers ({why})",
-        )
-    return [_decode(runtime.getDeviceProperties(i)["name"]) for i in range(count)]
-
-
-def _cupy_distributions() -> list[str]:
-    """The installed distributions that provide the ``cupy`` module, as ``"name version"``."""
-    found = set()
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if _CUPY_DIST_RE.fullmatch(name):
-            found.add(f"{name} {dist.version}")
-    return sorted(found)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _numpy_blas() -> str:
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    except (TypeError, KeyError):  # NumPy before 1.25 has no mode="dicts"
-        return "BLAS unknown"
-    return f"BLAS {blas.get('name', '?')} {blas.get('version', '')}".strip()
-
-
-def _cuda_version(code: int) -> str:
-    return f"{code // 1000}.{code % 1000 // 10}"
-
-
-def _decode(name: bytes | str) -> str:
-    return name.decode() if isinstance(name, bytes) else name
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text

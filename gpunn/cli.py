@@ -7,16 +7,33 @@ bad input or usage, 1 for everything else (a device that cannot be used, trainin
 from __future__ import annotations
 
 import json
+import platform
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
+from click.core import ParameterSource
 
 from gpunn import __version__
-from gpunn.errors import GpunnError
+from gpunn.backend import NumpyBackend, cuda_devices, get_backend
+from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs, read_images, split
+from gpunn.diagnostics import out_of_memory_message
+from gpunn.download import DATASETS, cache_root, cached, fetch
+from gpunn.errors import BackendError, GpunnError, ModelError
+from gpunn.files import atomic_write, check_directory, check_writable
+from gpunn.gradcheck import EPSILON, THRESHOLD, check_gradients, random_problem
+from gpunn.metrics import confusion_matrix, format_report, report
+from gpunn.model import load_model, save_model
+from gpunn.nn import ACTIVATIONS, DTYPES, INITS, Architecture
+from gpunn.optim import OPTIMIZERS, SCHEDULES
+# matplotlib itself is imported by gpunn.plots on first use, so `gpunn --help` does not pay for it
+from gpunn.plots import PlotError, confusion_heatmap, first_layer_weights, learning_curves, misclassified_grid, \
+    require_matplotlib
+from gpunn.train import NORMALIZATIONS, TrainConfig, TrainingInterrupted, describe_run, fit, predict_proba
 
 DEVICE_HELP = "auto (the GPU if one answers, else the CPU), cpu, cuda, or cuda:N."
 
@@ -34,8 +51,6 @@ class GpunnGroup(click.Group):
             click.echo("interrupted", err=True)
             ctx.exit(130)
         except Exception as error:
-            from gpunn.backend import out_of_memory_message
-
             message = out_of_memory_message(error)
             if message is None:
                 raise
@@ -74,7 +89,7 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Directory with MNIST's IDX files (.gz or raw). "
               "Default: the 5,000-digit sample bundled with gpunn.")
-@click.option("--dataset", "dataset_name", type=click.Choice(["mnist", "fashion-mnist"]),
+@click.option("--dataset", "dataset_name", type=click.Choice(list(DATASETS)),
               help="Download (once, verified, into the cache) and use this data set.")
 @click.option("--train-csv", type=click.Path(path_type=Path),
               help="Kaggle digit-recognizer train.csv (label,pixel0,...,pixel783) instead of --data-dir.")
@@ -88,19 +103,19 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="Run the generic array-API math even where the device has a fast path (to compare, or to read).")
 @click.option("--hidden", default="10", show_default=True, callback=_parse_hidden,
               help="Hidden layer sizes, comma-separated: 10 is the seed network 784-10-10; 16,16 has two layers.")
-@click.option("--activation", type=click.Choice(["relu", "sigmoid", "tanh"]), default="relu", show_default=True,
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu", show_default=True,
               help="Activation of the hidden layers (the output is always softmax).")
-@click.option("--init", "init", type=click.Choice(["he", "xavier", "uniform"]),
+@click.option("--init", "init", type=click.Choice(INITS),
               help="Weight initialization. Default: he for relu, xavier for sigmoid and tanh; uniform is the seed "
               "notebook's rand - 0.5.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
               help="Learning rate alpha in W <- W - alpha dW.")
 @click.option("--batch-size", default="full", show_default=True, callback=lambda c, p, v: _parse_batch(v),
               help="'full' (full-batch gradient descent) or N samples per mini-batch, reshuffled every epoch.")
-@click.option("--optimizer", type=click.Choice(["gd", "momentum", "rmsprop", "adam"]), default="gd",
-              show_default=True, help="Update rule (see gpunn/optim.py).")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="gd", show_default=True,
+              help="Update rule (see gpunn/optim.py).")
 @click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
               help="Momentum / Adam: weight of the running mean of gradients.")
 @click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
@@ -109,13 +124,13 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               help="RMSprop / Adam: added to the square root in the denominator.")
 @click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="L2 strength lambda: adds lambda/(2m)·sum ||W||² to the cost and lambda/m·W to each dW.")
-@click.option("--normalize", type=click.Choice(["scale", "standardize"]), default="scale", show_default=True,
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="scale", show_default=True,
               help="scale: pixels / 255. standardize: then (x - mean) / std per pixel, with the training split's "
               "statistics, stored in the model and applied unchanged to every other input.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Inverted dropout on the hidden layers during training: the probability of dropping a unit.")
-@click.option("--lr-schedule", type=click.Choice(["constant", "step", "cosine"]), default="constant",
-              show_default=True, help="step: lr·gamma^floor((epoch-1)/step-size); cosine: lr·(1+cos(pi·(epoch-1)/epochs))/2.")
+@click.option("--lr-schedule", type=click.Choice(SCHEDULES), default="constant", show_default=True,
+              help="step: lr·gamma^floor((epoch-1)/step-size); cosine: lr·(1+cos(pi·(epoch-1)/epochs))/2.")
 @click.option("--lr-step-size", type=click.IntRange(min=1), default=100, show_default=True,
               help="Epochs between two steps of the step schedule.")
 @click.option("--lr-gamma", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
@@ -142,22 +157,13 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None,
           submission: Path, device: str, generic: bool, out: Path, metrics_out: Path | None, plot_dir: Path | None,
-          checkpoint: Path | None,
-          checkpoint_every: int | None, resume: Path | None, quiet: bool, **settings: Any) -> None:
+          checkpoint: Path | None, checkpoint_every: int | None, resume: Path | None, quiet: bool,
+          **settings: Any) -> None:
     """Train the network and save it.
 
     \f
     ``settings`` are the options named like TrainConfig's fields.
     """
-    from click.core import ParameterSource
-
-    from gpunn.backend import get_backend
-    from gpunn.data import split
-    from gpunn.errors import ModelError
-    from gpunn.files import atomic_write, check_directory, check_writable
-    from gpunn.model import load_model, save_model
-    from gpunn.train import TrainConfig, TrainingInterrupted, fit, predict_proba
-
     if sum(option is not None for option in (data_dir, dataset_name, train_csv)) > 1:
         raise click.UsageError("give one of --data-dir, --dataset and --train-csv")
     if test_csv is not None and train_csv is None:
@@ -169,48 +175,29 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         if path is not None:
             check_writable(path, option)
     if plot_dir is not None:
-        from gpunn.plots import require_matplotlib
-
         check_directory(plot_dir, "--plot-dir")
         require_matplotlib()  # fail now, not after training
     backend = get_backend(device, fast=not generic)
-    resumed = None
-    if resume is not None:
-        resumed = load_model(resume, backend)
+    settings["hidden"] = tuple(settings["hidden"])
+    resumed = None if resume is None else load_model(resume, backend)
+    if resumed is None:
+        config = TrainConfig(**settings)
+    else:
         saved = resumed.info.get("config")
         if not isinstance(saved, dict):
             raise ModelError(f"--resume {resume}: the file holds no training state; it was not saved by gpunn train")
         # settings not given on this command line continue the checkpoint's run; --epochs is the new total
         source = click.get_current_context().get_parameter_source
-        for name in settings:
-            if name != "epochs" and name in saved and source(name) != ParameterSource.COMMANDLINE:
-                settings[name] = saved[name]
-    config = TrainConfig(**{**settings, "hidden": tuple(settings["hidden"])})
+        config = TrainConfig.resumed(saved, {name: value for name, value in settings.items()
+                                             if name == "epochs" or source(name) == ParameterSource.COMMANDLINE})
     dataset = _load_dataset(data_dir, train_csv, test_csv, dataset_name, quiet)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
         check_writable(submission, "--submission")
     parts = split(dataset, val_size=config.val_size, seed=config.seed)
-    c = config
     say = (lambda text: None) if quiet else click.echo
-    say(f"device:  {backend.summary()}")
-    if backend.reason:
-        say(f"         {backend.reason}")
-    say(f"data:    {dataset.source}: {parts.sizes()}")
-    sizes = "-".join(map(str, (dataset.n_features, *c.hidden, 10)))
-    say(f"network: {sizes} {c.activation}/softmax, {c.weight_init} init, {c.dtype}, lr {c.lr:g}, {c.epochs} epochs, "
-        f"seed {c.seed}" + (", standardized inputs" if c.normalize == "standardize" else ""))
-    if c.lr_schedule != "constant" or c.early_stop is not None:
-        say(f"         lr schedule {c.lr_schedule}"
-            + (f" (every {c.lr_step_size} epochs x{c.lr_gamma:g})" if c.lr_schedule == "step" else "")
-            + ("" if c.early_stop is None else f", early stop after {c.early_stop} epochs without a better val loss"))
-    if (c.batch_size, c.optimizer, c.l2, c.dropout) != (None, "gd", 0.0, 0.0):
-        say(f"         {'full batch' if c.batch_size is None else f'mini-batches of {c.batch_size}'}, {c.optimizer}"
-            + ("" if c.optimizer == "gd" else f" (beta1 {c.beta1:g}, beta2 {c.beta2:g}, eps {c.eps:g})")
-            + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
-    step = backend.fast_path(c.architecture(dataset.n_features), columns=c.batch_columns(len(parts.y_train)),
-                             dropout=c.dropout)
-    say(f"step:    {step or 'the generic array-API math'}")
+    for line in describe_run(config, backend, parts, dataset.source):
+        say(line)
     if resumed is not None:
         say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
 
@@ -223,51 +210,29 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         records.append({"type": "epoch", **stats.as_dict()})
         progress.update(stats)
 
-    def on_checkpoint(model: Any) -> None:
-        save_model(checkpoint, model, backend)
-
     try:
-        result = fit(parts, config, backend=backend, on_epoch=on_epoch, on_checkpoint=on_checkpoint,
+        result = fit(parts, config, backend=backend, on_epoch=on_epoch,
+                     on_checkpoint=lambda model: save_model(checkpoint, model, backend),
                      checkpoint_every=checkpoint_every or 0, resume=resumed)
     except TrainingInterrupted as interrupted:
         progress.close()  # end the progress line before the message
         save_model(interrupted_path, interrupted.model, backend)
         click.echo(f"interrupted after epoch {interrupted.epoch}: checkpoint written to {interrupted_path}; "
                    f"continue with the same command and --resume {interrupted_path}", err=True)
-        raise SystemExit(130) from None
+        raise SystemExit(128 + interrupted.signal) from None
     finally:
         progress.close()
-    # the figures of the epoch whose weights are kept: the last, or the best one when training stopped early
-    kept_epoch = result.model.info["epochs_done"]
-    last = next(s for s in result.history if s.epoch == kept_epoch) if kept_epoch > 0 else result.history[-1]
-    steady = result.history[1:] or result.history
-    median_s = sorted(s.seconds for s in steady)[len(steady) // 2]
-    summary: dict[str, Any] = {
-        "type": "summary",
-        "device": backend.name,
-        "data": dataset.source,
-        "layer_sizes": list(result.model.arch.sizes),
-        **config.as_dict(),
-        "early_stopping": result.model.info.get("early_stop"),
-        "train_samples": len(parts.y_train),
-        "val_samples": len(parts.y_val),
-        "loss": last.loss,
-        "train_accuracy": last.train_accuracy,
-        "val_accuracy": last.val_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "test_samples": result.n_test,
-        "median_epoch_s": median_s,
-        "total_s": sum(s.seconds for s in result.history),
-    }
+    summary = {**result.summary(), "data": dataset.source}
     save_model(out, result.model, backend)
     if metrics_out is not None:
         with atomic_write(metrics_out, "w") as handle:
             for record in [*records, summary]:
                 handle.write(json.dumps(record) + "\n")
-    val = "" if last.val_accuracy is None else f", validation accuracy {last.val_accuracy:.2%}"
-    say(f"trained {len(result.history)} epochs in {summary['total_s']:.1f} s (median {median_s * 1e3:.2f} ms/epoch, "
-        f"first epoch apart); epoch {last.epoch}: loss {last.loss:.4f}, training accuracy "
-        f"{last.train_accuracy:.2%}{val}")
+    kept, epochs_run = result.kept, len(result.history)
+    val = "" if kept.val_accuracy is None else f", validation accuracy {kept.val_accuracy:.2%}"
+    say(f"trained {epochs_run} epoch{'s' if epochs_run != 1 else ''} in {result.total_seconds:.1f} s (median "
+        f"{result.median_epoch_seconds * 1e3:.2f} ms/epoch, first epoch apart); epoch {kept.epoch}: loss "
+        f"{kept.loss:.4f}, training accuracy {kept.train_accuracy:.2%}{val}")
     if result.test_accuracy is not None:
         say(f"test accuracy: {result.test_accuracy:.2%} on {result.n_test:,} digits")
     else:
@@ -293,7 +258,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--data-dir", type=click.Path(path_type=Path),
               help="Directory with MNIST's IDX files; the test set is used. Default: the bundled sample.")
-@click.option("--dataset", "dataset_name", type=click.Choice(["mnist", "fashion-mnist"]),
+@click.option("--dataset", "dataset_name", type=click.Choice(list(DATASETS)),
               help="Download (once, verified) and use this data set's test set.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path),
               help="A labelled CSV in Kaggle's train.csv layout, instead of --data-dir.")
@@ -302,11 +267,6 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
 def evaluate(model_path: Path, data_dir: Path | None, dataset_name: str | None, csv_path: Path | None, device: str,
              as_json: bool) -> None:
     """MODEL's accuracy, per-class precision, recall and F1, and the confusion matrix, on labelled digits."""
-    from gpunn.backend import get_backend
-    from gpunn.metrics import confusion_matrix, format_report, report
-    from gpunn.model import load_model
-    from gpunn.train import predict_proba
-
     if sum(option is not None for option in (data_dir, dataset_name, csv_path)) > 1:
         raise click.UsageError("give one of --data-dir, --dataset and --csv")
     backend = get_backend(device)
@@ -337,12 +297,6 @@ def evaluate(model_path: Path, data_dir: Path | None, dataset_name: str | None, 
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def predict(model_path: Path, input_path: Path, output: Path, proba: bool, device: str) -> None:
     """Predict the digits in INPUT (a CSV in Kaggle's test.csv layout, or IDX images) with MODEL."""
-    from gpunn.backend import get_backend
-    from gpunn.data import read_images
-    from gpunn.files import check_writable
-    from gpunn.model import load_model
-    from gpunn.train import predict_proba
-
     check_writable(output, "--output")
     backend = get_backend(device)
     model = load_model(model_path, backend)
@@ -357,7 +311,7 @@ def predict(model_path: Path, input_path: Path, output: Path, proba: bool, devic
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="Also draw the confusion matrix, misclassified digits and first-layer weights of this model.")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="With --model: MNIST IDX files (the test set).")
-@click.option("--dataset", "dataset_name", type=click.Choice(["mnist", "fashion-mnist"]),
+@click.option("--dataset", "dataset_name", type=click.Choice(list(DATASETS)),
               help="With --model: a downloaded data set's test set.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="With --model: a labelled Kaggle-layout CSV.")
 @click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("plots"), show_default=True)
@@ -365,8 +319,6 @@ def predict(model_path: Path, input_path: Path, output: Path, proba: bool, devic
 def plot(metrics: Path, model_path: Path | None, data_dir: Path | None, dataset_name: str | None,
          csv_path: Path | None, out_dir: Path, device: str) -> None:
     """Draw METRICS (a --metrics-out .jsonl file) and, with --model, what the model gets wrong, as PNG files."""
-    from gpunn.plots import PlotError
-
     try:
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     except OSError as error:
@@ -376,9 +328,6 @@ def plot(metrics: Path, model_path: Path | None, data_dir: Path | None, dataset_
     model = images = labels = backend = None
     part = ""
     if model_path is not None:
-        from gpunn.backend import get_backend
-        from gpunn.model import load_model
-
         backend = get_backend(device)
         model = load_model(model_path, backend)
         dataset = _load_dataset(data_dir, csv_path, None, dataset_name, False)
@@ -386,8 +335,6 @@ def plot(metrics: Path, model_path: Path | None, data_dir: Path | None, dataset_
         images, labels = (dataset.test_images, dataset.test_labels) if labelled_test else \
             (dataset.train_images, dataset.train_labels)
         part = "test set" if labelled_test else "all digits of the data"
-    from gpunn.files import check_directory
-
     check_directory(out_dir, "--out-dir")
     written = _write_plots(out_dir, records, model, images, labels, part, backend)
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
@@ -397,10 +344,6 @@ def _write_plots(folder: Path, records: list[dict[str, Any]], model: Any, images
                  backend: Any) -> list[Path]:
     """curves.png from the metrics; with a model and labelled digits (m, 784), also confusion.png,
     misclassified.png and weights.png."""
-    from gpunn.metrics import confusion_matrix
-    from gpunn.plots import confusion_heatmap, first_layer_weights, learning_curves, misclassified_grid
-    from gpunn.train import predict_proba
-
     folder.mkdir(exist_ok=True)
     written = [learning_curves(records, folder / "curves.png")]
     if model is not None:
@@ -416,8 +359,6 @@ def _write_plots(folder: Path, records: list[dict[str, Any]], model: Any, images
 
 def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -> None:
     """Kaggle's submission format: header ImageId,Label, ImageId counting from 1, rows in input order."""
-    from gpunn.files import atomic_write
-
     labels = probabilities.argmax(axis=1)
     with atomic_write(path, "w") as handle:
         handle.write("ImageId,Label" + "".join(f",p{k}" for k in range(probabilities.shape[1])) * with_proba + "\n")
@@ -428,7 +369,7 @@ def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -
 
 @main.command()
 @click.option("--hidden", default="5", show_default=True, callback=_parse_hidden, help="Hidden layer sizes.")
-@click.option("--activation", type=click.Choice(["relu", "sigmoid", "tanh"]), default="relu", show_default=True)
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu", show_default=True)
 @click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True, help="L2 strength lambda.")
 @click.option("--inputs", type=click.IntRange(min=1), default=8, show_default=True, help="Input units.")
 @click.option("--classes", type=click.IntRange(min=2), default=4, show_default=True, help="Output units (softmax).")
@@ -437,9 +378,6 @@ def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -
 def gradcheck(hidden: tuple[int, ...], activation: str, l2: float, inputs: int, classes: int, samples: int,
               seed: int) -> None:
     """Compare every analytic gradient with central differences in float64 (eps 1e-7); exit 1 above 1e-7."""
-    from gpunn.gradcheck import EPSILON, THRESHOLD, check_gradients, random_problem
-    from gpunn.nn import Architecture
-
     arch = Architecture((inputs, *hidden, classes), activation)
     checks = check_gradients(*random_problem(arch, samples=samples, seed=seed), arch, l2=l2)
     click.echo(f"network {arch}, {samples} samples, L2 {l2:g}, float64, eps {EPSILON:g}")
@@ -460,12 +398,10 @@ def data() -> None:
 
 
 @data.command("fetch")
-@click.option("--dataset", "dataset_name", type=click.Choice(["mnist", "fashion-mnist"]), default="mnist",
+@click.option("--dataset", "dataset_name", type=click.Choice(list(DATASETS)), default="mnist",
               show_default=True)
 def data_fetch(dataset_name: str) -> None:
     """Download a data set's four files (if not cached yet) and verify their published digests."""
-    from gpunn.download import DATASETS, fetch
-
     folder = fetch(DATASETS[dataset_name], progress=_DownloadProgress())
     click.echo(f"{dataset_name}: all four files verified in {folder}")
 
@@ -473,8 +409,6 @@ def data_fetch(dataset_name: str) -> None:
 @data.command("info")
 def data_info() -> None:
     """List the cached files with their sizes and digests."""
-    from gpunn.download import cache_root, cached
-
     rows = cached()
     click.echo(f"cache: {cache_root()} (set GPUNN_DATA_DIR to move it)")
     if not rows:
@@ -488,11 +422,6 @@ def data_info() -> None:
 @main.command()
 def info() -> None:
     """Show gpunn's version, its libraries, and the devices it can use."""
-    import platform
-    from importlib.metadata import version
-
-    from gpunn.backend import NumpyBackend, cuda_devices, get_backend
-    from gpunn.errors import BackendError
 
     libraries = ", ".join(f"{name} {version(name)}" for name in ("numpy", "array-api-compat", "click", "pandas"))
     click.echo(f"gpunn {__version__}, Python {platform.python_version()}, {libraries}")
@@ -512,9 +441,6 @@ def info() -> None:
 def _load_dataset(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, dataset_name: str | None = None,
                   quiet: bool = False) -> Any:
     """The data a command was asked for: a Kaggle CSV, a downloaded data set, an IDX directory, or the sample."""
-    from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs
-    from gpunn.download import DATASETS, fetch
-
     if train_csv is not None:
         return load_kaggle_csvs(train_csv, test_csv)
     if dataset_name is not None:

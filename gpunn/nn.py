@@ -32,8 +32,7 @@ INITS = ("he", "xavier", "uniform")
 DTYPES = ("float32", "float64")
 
 
-# --- activations: g(Z) and its backward pass dZ = dA * g'(Z) -------------------------------------------------
-# The backward functions receive both Z and A = g(Z) and use whichever gives g' more cheaply.
+# --- activations: g(Z), and the backward pass dZ = dA * g'(Z) ----------------------------------------------------
 
 
 def relu(Z: Array) -> Array:
@@ -41,7 +40,7 @@ def relu(Z: Array) -> Array:
     return array_namespace(Z).clip(Z, min=0)
 
 
-def relu_backward(dA: Array, Z: Array, A: Array) -> Array:
+def relu_backward(dA: Array, Z: Array) -> Array:
     """dA * relu'(Z), where relu'(Z) is 1 for Z > 0 and 0 elsewhere."""
     xp = array_namespace(dA, Z)
     return dA * xp.astype(Z > 0, dA.dtype)
@@ -53,18 +52,20 @@ def sigmoid(Z: Array) -> Array:
     return (xp.tanh(Z / 2) + 1) / 2
 
 
-def sigmoid_backward(dA: Array, Z: Array, A: Array) -> Array:
-    """dA * sigmoid'(Z), with sigmoid'(Z) = A (1 - A)."""
-    return dA * A * (1 - A)
+def sigmoid_backward(dA: Array, Z: Array) -> Array:
+    """dA * sigmoid'(Z), with sigmoid'(Z) = sigmoid(Z) (1 - sigmoid(Z))."""
+    S = sigmoid(Z)
+    return dA * S * (1 - S)
 
 
 def tanh(Z: Array) -> Array:
     return array_namespace(Z).tanh(Z)
 
 
-def tanh_backward(dA: Array, Z: Array, A: Array) -> Array:
-    """dA * tanh'(Z), with tanh'(Z) = 1 - A**2."""
-    return dA * (1 - A * A)
+def tanh_backward(dA: Array, Z: Array) -> Array:
+    """dA * tanh'(Z), with tanh'(Z) = 1 - tanh(Z)**2."""
+    T = tanh(Z)
+    return dA * (1 - T * T)
 
 
 def softmax(Z: Array) -> Array:
@@ -75,12 +76,31 @@ def softmax(Z: Array) -> Array:
     return E / xp.sum(E, axis=0, keepdims=True)
 
 
-_HIDDEN: dict[str, tuple[Callable[[Array], Array], Callable[[Array, Array, Array], Array]]] = {
+_HIDDEN: dict[str, tuple[Callable[[Array], Array], Callable[[Array, Array], Array]]] = {
     "relu": (relu, relu_backward),
     "sigmoid": (sigmoid, sigmoid_backward),
     "tanh": (tanh, tanh_backward),
 }
 _OUTPUT: dict[str, Callable[[Array], Array]] = {"softmax": softmax, "sigmoid": sigmoid}
+
+
+def dropout_forward(A: Array, p: float, rng: Any) -> tuple[Array, Array | None]:
+    """Inverted dropout: (A * M, M) with M = (u < 1 - p) / (1 - p), u uniform from ``rng.random(shape, dtype)``.
+
+    Each unit is dropped with probability p and the others are scaled by 1/(1 - p), so that E[A * M] = A and
+    nothing needs rescaling at evaluation. With p = 0 nothing is dropped: (A, None).
+    """
+    if not p:
+        return A, None
+    xp = array_namespace(A)
+    keep = 1 - p
+    M = xp.astype(rng.random(A.shape, dtype=A.dtype) < keep, A.dtype) / keep
+    return A * M, M
+
+
+def dropout_backward(dA: Array, M: Array | None) -> Array:
+    """dA * M: the gradient reaches only the units the forward pass kept, scaled as they were."""
+    return dA if M is None else dA * M
 
 
 # --- the network ------------------------------------------------------------------------------------------------
@@ -127,11 +147,11 @@ Params = list[Layer]
 
 class Trace(NamedTuple):
     """What the forward pass keeps for the backward pass: Z[l] and A[l] for l = 0..L (Z[0] is None, A[0] = X),
-    and with dropout the scaled keep-masks M[l] of the hidden layers (None elsewhere, or no list at all)."""
+    and the dropout masks M[l] (None where nothing was dropped: the input, the output, or every layer when p = 0)."""
 
     Z: list[Array | None]
     A: list[Array]
-    M: list[Array | None] | None = None
+    M: list[Array | None]
 
 
 def init_params(arch: Architecture, *, init: str, seed: int, dtype: str = "float32") -> list[Layer]:
@@ -166,27 +186,22 @@ def forward(params: Sequence[Layer], X: Array, arch: Architecture, *, dropout: f
             ) -> Trace:
     """The forward pass. X: (n_0, m). Returns Z[l], A[l] for every layer; A[L] holds the class probabilities.
 
-    ``dropout`` = p > 0 (training only) applies inverted dropout to every hidden layer: A[l] = g(Z[l]) * M[l] with
-    M[l] = (u < 1 - p) / (1 - p), u uniform from ``rng.random(shape, dtype)``, so that E[A[l]] is unchanged and
-    nothing needs rescaling at evaluation.
+    ``dropout`` = p > 0 (training only) applies :func:`dropout_forward` to every hidden layer's activations, with
+    masks drawn from ``rng``.
     """
     g, _ = _HIDDEN[arch.activation]
+    L = len(params)
     Z: list[Array | None] = [None]
     A = [X]
-    M: list[Array | None] | None = [None] if dropout else None
+    M: list[Array | None] = [None]
     for l, (W, b) in enumerate(params, start=1):
         Z.append(W @ A[l - 1] + b)
-        if l == len(params):
-            A.append(_OUTPUT[arch.output](Z[l]))
-            if M is not None:
-                M.append(None)
-        elif M is not None:
-            xp = array_namespace(Z[l])
-            keep = 1 - dropout
-            M.append(xp.astype(rng.random(Z[l].shape, dtype=Z[l].dtype) < keep, Z[l].dtype) / keep)
-            A.append(g(Z[l]) * M[l])
+        if l < L:
+            A_l, M_l = dropout_forward(g(Z[l]), dropout, rng)
         else:
-            A.append(g(Z[l]))
+            A_l, M_l = _OUTPUT[arch.output](Z[l]), None
+        A.append(A_l)
+        M.append(M_l)
     return Trace(Z, A, M)
 
 
@@ -203,15 +218,12 @@ def linear_backward(dZ: Array, A_prev: Array) -> Layer:
     return Layer(dZ @ A_prev.T / m, xp.sum(dZ, axis=1, keepdims=True) / m)
 
 
-def hidden_delta(W_next: Array, dZ_next: Array, Z: Array, A: Array, activation: str, M: Array | None = None
-                 ) -> Array:
-    """dZ[l] = (W[l+1].T @ dZ[l+1]) * g'(Z[l]): the error sent back through the next layer's weights.
-
-    With dropout, dA[l] is first multiplied by the same mask M[l] as the forward pass, and A must be g(Z[l]) itself
-    (before the mask), which the sigmoid and tanh derivatives are computed from."""
-    g, g_backward = _HIDDEN[activation]
-    dA = W_next.T @ dZ_next
-    return g_backward(dA, Z, A) if M is None else g_backward(dA * M, Z, g(Z) if activation != "relu" else A)
+def hidden_delta(W_next: Array, dZ_next: Array, Z: Array, activation: str, M: Array | None = None) -> Array:
+    """dZ[l] = (W[l+1].T @ dZ[l+1]) * g'(Z[l]): the error sent back through the next layer's weights (and through
+    the dropout mask M[l] of the forward pass, where there was one)."""
+    _, g_backward = _HIDDEN[activation]
+    dA = dropout_backward(W_next.T @ dZ_next, M)
+    return g_backward(dA, Z)
 
 
 def backward(params: Sequence[Layer], trace: Trace, Y: Array, arch: Architecture, *, l2: float = 0.0) -> list[Layer]:
@@ -228,8 +240,7 @@ def backward(params: Sequence[Layer], trace: Trace, Y: Array, arch: Architecture
         dW, db = linear_backward(dZ, trace.A[l - 1])
         grads.append(Layer(dW + (l2 / m) * params[l - 1].W, db) if l2 else Layer(dW, db))
         if l > 1:
-            mask = None if trace.M is None else trace.M[l - 1]
-            dZ = hidden_delta(params[l - 1].W, dZ, trace.Z[l - 1], trace.A[l - 1], arch.activation, mask)
+            dZ = hidden_delta(params[l - 1].W, dZ, trace.Z[l - 1], arch.activation, trace.M[l - 1])
     return grads[::-1]
 
 

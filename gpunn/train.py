@@ -1,27 +1,32 @@
-"""The training loop. By default every epoch is one full-batch step: one forward pass, one backward pass and one
-update over all of X. Mini-batches, the update rules of :mod:`gpunn.optim`, L2, dropout, schedules, early stopping
-and checkpoints are options of the same loop.
+"""The training loop. An epoch is one pass over the training set in steps of ``batch_size`` samples: by default
+one full-batch step (one forward pass, one backward pass and one update over all of X). Mini-batches, the update
+rules of :mod:`gpunn.optim`, L2, dropout and schedules are options of the same step; resume, checkpoints, early
+stopping and stopping on a signal are small pieces that :func:`fit` wraps around the loop.
 
-The data go to the device once, before the first epoch. Inside an epoch nothing comes back to the host; with
-mini-batches only the epoch's permutation goes to it. The epoch's metrics (loss, accuracies, a finiteness flag for
-the weights) are stacked into one small device array and read back in a single transfer at the epoch's end, which
-is also where the clock is read.
+The data go to the device once, before the first epoch. The loop never waits for the device: each epoch writes its
+metrics (loss, accuracies, a finiteness flag for the weights) into one row of a device buffer, and the host reads
+the buffer back in one transfer about every 0.25 s of wall time (:data:`DRAIN_SECONDS`), at checkpoints and at the
+end. Progress, metrics files and the epoch a divergence happened in are exactly what a read after every epoch would
+give; only their arrival is batched. Early stopping reads back after every epoch, because it decides on each.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
 import numpy as np
 from array_api_compat import array_namespace
 
-from gpunn.backend import Backend, GradientPass
+from gpunn.backend import Backend, GradientPass, Step, UpdateRule
 from gpunn.data import CLASSES, Split
 from gpunn.errors import ConfigError, ModelError, TrainingDivergedError
 from gpunn.model import Model, Preprocessing
@@ -37,6 +42,13 @@ from gpunn.nn import (
     one_hot,
 )
 from gpunn.optim import Optimizer, learning_rate
+
+#: input preparations a run may choose: pixels / 255, or then standardized per pixel with the training split's stats
+NORMALIZATIONS = ("scale", "standardize")
+#: the host reads the epochs' metrics back from the device at most this often (and at checkpoints and the end)
+DRAIN_SECONDS = 0.25
+#: signals that stop training after the current epoch, with a checkpoint; a second one stops at once
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,13 @@ class TrainConfig:
     dropout: float = 0.0  # probability of dropping a hidden unit, in training only
     normalize: str = "scale"  # "scale": pixels / 255; "standardize": then per pixel (x - mean) / std of the train split
 
+    @classmethod
+    def resumed(cls, saved: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
+        """The settings of a resumed run: those ``given`` again (``epochs``: the new total), the rest from the
+        checkpoint's ``saved`` settings."""
+        return cls.from_dict({**{key: value for key, value in saved.items() if key in cls.__dataclass_fields__},
+                              **given})
+
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
@@ -78,8 +97,8 @@ class TrainConfig:
         if self.lr_step_size < 1 or not 0 < self.lr_gamma <= 1:
             raise ValueError(f"the step schedule needs a step size >= 1 and 0 < gamma <= 1, got {self.lr_step_size} "
                              f"and {self.lr_gamma}")
-        if self.normalize not in ("scale", "standardize"):
-            raise ValueError(f"unknown normalization {self.normalize!r}; expected 'scale' or 'standardize'")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalize!r}; expected one of {NORMALIZATIONS}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"the dropout probability must be in [0, 1), got {self.dropout}")
         if self.early_stop is not None and self.early_stop < 1:
@@ -132,10 +151,50 @@ class EpochStats:
 
 @dataclass
 class FitResult:
+    """A finished run: the model kept, every epoch's report, and the test accuracy where the data had a test set."""
+
     model: Model
     history: list[EpochStats]
     test_accuracy: float | None
     n_test: int
+    train_samples: int = 0
+    val_samples: int = 0
+
+    @property
+    def kept(self) -> EpochStats:
+        """The report of the epoch whose weights the model holds: the last, or the best when training stopped early."""
+        done = self.model.info.get("epochs_done", 0)
+        return next((s for s in self.history if s.epoch == done), self.history[-1])
+
+    @property
+    def median_epoch_seconds(self) -> float:
+        """The median epoch time, leaving out the first epoch (it includes start-up work) when there are others."""
+        steady = sorted(s.seconds for s in self.history[1:] or self.history)
+        return steady[len(steady) // 2]
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(s.seconds for s in self.history)
+
+    def summary(self) -> dict[str, Any]:
+        """The run in one JSON-ready record: settings, data sizes, the kept epoch's figures and the timings."""
+        kept = self.kept
+        return {
+            "type": "summary",
+            "device": self.model.info.get("device"),
+            "layer_sizes": list(self.model.arch.sizes),
+            **self.model.info.get("config", {}),
+            "early_stopping": self.model.info.get("early_stop"),
+            "train_samples": self.train_samples,
+            "val_samples": self.val_samples,
+            "loss": kept.loss,
+            "train_accuracy": kept.train_accuracy,
+            "val_accuracy": kept.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "test_samples": self.n_test,
+            "median_epoch_s": self.median_epoch_seconds,
+            "total_s": self.total_seconds,
+        }
 
 
 @dataclass
@@ -150,12 +209,14 @@ class TrainState:
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C during training; ``model`` is the network after the last completed epoch, ready to save and resume."""
+    """Ctrl-C (or SIGTERM, SIGHUP) during training; ``model`` is the network after the last completed epoch, ready to
+    save and resume. ``signal``: the signal's number (SIGINT for a KeyboardInterrupt)."""
 
-    def __init__(self, model: Model, epoch: int) -> None:
+    def __init__(self, model: Model, epoch: int, signum: int = signal.SIGINT) -> None:
         super().__init__(f"interrupted after epoch {epoch}")
         self.model = model
         self.epoch = epoch
+        self.signal = signum
 
 
 def fingerprint(split: Split) -> str:
@@ -196,9 +257,12 @@ class DeviceData:
     @classmethod
     def from_host(cls, X_uint8: Any, y: Any, *, backend: Backend, dtype: str,
                   preprocessing: Preprocessing | None = None) -> DeviceData:
-        """The one host-to-device transfer of a data set: uint8 pixels and int64 labels, prepared on the device."""
+        """The one host-to-device transfer of a data set: uint8 pixels and int64 labels, prepared on the device.
+        ``preprocessing`` None: X stays uint8 pixels (for a step that takes them raw, see :class:`Step`)."""
         float_dtype = getattr(backend.xp, dtype)
-        X = (preprocessing or Preprocessing())(backend.asarray(X_uint8), float_dtype)
+        X = backend.asarray(X_uint8)
+        if preprocessing is not None:
+            X = preprocessing(X, float_dtype)
         y_dev = backend.asarray(y)
         return cls(X, y_dev, one_hot(y_dev, CLASSES, float_dtype))
 
@@ -226,19 +290,92 @@ def train_step(
     dropout: float = 0.0,
     rng: Any = None,
     gradients: GradientPass | None = None,
+    update: UpdateRule | None = None,
 ) -> tuple[list[Layer], dict[str, list[Layer]], Any, Any]:
     """One gradient step on ``data`` (all of it, or a mini-batch): forward, cost, backward, update rule.
 
     Returns the new parameters and optimizer state, and the cost (L2 term included) and the accuracy, both 0-d device
     arrays measured before the update. ``t`` is the 1-based step count (Adam's bias correction uses it). With
     ``dropout``, the masks come from ``rng`` (see :meth:`gpunn.backend.Backend.random`), and the loss and accuracy
-    are those of the thinned network being trained. ``gradients``: the backend's pass for this run (see
-    :meth:`gpunn.backend.Backend.gradient_pass`); the generic :func:`gpunn.nn.loss_and_gradients` when None.
+    are those of the thinned network being trained. ``gradients`` and ``update``: the run's gradient pass and update
+    rule (see :meth:`gpunn.backend.Backend.step`); the generic :func:`gpunn.nn.loss_and_gradients` and
+    ``rule.step`` when None.
     """
     gradients = gradients or partial(loss_and_gradients, arch=arch)
     loss, batch_accuracy, grads = gradients(params, data.X, data.Y, data.y, l2=l2, dropout=dropout, rng=rng)
-    params, optimizer_state = rule.step(params, grads, optimizer_state, lr, t)
+    params, optimizer_state = (update or rule.step)(params, grads, optimizer_state, lr, t)
     return params, optimizer_state, loss, batch_accuracy
+
+
+class Epochs:
+    """The epochs of one run on the device, one call of :meth:`run` each; the generic loop over a run's steps.
+
+    Each epoch's figures go into row ``(epoch - 1) % capacity`` of :attr:`metrics`, a (capacity, 5) device array of
+    loss, training accuracy, validation loss, validation accuracy and a finiteness flag for the weights, written
+    without waiting for the device. ``val``, ``train.X`` for the validation pass: prepared floats; ``train.X`` may be
+    raw pixels when the step takes them (:attr:`gpunn.backend.Step.pixels`).
+    """
+
+    def __init__(self, arch: Architecture, config: TrainConfig, train: DeviceData, val: DeviceData | None,
+                 backend: Backend, gradients: GradientPass, update: UpdateRule, *, capacity: int = 1024) -> None:
+        self.arch, self.config, self.train, self.val, self.backend = arch, config, train, val, backend
+        self.gradients, self.update = gradients, update
+        self.capacity = capacity
+        xp = backend.xp
+        dtype = getattr(xp, config.dtype)
+        self.metrics = xp.full((capacity, 5), math.nan, dtype=dtype, device=backend.device)
+        self._nan = xp.asarray(math.nan, dtype=dtype, device=backend.device)
+        self.params: list[Layer] = []
+        self.optimizer_state: dict[str, list[Layer]] = {}
+
+    def load(self, params: list[Layer], optimizer_state: dict[str, list[Layer]], *, epochs_done: int) -> None:
+        """Start from these parameters and optimizer state, after ``epochs_done`` epochs."""
+        self.params, self.optimizer_state = params, optimizer_state
+
+    def state(self) -> tuple[list[Layer], dict[str, list[Layer]]]:
+        """The parameters and optimizer state after the last epoch run (arrays nobody modifies in place)."""
+        return self.params, self.optimizer_state
+
+    def run(self, epoch: int) -> None:
+        """Epoch ``epoch`` (1-based): its steps, the validation pass, and the write of its metrics row."""
+        config, train, xp = self.config, self.train, self.backend.xp
+        lr = config.lr_at(epoch)
+        batch = config.batch_columns(train.m)
+        t = (epoch - 1) * -(-train.m // batch)
+        # dropout masks from the device's own generator, seeded from (seed, epoch) so that a resumed run draws the same
+        rng = self.backend.random(int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])) \
+            if config.dropout else None
+        params, optimizer_state = self.params, self.optimizer_state
+        if batch == train.m:
+            batches: Iterator[DeviceData] = iter([train])  # full batch: no shuffling, the step sees every sample
+        else:
+            # Reshuffled every epoch from (seed, epoch), so a resumed run draws the same batches. Only this
+            # permutation crosses to the device; the batches are gathered there.
+            order = self.backend.asarray(np.random.default_rng([config.seed, epoch]).permutation(train.m))
+            batches = (train.take(order[first : first + batch]) for first in range(0, train.m, batch))
+        loss = train_accuracy = 0.0
+        for part in batches:
+            t += 1
+            params, optimizer_state, batch_loss, batch_accuracy = train_step(
+                params, optimizer_state, part, self.arch, lr=lr, t=t, rule=config.rule, l2=config.l2,
+                dropout=config.dropout, rng=rng, gradients=self.gradients, update=self.update)
+            # the epoch's figures: the mean over samples of the figures each batch had before its own update
+            loss = loss + batch_loss * (part.m / train.m)
+            train_accuracy = train_accuracy + batch_accuracy * (part.m / train.m)
+        val_loss = val_accuracy = self._nan
+        if self.val is not None:
+            trace = forward(params, self.val.X, self.arch)
+            val_loss, val_accuracy = cost(trace.Z[-1], self.val.Y, self.arch.output), accuracy(trace.A[-1], self.val.y)
+        finite = xp.all(xp.stack([xp.all(xp.isfinite(W)) & xp.all(xp.isfinite(b)) for W, b in params]))
+        row = [loss, train_accuracy, val_loss, val_accuracy, finite]
+        self.metrics[(epoch - 1) % self.capacity, :] = xp.stack([xp.astype(value, self._nan.dtype) for value in row])
+        self.params, self.optimizer_state = params, optimizer_state
+
+
+def check_config(config: TrainConfig, split: Split) -> None:
+    """Refuse settings that cannot work with this data, before any of it goes to the device."""
+    if config.early_stop is not None and not len(split.y_val):
+        raise ConfigError("--early-stop watches the validation loss, so it needs --val-size > 0")
 
 
 def fit(
@@ -250,76 +387,190 @@ def fit(
     on_checkpoint: Callable[[Model], None] | None = None,
     checkpoint_every: int = 0,
     resume: Model | None = None,
+    on_signal: Callable[[int], None] | None = None,
 ) -> FitResult:
-    """Train on ``split`` with full-batch gradient descent on ``backend``, up to ``config.epochs`` in all.
+    """Train on ``split`` on ``backend`` as ``config`` says, up to ``config.epochs`` epochs in all.
 
     ``resume``: a model or checkpoint saved by an earlier run of the same configuration on the same data; training
-    continues after its last epoch and ends exactly where an uninterrupted run would. ``on_checkpoint`` receives the
-    model every ``checkpoint_every`` epochs. Ctrl-C raises TrainingInterrupted carrying the last completed epoch.
+    continues after its last epoch and ends exactly where an uninterrupted run would. ``on_epoch`` receives each
+    epoch's report, ``on_checkpoint`` the model every ``checkpoint_every`` epochs. Ctrl-C, SIGTERM or SIGHUP (in the
+    main thread) stop training after the current epoch, ``on_signal`` hearing of it at once, and raise
+    TrainingInterrupted carrying that epoch's model; a second such signal stops at once, without one.
     """
-    data_sha256 = fingerprint(split)
+    check_config(config, split)
     arch = config.architecture(split.X_train.shape[0])
+    data_sha256 = fingerprint(split)
+    epochs_done = 0 if resume is None else check_resumable(resume, config, data_sha256)
+    rule = config.rule
+    step = backend.step(arch, dtype=config.dtype, columns=config.batch_columns(len(split.y_train)),
+                        dropout=config.dropout)
+    preprocessing, train, val = _to_device(split, config, backend, raw_pixels=step.pixels)
+    if resume is None:
+        params = [Layer(backend.asarray(W), backend.asarray(b))
+                  for W, b in init_params(arch, init=config.weight_init, seed=config.seed, dtype=config.dtype)]
+        optimizer_state = rule.init(params)
+    else:
+        params, optimizer_state = resume.params, _resumed_optimizer_state(resume, rule, config)
+
+    def snapshot(state: TrainState) -> Model:
+        return make_model(arch, state, config, split, data_sha256, backend, preprocessing)
+
+    history: list[EpochStats] = []
+    stopper = _EarlyStopping(config.early_stop)
+    # Overflow is caught by the finiteness check and reported with the epoch and a fix; NumPy's own floating-point
+    # warnings would only repeat it, several times per epoch and with neither.
+    with _stop_signals(on_signal) as stop, np.errstate(over="ignore", invalid="ignore"), \
+            step.gradients() as gradients, step.update(rule) as update:
+        epochs = Epochs(arch, config, train, val, backend, gradients, update)
+        epochs.load(params, optimizer_state, epochs_done=epochs_done)
+        state = TrainState(params, optimizer_state, epochs_done)
+        try:
+            for state, reports in _run(epochs, config, backend, train.m, epochs_done, checkpoint_every,
+                                       stopper.active, stop):
+                for stats in reports:
+                    history.append(stats)
+                    if on_epoch is not None:
+                        on_epoch(stats)
+                    stopper.observe(stats, state)
+                if on_checkpoint is not None and checkpoint_every and state.epoch % checkpoint_every == 0:
+                    on_checkpoint(snapshot(state))
+                if stop.signum is not None:
+                    raise TrainingInterrupted(snapshot(state), state.epoch, stop.signum)
+                if stopper.stopped:
+                    break
+        except KeyboardInterrupt:
+            # Ctrl-C outside the handler's reach (a second one, or a callback's): the last epoch read back is whole
+            raise TrainingInterrupted(snapshot(state), state.epoch) from None
+    if stopper.stopped:
+        state = stopper.best
+    model = snapshot(state)
+    if config.early_stop is not None:
+        model.info["early_stop"] = stopper.record(history, state)
+    del train, val, epochs  # the training set in floats is the run's largest array: free it before the test set's
+    test_accuracy, n_test = None, 0
+    if split.X_test is not None and split.y_test is not None and len(split.y_test):
+        test_accuracy, n_test = evaluate(model, split.X_test, split.y_test, backend=backend), len(split.y_test)
+    return FitResult(model, history, test_accuracy, n_test, len(split.y_train), len(split.y_val))
+
+
+def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixels: bool
+               ) -> tuple[Preprocessing, DeviceData, DeviceData | None]:
+    """The preprocessing fitted on the training split, and the training and validation sets on the device."""
     X_train = backend.asarray(split.X_train)
     # statistics from the training split only, then applied unchanged to validation, test and prediction inputs
     preprocessing = Preprocessing.fit("standardize" if config.normalize == "standardize" else "scale-255", X_train,
                                       getattr(backend.xp, config.dtype))
     train = DeviceData.from_host(X_train, split.y_train, backend=backend, dtype=config.dtype,
-                                 preprocessing=preprocessing)
+                                 preprocessing=None if raw_pixels else preprocessing)
     val = DeviceData.from_host(split.X_val, split.y_val, backend=backend, dtype=config.dtype,
                                preprocessing=preprocessing) if len(split.y_val) else None
-    rule = config.rule
-    if resume is None:
-        params = [
-            Layer(backend.asarray(W), backend.asarray(b))
-            for W, b in init_params(arch, init=config.weight_init, seed=config.seed, dtype=config.dtype)
-        ]
-        state = TrainState(params, rule.init(params), 0)
-    else:
-        done = check_resumable(resume, config, data_sha256)
-        if set(resume.optimizer_state) != set(rule.state_names):
-            raise ModelError(f"cannot resume: the checkpoint holds optimizer state {sorted(resume.optimizer_state)}, "
-                             f"{config.optimizer} needs {sorted(rule.state_names)}")
-        state = TrainState(resume.params, resume.optimizer_state, done)
-    def snapshot(state: TrainState) -> Model:
-        return make_model(arch, state, config, split, data_sha256, backend, preprocessing)
+    return preprocessing, train, val
 
-    # Overflow is caught once per epoch by the finiteness check and reported with the epoch and a fix; NumPy's own
-    # floating-point warnings would only repeat it, several times per epoch and with neither.
-    if config.early_stop is not None and val is None:
-        raise ConfigError("--early-stop watches the validation loss, so it needs --val-size > 0")
-    history: list[EpochStats] = []
-    best: tuple[float, TrainState] | None = None  # (validation loss, state) of the best epoch so far
-    stopped_early = False
-    columns = config.batch_columns(train.m)
+
+def _resumed_optimizer_state(resume: Model, rule: Optimizer, config: TrainConfig) -> dict[str, list[Layer]]:
+    if set(resume.optimizer_state) != set(rule.state_names):
+        raise ModelError(f"cannot resume: the checkpoint holds optimizer state {sorted(resume.optimizer_state)}, "
+                         f"{config.optimizer} needs {sorted(rule.state_names)}")
+    return resume.optimizer_state
+
+
+def _run(epochs: Epochs, config: TrainConfig, backend: Backend, m: int, epochs_done: int, checkpoint_every: int,
+         every_epoch: bool, stop: _StopRequest) -> Iterator[tuple[TrainState, list[EpochStats]]]:
+    """Run epochs ``epochs_done + 1`` to ``config.epochs`` without waiting for the device, reading the metrics back
+    about every :data:`DRAIN_SECONDS`, after every epoch when ``every_epoch``, at checkpoints, on a stop request and at
+    the end. Yields the state after the last epoch run and the reports read back since the previous yield."""
+    pending: list[tuple[int, Any, Any]] = []  # (epoch, device marks before and after it) not yet read back
+    last_read = time.monotonic()
+    backend.synchronize()
+    for epoch in range(epochs_done + 1, config.epochs + 1):
+        start = backend.mark()
+        epochs.run(epoch)
+        pending.append((epoch, start, backend.mark()))
+        due = (every_epoch or epoch == config.epochs or stop.signum is not None or len(pending) == epochs.capacity
+               or (checkpoint_every and epoch % checkpoint_every == 0)
+               or time.monotonic() - last_read >= DRAIN_SECONDS)
+        if due:
+            reports = _read_back(epochs, backend, pending, m, config.lr)
+            pending, last_read = [], time.monotonic()
+            params, optimizer_state = epochs.state()
+            yield TrainState(params, optimizer_state, epoch), reports
+
+
+def _read_back(epochs: Epochs, backend: Backend, pending: list[tuple[int, Any, Any]], m: int, lr: float
+               ) -> list[EpochStats]:
+    """The pending epochs' reports, in one device-to-host transfer (which waits for the device). Raises
+    TrainingDivergedError for the first epoch whose loss or weights are not finite, after reporting the ones before."""
+    rows = backend.to_numpy(epochs.metrics).astype(np.float64)
+    reports = []
+    for epoch, start, end in pending:
+        loss, train_accuracy, val_loss, val_accuracy, finite = rows[(epoch - 1) % epochs.capacity]
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(epoch, "the loss", lr)
+        if finite != 1.0:
+            raise TrainingDivergedError(epoch, "a weight", lr)
+        seconds = backend.seconds(start, end)
+        has_val = epochs.val is not None
+        reports.append(EpochStats(epoch, float(loss), float(train_accuracy), float(val_loss) if has_val else None,
+                                  float(val_accuracy) if has_val else None, seconds, m / seconds))
+    return reports
+
+
+@dataclass
+class _EarlyStopping:
+    """Stop when the validation loss has not improved for ``patience`` epochs, keeping the best epoch's state."""
+
+    patience: int | None
+    best: TrainState | None = None
+    best_loss: float = math.inf
+    stopped: bool = False
+    last_epoch: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.patience is not None
+
+    def observe(self, stats: EpochStats, state: TrainState) -> None:
+        """Called with each epoch's report while ``state`` is that epoch's (it reads back after every epoch)."""
+        if self.patience is None or self.stopped:
+            return
+        self.last_epoch = stats.epoch
+        if stats.val_loss is not None and stats.val_loss < self.best_loss:
+            self.best, self.best_loss = state, stats.val_loss
+        elif self.best is not None and stats.epoch - self.best.epoch >= self.patience:
+            self.stopped = True
+
+    def record(self, history: list[EpochStats], state: TrainState) -> dict[str, Any]:
+        return {"stopped": self.stopped, "best_epoch": None if self.best is None else self.best.epoch,
+                "epochs_run": history[-1].epoch if history else state.epoch}
+
+
+@dataclass
+class _StopRequest:
+    signum: int | None = None
+
+
+@contextmanager
+def _stop_signals(on_signal: Callable[[int], None] | None) -> Iterator[_StopRequest]:
+    """While training, SIGINT, SIGTERM and SIGHUP ask the loop to stop after the current epoch; a second one
+    raises KeyboardInterrupt at once. Only the main thread can install handlers; elsewhere Ctrl-C stays Python's."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if request.signum is not None:
+            raise KeyboardInterrupt
+        request.signum = signum
+        if on_signal is not None:
+            on_signal(signum)
+
+    previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
     try:
-        # the backend's fast path for this network where it has one (the generic math otherwise), held for the run
-        with np.errstate(over="ignore", invalid="ignore"), \
-                backend.gradient_pass(arch, dtype=config.dtype, columns=columns, dropout=config.dropout) as gradients:
-            for stats, state in _run_epochs(state, train, val, arch, config, backend, gradients):
-                history.append(stats)
-                if on_epoch is not None:
-                    on_epoch(stats)
-                if on_checkpoint is not None and checkpoint_every and state.epoch % checkpoint_every == 0:
-                    on_checkpoint(snapshot(state))
-                if config.early_stop is not None:
-                    if best is None or stats.val_loss < best[0]:
-                        best = (stats.val_loss, state)
-                    elif state.epoch - best[1].epoch >= config.early_stop:
-                        stopped_early = True
-                        break
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(snapshot(state), state.epoch) from None
-    if stopped_early and best is not None:
-        state = best[1]  # parameters are never modified in place, so the best epoch's arrays are intact
-    model = snapshot(state)
-    if config.early_stop is not None:
-        model.info["early_stop"] = {"stopped": stopped_early, "best_epoch": None if best is None else best[1].epoch,
-                                    "epochs_run": history[-1].epoch if history else state.epoch}
-    del train, val  # the training set in floats is the largest array of the run: free it before the test set's
-    test_accuracy, n_test = None, 0
-    if split.X_test is not None and split.y_test is not None and len(split.y_test):
-        test_accuracy, n_test = evaluate(model, split.X_test, split.y_test, backend=backend), len(split.y_test)
-    return FitResult(model, history, test_accuracy, n_test)
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def check_resumable(model: Model, config: TrainConfig, data_sha256: str) -> int:
@@ -342,74 +593,29 @@ def check_resumable(model: Model, config: TrainConfig, data_sha256: str) -> int:
     return done
 
 
-def _run_epochs(
-    state: TrainState,
-    train: DeviceData,
-    val: DeviceData | None,
-    arch: Architecture,
-    config: TrainConfig,
-    backend: Backend,
-    gradients: GradientPass,
-) -> Iterator[tuple[EpochStats, TrainState]]:
-    """Epochs ``state.epoch + 1`` to ``config.epochs``; yields each epoch's report and the state after it."""
-    xp = backend.xp
-    nan = xp.asarray(math.nan, dtype=train.X.dtype, device=backend.device)
-    rule = config.rule
-    batch = config.batch_columns(train.m)
-    steps_per_epoch = -(-train.m // batch)
-    params, optimizer_state = state.params, state.optimizer_state
-    backend.synchronize()
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        start = time.perf_counter()
-        lr = config.lr_at(epoch)
-        t = (epoch - 1) * steps_per_epoch
-        # dropout masks from the device's own generator, seeded from (seed, epoch) so that a resumed run draws the same
-        rng = backend.random(int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])) \
-            if config.dropout else None
-        if batch == train.m:  # full batch: no shuffling, the step sees every sample at once
-            t += 1
-            params, optimizer_state, loss, train_accuracy = train_step(
-                params, optimizer_state, train, arch, lr=lr, t=t, rule=rule, l2=config.l2, dropout=config.dropout,
-                rng=rng, gradients=gradients)
-        else:
-            # Reshuffled every epoch from (seed, epoch), so a resumed run draws the same batches. Only this
-            # permutation crosses to the device; the batches are gathered there.
-            order = backend.asarray(np.random.default_rng([config.seed, epoch]).permutation(train.m))
-            loss = train_accuracy = 0.0
-            for first in range(0, train.m, batch):
-                t += 1
-                part = train.take(order[first : first + batch])
-                params, optimizer_state, batch_loss, batch_accuracy = train_step(
-                    params, optimizer_state, part, arch, lr=lr, t=t, rule=rule, l2=config.l2,
-                    dropout=config.dropout, rng=rng, gradients=gradients)
-                # epoch figures: the mean over samples of the figures each batch had before its own update
-                loss = loss + batch_loss * (part.m / train.m)
-                train_accuracy = train_accuracy + batch_accuracy * (part.m / train.m)
-        if val is not None:
-            val_trace = forward(params, val.X, arch)
-            val_loss, val_accuracy = cost(val_trace.Z[-1], val.Y, arch.output), accuracy(val_trace.A[-1], val.y)
-        else:
-            val_loss = val_accuracy = nan
-        finite = xp.all(xp.stack([xp.all(xp.isfinite(W)) & xp.all(xp.isfinite(b)) for W, b in params]))
-        # the epoch's single device-to-host transfer; it waits for the device, so the clock is read after it
-        metrics = xp.stack([loss, train_accuracy, val_loss, val_accuracy, xp.astype(finite, nan.dtype)])
-        loss_value, train_value, val_loss_value, val_value, finite_value = map(float, backend.to_numpy(metrics))
-        backend.synchronize()
-        seconds = time.perf_counter() - start
-        if not math.isfinite(loss_value):
-            raise TrainingDivergedError(epoch, "the loss", config.lr)
-        if finite_value != 1.0:
-            raise TrainingDivergedError(epoch, "a weight", config.lr)
-        stats = EpochStats(
-            epoch,
-            loss_value,
-            train_value,
-            None if val is None else val_loss_value,
-            None if val is None else val_value,
-            seconds,
-            train.m / seconds,
-        )
-        yield stats, TrainState(params, optimizer_state, epoch)
+def describe_run(config: TrainConfig, backend: Backend, split: Split, source: str) -> list[str]:
+    """The header a run prints before its first epoch: device, data, network and settings, and the step's
+    computation (the same decision :func:`fit` acts on)."""
+    c = config
+    arch = c.architecture(split.X_train.shape[0])
+    lines = [f"device:  {backend.summary()}"] + ([f"         {backend.reason}"] if backend.reason else [])
+    lines.append(f"data:    {source}: {split.sizes()}")
+    lines.append(f"network: {'-'.join(map(str, arch.sizes))} {c.activation}/{arch.output}, {c.weight_init} init, "
+                 f"{c.dtype}, lr {c.lr:g}, {c.epochs} epochs, seed {c.seed}"
+                 + (", standardized inputs" if c.normalize == "standardize" else ""))
+    if c.lr_schedule != "constant" or c.early_stop is not None:
+        lines.append(f"         lr schedule {c.lr_schedule}"
+                     + (f" (every {c.lr_step_size} epochs x{c.lr_gamma:g})" if c.lr_schedule == "step" else "")
+                     + ("" if c.early_stop is None else
+                        f", early stop after {c.early_stop} epochs without a better val loss"))
+    if (c.batch_size, c.optimizer, c.l2, c.dropout) != (None, "gd", 0.0, 0.0):
+        lines.append(f"         {'full batch' if c.batch_size is None else f'mini-batches of {c.batch_size}'}, "
+                     f"{c.optimizer}" + ("" if c.optimizer == "gd" else
+                                         f" (beta1 {c.beta1:g}, beta2 {c.beta2:g}, eps {c.eps:g})")
+                     + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
+    step = backend.step(arch, dtype=c.dtype, columns=c.batch_columns(len(split.y_train)), dropout=c.dropout)
+    lines.append(f"step:    {step.name}")
+    return lines
 
 
 def evaluate(model: Model, X_uint8: Any, y: Any, *, backend: Backend) -> float:

@@ -197,27 +197,6 @@ def test_cuda_backend_describes_the_gpu(cuda):
     cuda.synchronize()
 
 
-def test_out_of_gpu_memory_names_what_was_needed_and_what_is_free(monkeypatch):
-    """CuPy's OutOfMemoryError, recognized by name (no CuPy import), becomes one line with both figures."""
-    from gpunn.backend import out_of_memory_message
-
-    class Device:
-        id = 0
-        mem_info = (512 * 2**20, 80 * 2**30)
-
-    module = types.ModuleType("cupy")
-    module.cuda = types.SimpleNamespace(Device=Device)
-    monkeypatch.setitem(sys.modules, "cupy", module)
-    OutOfMemoryError = type("OutOfMemoryError", (MemoryError,), {"__module__": "cupy.cuda.memory"})
-    error = OutOfMemoryError("Out of memory allocating 3,221,225,472 bytes (allocated so far: 1,024 bytes).")
-    assert out_of_memory_message(error) == (
-        "out of GPU memory: needed 3.00 GiB more on cuda:0, which has 0.50 GiB free of 80.00 GiB; "
-        "try a smaller --hidden, --dtype float32, or --device cpu"
-    )
-    assert out_of_memory_message(ValueError("other")) is None
-    assert out_of_memory_message(MemoryError("Unable to allocate 5 GiB")).startswith("out of host memory: ")
-
-
 @pytest.mark.parametrize("subclass", [NumpyBackend, CupyBackend])
 def test_overrides_keep_the_base_signatures(subclass):
     """A fast path is an override that callers reach through Backend's interface: same parameters, same kinds."""
@@ -226,3 +205,58 @@ def test_overrides_keep_the_base_signatures(subclass):
         if name.startswith("_") or base is None or not callable(member):
             continue
         assert inspect.signature(member) == inspect.signature(base), name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("sizes, m, l2", [((784, 10, 10), 1999, 0.0), ((784, 24, 16, 10), 777, 0.3)],
+                         ids=["784-10-10", "784-24-16-10-l2"])
+def test_every_fast_path_matches_the_generic_math(backend, dtype, sizes, m, l2):
+    """Whatever Backend.step chooses on this backend (a fast path, or the generic math), one step's loss, accuracy and
+    gradients, and one update by each rule, agree with gpunn.nn and gpunn.optim on the same device."""
+    import copy
+
+    from gpunn.data import load_bundled_sample
+    from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
+    from gpunn.optim import OPTIMIZERS, Optimizer
+
+    tolerance = {"float32": dict(rtol=3e-4, atol=1e-6), "float64": dict(rtol=1e-9, atol=1e-13)}[dtype]
+    sample = load_bundled_sample()
+    pixels, labels = np.ascontiguousarray(sample.train_images[:m].T), sample.train_labels[:m].astype(np.int64)
+    arch = Architecture(sizes)
+    xp = backend.xp
+    params = [Layer(backend.asarray(W), backend.asarray(b + 0.01))
+              for W, b in init_params(arch, init="he", seed=3, dtype=dtype)]
+    X = backend.asarray(pixels.astype(dtype) / 255)
+    y = backend.asarray(labels)
+    Y = one_hot(y, 10, getattr(xp, dtype))
+    step = backend.step(arch, dtype=dtype, columns=m)
+    generic = copy.copy(backend)
+    generic.fast = False
+    assert generic.step(arch, dtype=dtype, columns=m).name == "the generic array-API math"
+
+    def host(a):
+        return backend.to_numpy(a).astype(np.float64)
+
+    with step.gradients() as gradients:
+        loss, accuracy, grads = gradients(params, backend.asarray(pixels) if step.pixels else X, Y, y, l2=l2)
+    ref_loss, ref_accuracy, ref_grads = loss_and_gradients(params, X, Y, y, arch, l2=l2)
+    assert loss.shape == accuracy.shape == ()
+    np.testing.assert_allclose(host(loss), host(ref_loss), **tolerance)
+    assert host(accuracy) == host(ref_accuracy)
+    for (dW, db), (ref_dW, ref_db) in zip(grads, ref_grads, strict=True):
+        assert dW.shape == ref_dW.shape and db.shape == ref_db.shape and dW.dtype == ref_dW.dtype
+        for got, want in ((dW, ref_dW), (db, ref_db)):
+            scale = np.abs(host(want)).max()
+            np.testing.assert_allclose(host(got), host(want), rtol=tolerance["rtol"], atol=tolerance["atol"] * scale)
+    for name in OPTIMIZERS:
+        rule = Optimizer(name)
+        state = rule.init(params)
+        # a second step from the first's state, so that the running averages are not zero
+        for t in (1, 2):
+            ref, ref_state = rule.step(params, ref_grads, state, 0.05, t)  # first: a fast update may work in place
+            with step.update(rule) as update:
+                new, new_state = update(params, ref_grads, state, 0.05, t)
+            for got, want in zip([*new, *sum(new_state.values(), [])], [*ref, *sum(ref_state.values(), [])]):
+                for a, b in zip(got, want):
+                    np.testing.assert_allclose(host(a), host(b), **tolerance)
+            params, state = ref, ref_state

@@ -11,7 +11,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 from gpunn import fused_cpu
-from gpunn.backend import get_backend
+from gpunn.backend import GENERIC, get_backend
 from gpunn.data import load_bundled_sample, split
 from gpunn.fused_cpu import FusedCpuPass
 from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
@@ -130,7 +130,7 @@ def test_ten_epochs_end_where_the_generic_code_ends(monkeypatch):
     parts = split(load_bundled_sample(), val_size=500, seed=0)
     config = TrainConfig(hidden=(24,), epochs=10, lr=0.3, l2=0.1)
     fast, generic = get_backend("cpu"), get_backend("cpu", fast=False)
-    assert fast.fast_path(Architecture((784, 24, 10)), columns=4500) is not None
+    assert fast.step(Architecture((784, 24, 10)), dtype="float32", columns=4500).name != GENERIC
     runs = [fit(parts, config, backend=backend) for backend in (fast, generic)]
     np.testing.assert_allclose([s.loss for s in runs[0].history], [s.loss for s in runs[1].history], rtol=1e-5)
     for (W, b), (ref_W, ref_b) in zip(runs[0].model.params, runs[1].model.params, strict=True):
@@ -151,8 +151,9 @@ def test_ten_epochs_end_where_the_generic_code_ends(monkeypatch):
 )
 def test_the_generic_pass_runs_where_the_fast_path_does_not_apply(arch, dropout, fast):
     backend = get_backend("cpu", fast=fast)
-    assert backend.fast_path(arch, columns=60_000, dropout=dropout) is None
-    with backend.gradient_pass(arch, dtype="float32", columns=60_000, dropout=dropout) as gradients:
+    step = backend.step(arch, dtype="float32", columns=60_000, dropout=dropout)
+    assert step.name == GENERIC and not step.pixels
+    with step.gradients() as gradients:
         assert isinstance(gradients, partial) and gradients.func is loss_and_gradients
 
 
@@ -165,9 +166,12 @@ def test_the_pass_refuses_networks_it_does_not_compute(arch):
 def test_the_fast_path_names_its_threads(monkeypatch):
     backend, arch = get_backend("cpu"), Architecture((784, 10, 10))
     monkeypatch.setattr(fused_cpu, "usable_cores", lambda: 4)
-    assert backend.fast_path(arch, columns=60_000) == "fused CPU pass, 4 threads"
-    assert backend.fast_path(arch, columns=10_000) == "fused CPU pass, 2 threads"  # chunks of at least MIN_CHUNK
-    assert backend.fast_path(arch, columns=64) == "fused CPU pass, 1 thread"
+    def name(columns):
+        return backend.step(arch, dtype="float32", columns=columns).name
+
+    assert name(60_000) == "fused CPU pass, 4 threads"
+    assert name(10_000) == "fused CPU pass, 2 threads"  # chunks of at least MIN_CHUNK
+    assert name(64) == "fused CPU pass, 1 thread"
 
 
 def test_dropout_is_refused_by_the_pass_itself(sample):

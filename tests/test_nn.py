@@ -39,7 +39,7 @@ def test_shapes_match_the_seed_tables(cpu):
     Z1, A1, Z2, A2 = trace.Z[1], trace.A[1], trace.Z[2], trace.A[2]
     dZ2 = output_delta(A2, Y)
     dW2, db2 = linear_backward(dZ2, A1)
-    dZ1 = hidden_delta(W2, dZ2, Z1, A1, "relu")
+    dZ1 = hidden_delta(W2, dZ2, Z1, "relu")
     dW1, db1 = linear_backward(dZ1, X)
     expected = {
         "W1": (10, 784), "b1": (10, 1), "Z1": (10, m), "A1": (10, m), "W2": (10, 10), "b2": (10, 1),

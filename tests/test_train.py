@@ -102,19 +102,29 @@ def test_resume_is_bit_identical(sample_split, cpu):
         np.testing.assert_array_equal(a.b, b.b)
 
 
-def test_checkpoints_and_interruption(sample_split, cpu):
-    saved = []
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "SIGINT", "SIGTERM"])
+def test_checkpoints_and_interruption(sample_split, cpu, how):
+    import os
+    import signal
+
+    saved, heard = [], []
 
     def interrupt_at_7(stats):
         if stats.epoch == 7:
-            raise KeyboardInterrupt
+            if how == "KeyboardInterrupt":  # raised where no handler sees it, e.g. by a callback
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), getattr(signal, how))
 
     config = TrainConfig(epochs=12)
     with pytest.raises(TrainingInterrupted) as caught:
-        fit(sample_split, config, backend=cpu, on_epoch=interrupt_at_7, on_checkpoint=saved.append, checkpoint_every=3)
-    assert [m.info["epochs_done"] for m in saved] == [3, 6]
-    # the epoch in which Ctrl-C came was reported before it, so the state is the one after epoch 7
-    assert caught.value.epoch == 7 and caught.value.model.info["epochs_done"] == 7
+        fit(sample_split, config, backend=cpu, on_epoch=interrupt_at_7, on_checkpoint=saved.append, checkpoint_every=3,
+            on_signal=heard.append)
+    assert [m.info["epochs_done"] for m in saved][:2] == [3, 6]
+    # reports reach the host in batches, so the run stops after the last epoch it had run: a whole epoch, >= 7
+    assert 7 <= caught.value.epoch < 12 and caught.value.model.info["epochs_done"] == caught.value.epoch
+    assert caught.value.signal == (signal.SIGINT if how == "KeyboardInterrupt" else getattr(signal, how))
+    assert heard == ([] if how == "KeyboardInterrupt" else [getattr(signal, how)])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are restored after the run
     finished = fit(sample_split, config, backend=cpu, resume=caught.value.model)
     straight = fit(sample_split, config, backend=cpu)
     np.testing.assert_array_equal(finished.model.params[0].W, straight.model.params[0].W)
