@@ -6,10 +6,15 @@ bad input or usage, 1 for everything else (a device that cannot be used, trainin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import platform
+import signal
 import sys
 import time
+import traceback
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -23,11 +28,11 @@ from gpunn.backend import NumpyBackend, cuda_devices, get_backend
 from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs, read_images, split
 from gpunn.diagnostics import out_of_memory_message
 from gpunn.download import DATASETS, cache_root, cached, fetch
-from gpunn.errors import BackendError, GpunnError, ModelError
+from gpunn.errors import BackendError, GpunnError, ModelError, SignalInterrupt
 from gpunn.files import atomic_write, check_directory, check_writable
 from gpunn.gradcheck import EPSILON, THRESHOLD, check_gradients, random_problem
 from gpunn.metrics import confusion_matrix, format_report, report
-from gpunn.model import load_model, save_model
+from gpunn.model import Model, load_model, save_model
 from gpunn.nn import ACTIVATIONS, DTYPES, INITS, Architecture
 from gpunn.optim import OPTIMIZERS, SCHEDULES
 # matplotlib itself is imported by gpunn.plots on first use, so `gpunn --help` does not pay for it
@@ -39,23 +44,86 @@ DEVICE_HELP = "auto (the GPU if one answers, else the CPU), cpu, cuda, or cuda:N
 
 
 class GpunnGroup(click.Group):
-    """A click group that prints gpunn's own errors as one line instead of a traceback."""
+    """A click group that prints gpunn's own errors as one line instead of a traceback, and ends on SIGTERM and SIGHUP
+    as on Ctrl-C (files being written are cleaned up; the exit status is 128 + the signal's number)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        previous = {signum: signal.signal(signum, _raise_signal) for signum in _ENDING_SIGNALS}
         try:
             return super().invoke(ctx)
         except GpunnError as error:
-            click.echo(f"Error: {error}", err=True)
+            _error_line(str(error))
             ctx.exit(error.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as interrupt:
+            signum = getattr(interrupt, "signal", signal.SIGINT)
+            _error_line(f"interrupted by {signal.Signals(signum).name}")
+            ctx.exit(128 + signum)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except Exception as error:
             message = out_of_memory_message(error)
-            if message is None:
-                raise
-            click.echo(f"Error: {message}", err=True)
+            if message is not None:
+                _error_line(message)
+                ctx.exit(1)
+            # not a problem with the user's input or machine that gpunn knows how to name: a bug of gpunn's own
+            traceback.print_exc()
+            _error_line(f"this is a bug in gpunn {__version__}, not a problem with your input; please report it to "
+                        "gpunn's issue tracker with the traceback above and the output of `gpunn info`")
             ctx.exit(1)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+# SIGINT already raises KeyboardInterrupt; training turns all three into "stop after this epoch" (gpunn.train.fit)
+_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _raise_signal(signum: int, frame: Any) -> None:
+    raise SignalInterrupt(signum)
+
+
+def _error_line(text: str) -> None:
+    _note(f"Error: {text}")
+
+
+def _note(text: str) -> None:
+    """A line on stderr, unless stderr is closed too: then there is no one left to tell."""
+    with contextlib.suppress(OSError):
+        click.echo(text, err=True)
+
+
+class _Output:
+    """stdout for a command's report, which stops printing (and nothing else) when its reader goes away: with
+    ``gpunn train ... | head``, the run still finishes and saves its model."""
+
+    closed = False
+
+    def __call__(self, text: str = "", nl: bool = True) -> None:
+        if self.closed:
+            return
+        try:
+            click.echo(text, nl=nl)
+        except BrokenPipeError:
+            self.closed = True
+            # point stdout at /dev/null, so that the interpreter's last flush at exit does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+
+echo = _Output()
+
+
+class _Finite(click.FloatRange):
+    """A float option in a range that is also finite: click's FloatRange lets ``nan`` through (every comparison
+    with it is false)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 @click.group(cls=GpunnGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,34 +178,34 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               "notebook's rand - 0.5.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+@click.option("--lr", type=_Finite(min=0, min_open=True), default=0.1, show_default=True,
               help="Learning rate alpha in W <- W - alpha dW.")
 @click.option("--batch-size", default="full", show_default=True, callback=lambda c, p, v: _parse_batch(v),
               help="'full' (full-batch gradient descent) or N samples per mini-batch, reshuffled every epoch.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="gd", show_default=True,
               help="Update rule (see gpunn/optim.py).")
-@click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True,
+@click.option("--beta1", type=_Finite(0, 1, max_open=True), default=0.9, show_default=True,
               help="Momentum / Adam: weight of the running mean of gradients.")
-@click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=0.999, show_default=True,
+@click.option("--beta2", type=_Finite(0, 1, max_open=True), default=0.999, show_default=True,
               help="RMSprop / Adam: weight of the running mean of squared gradients.")
-@click.option("--eps", type=click.FloatRange(min=0, min_open=True), default=1e-8, show_default=True,
+@click.option("--eps", type=_Finite(min=0, min_open=True), default=1e-8, show_default=True,
               help="RMSprop / Adam: added to the square root in the denominator.")
-@click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--l2", type=_Finite(min=0), default=0.0, show_default=True,
               help="L2 strength lambda: adds lambda/(2m)·sum ||W||² to the cost and lambda/m·W to each dW.")
 @click.option("--normalize", type=click.Choice(NORMALIZATIONS), default="scale", show_default=True,
               help="scale: pixels / 255. standardize: then (x - mean) / std per pixel, with the training split's "
               "statistics, stored in the model and applied unchanged to every other input.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+@click.option("--dropout", type=_Finite(0, 1, max_open=True), default=0.0, show_default=True,
               help="Inverted dropout on the hidden layers during training: the probability of dropping a unit.")
 @click.option("--lr-schedule", type=click.Choice(SCHEDULES), default="constant", show_default=True,
               help="step: lr·gamma^floor((epoch-1)/step-size); cosine: lr·(1+cos(pi·(epoch-1)/epochs))/2.")
 @click.option("--lr-step-size", type=click.IntRange(min=1), default=100, show_default=True,
               help="Epochs between two steps of the step schedule.")
-@click.option("--lr-gamma", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+@click.option("--lr-gamma", type=_Finite(0, 1, min_open=True), default=0.1, show_default=True,
               help="Factor applied at each step of the step schedule.")
 @click.option("--early-stop", type=click.IntRange(min=1), default=None, metavar="K",
               help="Stop when the validation loss has not improved for K epochs, and keep the best epoch's weights.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seeds the shuffle, the validation split and the initial weights.")
 @click.option("--val-size", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Training digits held out for validation.")
@@ -190,12 +258,16 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         source = click.get_current_context().get_parameter_source
         config = TrainConfig.resumed(saved, {name: value for name, value in settings.items()
                                              if name == "epochs" or source(name) == ParameterSource.COMMANDLINE})
-    dataset = _load_dataset(data_dir, train_csv, test_csv, dataset_name, quiet)
+    data_options = _data_options(data_dir=data_dir, dataset=dataset_name, train_csv=train_csv, test_csv=test_csv)
+    if resumed is not None and not data_options:
+        data_options = _saved_data_options(resumed, resume)  # the checkpoint's data, when none is named again
+    dataset = _load_dataset(data_options.get("data_dir"), data_options.get("train_csv"),
+                            data_options.get("test_csv"), data_options.get("dataset"), quiet)
     unlabelled_test = dataset.test_images is not None and dataset.test_labels is None
     if unlabelled_test:
         check_writable(submission, "--submission")
     parts = split(dataset, val_size=config.val_size, seed=config.seed)
-    say = (lambda text: None) if quiet else click.echo
+    say = (lambda text: None) if quiet else echo
     for line in describe_run(config, backend, parts, dataset.source):
         say(line)
     if resumed is not None:
@@ -210,20 +282,26 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         records.append({"type": "epoch", **stats.as_dict()})
         progress.update(stats)
 
+    def with_data(model: Model) -> Model:
+        model.info["data"] = {name: str(value) for name, value in data_options.items()}  # for a resume to find it
+        return model
+
     try:
         result = fit(parts, config, backend=backend, on_epoch=on_epoch,
-                     on_checkpoint=lambda model: save_model(checkpoint, model, backend),
-                     checkpoint_every=checkpoint_every or 0, resume=resumed)
+                     on_checkpoint=lambda model: save_model(checkpoint, with_data(model), backend),
+                     checkpoint_every=checkpoint_every or 0, resume=resumed,
+                     on_signal=lambda signum: _note(f"{signal.Signals(signum).name}: stopping after this epoch, with a "
+                                                    "checkpoint (once more to stop at once)"))
     except TrainingInterrupted as interrupted:
         progress.close()  # end the progress line before the message
-        save_model(interrupted_path, interrupted.model, backend)
-        click.echo(f"interrupted after epoch {interrupted.epoch}: checkpoint written to {interrupted_path}; "
-                   f"continue with the same command and --resume {interrupted_path}", err=True)
+        save_model(interrupted_path, with_data(interrupted.model), backend)
+        _note(f"interrupted after epoch {interrupted.epoch}: checkpoint written to {interrupted_path}; "
+              f"continue with the same command and --resume {interrupted_path}")
         raise SystemExit(128 + interrupted.signal) from None
     finally:
         progress.close()
     summary = {**result.summary(), "data": dataset.source}
-    save_model(out, result.model, backend)
+    save_model(out, with_data(result.model), backend)
     if metrics_out is not None:
         with atomic_write(metrics_out, "w") as handle:
             for record in [*records, summary]:
@@ -282,10 +360,10 @@ def evaluate(model_path: Path, data_dir: Path | None, dataset_name: str | None, 
     result = report(confusion_matrix(labels.astype(np.int64), predicted))
     result.update(model=str(model_path), data=dataset.source, part=part, device=backend.name)
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        echo(json.dumps(result, indent=1))
     else:
-        click.echo(f"{model_path} on {dataset.source} ({part}) [{backend.name}]")
-        click.echo(format_report(result))
+        echo(f"{model_path} on {dataset.source} ({part}) [{backend.name}]")
+        echo(format_report(result))
 
 
 @main.command()
@@ -303,7 +381,7 @@ def predict(model_path: Path, input_path: Path, output: Path, proba: bool, devic
     images = read_images(input_path)
     probabilities = predict_proba(model, images.T, backend=backend)
     _write_submission(output, probabilities, proba)
-    click.echo(f"{len(images):,} predictions for {input_path} written to {output} [{backend.name}]")
+    echo(f"{len(images):,} predictions for {input_path} written to {output} [{backend.name}]")
 
 
 @main.command()
@@ -337,7 +415,7 @@ def plot(metrics: Path, model_path: Path | None, data_dir: Path | None, dataset_
         part = "test set" if labelled_test else "all digits of the data"
     check_directory(out_dir, "--out-dir")
     written = _write_plots(out_dir, records, model, images, labels, part, backend)
-    click.echo(f"wrote {', '.join(str(p) for p in written)}")
+    echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def _write_plots(folder: Path, records: list[dict[str, Any]], model: Any, images: Any, labels: Any, part: str,
@@ -370,24 +448,24 @@ def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -
 @main.command()
 @click.option("--hidden", default="5", show_default=True, callback=_parse_hidden, help="Hidden layer sizes.")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu", show_default=True)
-@click.option("--l2", type=click.FloatRange(min=0), default=0.0, show_default=True, help="L2 strength lambda.")
+@click.option("--l2", type=_Finite(min=0), default=0.0, show_default=True, help="L2 strength lambda.")
 @click.option("--inputs", type=click.IntRange(min=1), default=8, show_default=True, help="Input units.")
 @click.option("--classes", type=click.IntRange(min=2), default=4, show_default=True, help="Output units (softmax).")
 @click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def gradcheck(hidden: tuple[int, ...], activation: str, l2: float, inputs: int, classes: int, samples: int,
               seed: int) -> None:
     """Compare every analytic gradient with central differences in float64 (eps 1e-7); exit 1 above 1e-7."""
     arch = Architecture((inputs, *hidden, classes), activation)
     checks = check_gradients(*random_problem(arch, samples=samples, seed=seed), arch, l2=l2)
-    click.echo(f"network {arch}, {samples} samples, L2 {l2:g}, float64, eps {EPSILON:g}")
-    click.echo("parameter  relative error  max |analytic - numeric|")
+    echo(f"network {arch}, {samples} samples, L2 {l2:g}, float64, eps {EPSILON:g}")
+    echo("parameter  relative error  max |analytic - numeric|")
     for check in checks:
         flag = "" if check.relative_error <= THRESHOLD else "  <- above the threshold"
-        click.echo(f"{check.name:>9}  {check.relative_error:14.2e}  {check.max_abs_difference:24.2e}{flag}")
+        echo(f"{check.name:>9}  {check.relative_error:14.2e}  {check.max_abs_difference:24.2e}{flag}")
     worst = max(checks, key=lambda c: c.relative_error)
     verdict = "ok" if worst.relative_error <= THRESHOLD else "FAILED"
-    click.echo(f"worst: {worst.name} {worst.relative_error:.2e} (threshold {THRESHOLD:g}): {verdict}")
+    echo(f"worst: {worst.name} {worst.relative_error:.2e} (threshold {THRESHOLD:g}): {verdict}")
     if worst.relative_error > THRESHOLD:
         raise SystemExit(1)
 
@@ -403,19 +481,19 @@ def data() -> None:
 def data_fetch(dataset_name: str) -> None:
     """Download a data set's four files (if not cached yet) and verify their published digests."""
     folder = fetch(DATASETS[dataset_name], progress=_DownloadProgress())
-    click.echo(f"{dataset_name}: all four files verified in {folder}")
+    echo(f"{dataset_name}: all four files verified in {folder}")
 
 
 @data.command("info")
 def data_info() -> None:
     """List the cached files with their sizes and digests."""
     rows = cached()
-    click.echo(f"cache: {cache_root()} (set GPUNN_DATA_DIR to move it)")
+    echo(f"cache: {cache_root()} (set GPUNN_DATA_DIR to move it)")
     if not rows:
-        click.echo("empty: `gpunn data fetch --dataset mnist` fills it")
+        echo("empty: `gpunn data fetch --dataset mnist` fills it")
     for row in rows:
         state = "verified" if row["verified"] else "DIGEST MISMATCH: delete it and fetch again"
-        click.echo(f"{row['dataset']:<14} {row['file']:<28} {row['bytes']:>12,} bytes  "
+        echo(f"{row['dataset']:<14} {row['file']:<28} {row['bytes']:>12,} bytes  "
                    f"{row['algorithm']} {row['digest']}  {state}")
 
 
@@ -424,18 +502,34 @@ def info() -> None:
     """Show gpunn's version, its libraries, and the devices it can use."""
 
     libraries = ", ".join(f"{name} {version(name)}" for name in ("numpy", "array-api-compat", "click", "pandas"))
-    click.echo(f"gpunn {__version__}, Python {platform.python_version()}, {libraries}")
-    click.echo(f"cpu:  {NumpyBackend().summary()}")
+    echo(f"gpunn {__version__}, Python {platform.python_version()}, {libraries}")
+    echo(f"cpu:  {NumpyBackend().summary()}")
     try:
         devices = cuda_devices()
     except BackendError as error:
-        click.echo(f"cuda: unavailable: {error}")
+        echo(f"cuda: unavailable: {error}")
         return
     for index in range(len(devices)):
         try:
-            click.echo(f"cuda: {get_backend(f'cuda:{index}').summary()}")
+            echo(f"cuda: {get_backend(f'cuda:{index}').summary()}")
         except BackendError as error:
-            click.echo(f"cuda: cuda:{index} unusable: {error}")
+            echo(f"cuda: cuda:{index} unusable: {error}")
+
+
+def _data_options(**options: Path | str | None) -> dict[str, Path | str]:
+    """The data options given, with paths made absolute, so that a checkpoint names its data from anywhere."""
+    return {name: value.resolve() if isinstance(value, Path) else value
+            for name, value in options.items() if value is not None}
+
+
+def _saved_data_options(model: Model, path: Path) -> dict[str, Path | str]:
+    saved = model.info.get("data", {})
+    if not isinstance(saved, dict) or not all(
+            key in ("data_dir", "dataset", "train_csv", "test_csv") and isinstance(value, str)
+            for key, value in saved.items()):
+        raise ModelError(f"--resume {path}: its record of the training data is damaged; name the data again "
+                         "(--data-dir, --dataset or --train-csv)")
+    return {key: value if key == "dataset" else Path(value) for key, value in saved.items()}
 
 
 def _load_dataset(data_dir: Path | None, train_csv: Path | None, test_csv: Path | None, dataset_name: str | None = None,
@@ -490,12 +584,12 @@ class _Progress:
         if self.tty:
             now = time.monotonic()
             if final or now - self.last_draw > 0.1:  # at most ten redraws a second
-                click.echo(f"\r{line}", nl=False)
+                echo(f"\r{line}", nl=False)
                 self.last_draw = now
         elif stats.epoch == self.first or stats.epoch % self.every == 0 or final:
-            click.echo(line)
+            echo(line)
 
     def close(self) -> None:
         if self.tty and self.last_draw:
-            click.echo()
+            echo()
             self.last_draw = 0.0

@@ -30,8 +30,9 @@ class DeviceSpecError(BackendError):
     exit_code = 2
 
 
-class ConfigError(GpunnError):
-    """Settings that cannot work together (early stopping without a validation split, ...): a usage error."""
+class ConfigError(GpunnError, ValueError):
+    """A setting out of range (a NaN learning rate, ...), or settings that cannot work together (early stopping
+    without a validation split, ...): a usage error. A ValueError too, as Python's own errors for bad values are."""
 
     exit_code = 2
 
@@ -57,3 +58,12 @@ class TrainingDivergedError(GpunnError):
             f"training diverged at epoch {epoch}: {what} is not finite; "
             f"try a smaller learning rate than --lr {lr:g}"
         )
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """A signal that ends a command as Ctrl-C does (SIGTERM, SIGHUP, or SIGINT itself): raised where it arrives, so
+    that files being written are cleaned up as on Ctrl-C, and the process exits with 128 + ``signal``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signum

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, NamedTuple
 
 import numpy as np
 from array_api_compat import array_namespace
+
+from gpunn.errors import ConfigError
 
 Array = Any  # an array of any array-API-standard library
 
@@ -119,12 +122,13 @@ class Architecture:
     output: str = "softmax"
 
     def __post_init__(self) -> None:
-        if len(self.sizes) < 2 or any(int(n) < 1 for n in self.sizes):
-            raise ValueError(f"layer sizes must be two or more positive integers, got {self.sizes}")
+        if len(self.sizes) < 2 or not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1
+                                          for n in self.sizes):
+            raise ConfigError(f"layer sizes must be two or more positive integers, got {self.sizes}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+            raise ConfigError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if self.output not in OUTPUTS:
-            raise ValueError(f"unknown output {self.output!r}; expected one of {OUTPUTS}")
+            raise ConfigError(f"unknown output {self.output!r}; expected one of {OUTPUTS}")
 
     @property
     def depth(self) -> int:
@@ -162,7 +166,7 @@ def init_params(arch: Architecture, *, init: str, seed: int, dtype: str = "float
     and moving the result to the device makes a CPU run and a GPU run with the same seed start identical.
     """
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+        raise ConfigError(f"unknown init {init!r}; expected one of {INITS}")
     rng = np.random.default_rng(seed)
     params = []
     for n_in, n_out in zip(arch.sizes[:-1], arch.sizes[1:]):

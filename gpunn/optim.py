@@ -18,6 +18,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from gpunn.errors import ConfigError
 from gpunn.nn import Layer
 
 OPTIMIZERS = ("gd", "momentum", "rmsprop", "adam")
@@ -35,11 +36,11 @@ class Optimizer:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; expected one of {OPTIMIZERS}")
+            raise ConfigError(f"unknown optimizer {self.name!r}; expected one of {OPTIMIZERS}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+            raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         if not self.eps > 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
+            raise ConfigError(f"eps must be positive, got {self.eps}")
 
     @property
     def state_names(self) -> tuple[str, ...]:
@@ -96,4 +97,4 @@ def learning_rate(schedule: str, lr: float, epoch: int, epochs: int, *, step_siz
         return lr * gamma ** ((epoch - 1) // step_size)
     if schedule == "cosine":
         return lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {SCHEDULES}")
+    raise ConfigError(f"unknown learning-rate schedule {schedule!r}; expected one of {SCHEDULES}")

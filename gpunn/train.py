@@ -28,9 +28,12 @@ from array_api_compat import array_namespace
 
 from gpunn.backend import Backend, GradientPass, Step, UpdateRule
 from gpunn.data import CLASSES, Split
-from gpunn.errors import ConfigError, ModelError, TrainingDivergedError
+from gpunn.errors import ConfigError, ModelError, SignalInterrupt, TrainingDivergedError
 from gpunn.model import Model, Preprocessing
 from gpunn.nn import (
+    ACTIVATIONS,
+    DTYPES,
+    INITS,
     Architecture,
     Layer,
     accuracy,
@@ -41,7 +44,7 @@ from gpunn.nn import (
     loss_and_gradients,
     one_hot,
 )
-from gpunn.optim import Optimizer, learning_rate
+from gpunn.optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate
 
 #: input preparations a run may choose: pixels / 255, or then standardized per pixel with the training split's stats
 NORMALIZATIONS = ("scale", "standardize")
@@ -84,25 +87,26 @@ class TrainConfig:
                               **given})
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"the learning rate must be positive, got {self.lr}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"the batch size must be at least 1, got {self.batch_size}")
-        if self.l2 < 0:
-            raise ValueError(f"the L2 strength must not be negative, got {self.l2}")
-        self.rule  # validates the optimizer and its hyper-parameters
-        self.lr_at(1)  # validates the schedule
-        if self.lr_step_size < 1 or not 0 < self.lr_gamma <= 1:
-            raise ValueError(f"the step schedule needs a step size >= 1 and 0 < gamma <= 1, got {self.lr_step_size} "
-                             f"and {self.lr_gamma}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"unknown normalization {self.normalize!r}; expected one of {NORMALIZATIONS}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"the dropout probability must be in [0, 1), got {self.dropout}")
-        if self.early_stop is not None and self.early_stop < 1:
-            raise ValueError(f"early stopping needs a patience of at least 1 epoch, got {self.early_stop}")
+        # Every field is checked for type and range, because settings also arrive from files (a resumed checkpoint)
+        # and from Python, not only through the CLI's option types: a NaN rate would otherwise train silently.
+        _check(isinstance(self.hidden, tuple) and len(self.hidden) > 0
+               and all(_is_int(n) and n >= 1 for n in self.hidden),
+               "hidden", "hidden layer sizes of at least 1 unit", self.hidden)
+        _check(self.activation in ACTIVATIONS, "activation", f"one of {ACTIVATIONS}", self.activation)
+        _check(self.init is None or self.init in INITS, "init", f"one of {INITS}", self.init)
+        _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        for name, minimum in [("epochs", 1), ("seed", 0), ("val_size", 0), ("lr_step_size", 1)]:
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= minimum, name,
+                   f"an integer >= {minimum}", getattr(self, name))
+        for name in ("batch_size", "early_stop"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and value >= 1), name, "an integer >= 1 (or none)", value)
+        for name, (text, within) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            _check(_is_number(value) and math.isfinite(value) and within(value), name, f"a finite number {text}", value)
+        _check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}", self.optimizer)
+        _check(self.lr_schedule in SCHEDULES, "lr_schedule", f"one of {SCHEDULES}", self.lr_schedule)
+        _check(self.normalize in NORMALIZATIONS, "normalize", f"one of {NORMALIZATIONS}", self.normalize)
 
     def lr_at(self, epoch: int) -> float:
         return learning_rate(self.lr_schedule, self.lr, epoch, self.epochs, step_size=self.lr_step_size,
@@ -129,7 +133,37 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        return cls(**{**values, "hidden": tuple(values["hidden"])})
+        """The settings in ``values`` (as :meth:`as_dict` writes them); ConfigError for unknown or mistyped ones."""
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown training settings {unknown}; expected some of {sorted(cls.__dataclass_fields__)}")
+        hidden = values.get("hidden", cls.hidden)
+        return cls(**{**values, "hidden": tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden})
+
+
+_FLOAT_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "lr": ("> 0", lambda v: v > 0),
+    "eps": ("> 0", lambda v: v > 0),
+    "l2": (">= 0", lambda v: v >= 0),
+    "beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "lr_gamma": ("in (0, 1]", lambda v: 0 < v <= 1),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check(ok: bool, name: str, expected: str, found: Any) -> None:
+    if not ok:
+        option = "--" + name.replace("_", "-")
+        raise ConfigError(f"{option}: expected {expected}, got {found!r}")
 
 
 @dataclass(frozen=True)
@@ -395,7 +429,8 @@ def fit(
     continues after its last epoch and ends exactly where an uninterrupted run would. ``on_epoch`` receives each
     epoch's report, ``on_checkpoint`` the model every ``checkpoint_every`` epochs. Ctrl-C, SIGTERM or SIGHUP (in the
     main thread) stop training after the current epoch, ``on_signal`` hearing of it at once, and raise
-    TrainingInterrupted carrying that epoch's model; a second such signal stops at once, without one.
+    TrainingInterrupted carrying that epoch's model; a second such signal stops at once, with the model of the last
+    epoch whose figures were read back.
     """
     check_config(config, split)
     arch = config.architecture(split.X_train.shape[0])
@@ -438,9 +473,11 @@ def fit(
                     raise TrainingInterrupted(snapshot(state), state.epoch, stop.signum)
                 if stopper.stopped:
                     break
-        except KeyboardInterrupt:
-            # Ctrl-C outside the handler's reach (a second one, or a callback's): the last epoch read back is whole
-            raise TrainingInterrupted(snapshot(state), state.epoch) from None
+        except KeyboardInterrupt as interrupt:
+            # a second signal, or Ctrl-C outside the handler's reach (another thread's, a callback's): the state of the
+            # last epoch read back is whole (a fast path that updates in place hands out copies), so it is saved
+            raise TrainingInterrupted(snapshot(state), state.epoch,
+                                      getattr(interrupt, "signal", signal.SIGINT)) from None
     if stopper.stopped:
         state = stopper.best
     model = snapshot(state)
@@ -552,7 +589,8 @@ class _StopRequest:
 @contextmanager
 def _stop_signals(on_signal: Callable[[int], None] | None) -> Iterator[_StopRequest]:
     """While training, SIGINT, SIGTERM and SIGHUP ask the loop to stop after the current epoch; a second one
-    raises KeyboardInterrupt at once. Only the main thread can install handlers; elsewhere Ctrl-C stays Python's."""
+    raises SignalInterrupt (a KeyboardInterrupt) at once. Only the main thread can install handlers; elsewhere
+    Ctrl-C stays Python's."""
     request = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -560,7 +598,7 @@ def _stop_signals(on_signal: Callable[[int], None] | None) -> Iterator[_StopRequ
 
     def handle(signum: int, frame: Any) -> None:
         if request.signum is not None:
-            raise KeyboardInterrupt
+            raise SignalInterrupt(signum)
         request.signum = signum
         if on_signal is not None:
             on_signal(signum)
@@ -584,6 +622,11 @@ def check_resumable(model: Model, config: TrainConfig, data_sha256: str) -> int:
         differ = ", ".join(f"{key} {saved.get(key)!r} there, {wanted.get(key)!r} here" for key in saved
                            if saved.get(key) != wanted.get(key))
         raise ModelError(f"cannot resume: the settings differ from the checkpoint's ({differ})")
+    if config.lr_schedule == "cosine" and info["config"].get("epochs") != config.epochs:
+        planned = info["config"].get("epochs")
+        raise ModelError(f"cannot resume with --epochs {config.epochs}: the cosine schedule decays over the run's total "
+                         f"of {planned} epochs, and another total would change every rate from here on; resume with "
+                         f"--epochs {planned}, or train a new run")
     if info.get("data_sha256") != data_sha256:
         raise ModelError("cannot resume: the training data (or its shuffled split) differ from the checkpoint's")
     done = int(info["epochs_done"])

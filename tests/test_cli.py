@@ -201,13 +201,16 @@ def test_checkpoint_then_resume_matches_a_straight_run(tmp_path):
     assert_one_line_error(conflict, 2, "cannot resume: the settings differ", "lr 0.3 there, 0.1 here")
 
 
-def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
-    """A real SIGINT to a running `gpunn train`: exit 130, a message naming the checkpoint, and a usable checkpoint."""
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_writes_a_checkpoint_and_exits_128_plus_its_number(tmp_path, name):
+    """A real signal to a running `gpunn train`: exit 128 + N, a message naming the checkpoint, a usable checkpoint,
+    and no temporary file left behind."""
     import signal
     import time
 
     import numpy as np
 
+    signum = getattr(signal, name)
     ckpt, out = tmp_path / "ckpt.npz", tmp_path / "model.npz"
     process = subprocess.Popen(
         [sys.executable, "-m", "gpunn", "train", "--device", "cpu", "--epochs", "100000", "--out", str(out),
@@ -218,9 +221,10 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     while not ckpt.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)
     assert ckpt.exists(), process.communicate(timeout=10)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + signum, stderr
+    assert f"{name}: stopping after this epoch" in stderr
     assert f"checkpoint written to {ckpt}; continue with the same command and --resume {ckpt}" in stderr
     assert "Traceback" not in stderr and not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]  # no temporary file left behind
@@ -229,6 +233,59 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130(tmp_path):
     assert done >= 2
     result = run("train", "--device", "cpu", "--resume", ckpt, "--epochs", done + 2, "--out", out)
     assert result.exit_code == 0, result.output
+
+
+def test_a_closed_stdout_stops_the_printing_not_the_training(tmp_path):
+    """`gpunn train | head -2`: the reader goes away after two lines; the run still finishes and saves its model."""
+    out, metrics = tmp_path / "model.npz", tmp_path / "m.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpunn", "train", "--device", "cpu", "--epochs", "40", "--out", str(out),
+         "--metrics-out", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    first = [process.stdout.readline() for _ in range(2)]
+    process.stdout.close()  # like `head -2` exiting
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert first[0].startswith(b"device:")
+    assert process.returncode == 0, stderr
+    assert stderr == ""
+    assert out.exists() and len(metrics.read_text().splitlines()) == 41
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [(["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--eps", "nan"], "--eps"), (["--beta1", "nan"], "--beta1"),
+     (["--beta2", "-inf"], "--beta2"), (["--l2", "nan"], "--l2"), (["--dropout", "nan"], "--dropout"),
+     (["--lr-gamma", "nan"], "--lr-gamma"), (["--seed", "-1"], "--seed")],
+)
+def test_non_finite_and_negative_option_values_are_usage_errors(tmp_path, args, option):
+    result = run("train", "--device", "cpu", "--epochs", 1, "--out", tmp_path / "m.npz", *args)
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_a_bug_of_gpunns_own_shows_its_traceback_and_says_so(tmp_path):
+    result = subprocess.run([sys.executable, "-c", "import sys, gpunn.cli; gpunn.cli.describe_run = lambda *a: 1 / 0; "
+                             "sys.argv = ['gpunn', 'train', '--device', 'cpu', '--epochs', '1']; gpunn.cli.main()"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: this is a bug in gpunn")
+
+
+def test_resume_finds_the_checkpoints_data_and_keeps_the_cosine_total(tmp_path):
+    data = write_mnist_dir(tmp_path / "mnist", n_train=600, n_test=100)
+    ckpt = tmp_path / "ckpt.npz"
+    common = ["--device", "cpu", "--quiet", "--val-size", 100, "--lr-schedule", "cosine"]
+    assert run("train", *common, "--data-dir", data, "--epochs", 7, "--checkpoint", ckpt, "--checkpoint-every", 3,
+               "--out", tmp_path / "a.npz").exit_code == 0  # the checkpoint holds epoch 6 of 7
+    # no data option given: the checkpoint's --data-dir is used, not the bundled sample
+    result = run("train", "--device", "cpu", "--resume", ckpt, "--epochs", 7, "--out", tmp_path / "b.npz")
+    assert result.exit_code == 0, result.output
+    assert str(data) in result.output.splitlines()[1]
+    more = run("train", "--device", "cpu", "--resume", ckpt, "--epochs", 9, "--out", tmp_path / "c.npz")
+    assert_one_line_error(more, 2, "cannot resume with --epochs 9: the cosine schedule", "--epochs 7")
 
 
 @pytest.mark.parametrize("args", [[], ["--activation", "tanh", "--hidden", "16,8", "--l2", "0.5"],
