@@ -30,11 +30,13 @@ from gpunn.diagnostics import out_of_memory_message
 from gpunn.download import DATASETS, cache_root, cached, fetch
 from gpunn.errors import BackendError, GpunnError, ModelError, SignalInterrupt
 from gpunn.files import atomic_write, check_directory, check_writable
-from gpunn.gradcheck import EPSILON, THRESHOLD, check_gradients, random_problem
+from gpunn.gradcheck import check_gradients, passed, random_problem
+from gpunn.gradcheck import format_report as gradient_report
 from gpunn.metrics import confusion_matrix, format_report, report
 from gpunn.model import Model, load_model, save_model
 from gpunn.nn import ACTIVATIONS, DTYPES, INITS, Architecture
 from gpunn.optim import OPTIMIZERS, SCHEDULES
+from gpunn.progress import DownloadProgress, TrainingProgress
 # matplotlib itself is imported by gpunn.plots on first use, so `gpunn --help` does not pay for it
 from gpunn.plots import PlotError, confusion_heatmap, first_layer_weights, learning_curves, misclassified_grid, \
     require_matplotlib
@@ -273,9 +275,8 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     if resumed is not None:
         say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
 
-    progress = _Progress(config.epochs, enabled=not quiet)
-    if resumed is not None:
-        progress.first = int(resumed.info["epochs_done"]) + 1
+    first = 1 if resumed is None else int(resumed.info["epochs_done"]) + 1
+    progress = TrainingProgress(config.epochs, first, enabled=not quiet)
     records: list[dict[str, Any]] = []
 
     def on_epoch(stats: Any) -> None:
@@ -289,7 +290,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     try:
         result = fit(parts, config, backend=backend, on_epoch=on_epoch,
                      on_checkpoint=lambda model: save_model(checkpoint, with_data(model), backend),
-                     checkpoint_every=checkpoint_every or 0, resume=resumed,
+                     checkpoint_every=checkpoint_every or 0, resume=resumed, on_step=progress.step,
                      on_signal=lambda signum: _note(f"{signal.Signals(signum).name}: stopping after this epoch, with a "
                                                     "checkpoint (once more to stop at once)"))
     except TrainingInterrupted as interrupted:
@@ -455,18 +456,14 @@ def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 def gradcheck(hidden: tuple[int, ...], activation: str, l2: float, inputs: int, classes: int, samples: int,
               seed: int) -> None:
-    """Compare every analytic gradient with central differences in float64 (eps 1e-7); exit 1 above 1e-7."""
+    """Compare every analytic gradient with central differences in float64, each entry against the error that float64
+    and the step size allow; exit 1 when one is above it."""
     arch = Architecture((inputs, *hidden, classes), activation)
     checks = check_gradients(*random_problem(arch, samples=samples, seed=seed), arch, l2=l2)
-    echo(f"network {arch}, {samples} samples, L2 {l2:g}, float64, eps {EPSILON:g}")
-    echo("parameter  relative error  max |analytic - numeric|")
-    for check in checks:
-        flag = "" if check.relative_error <= THRESHOLD else "  <- above the threshold"
-        echo(f"{check.name:>9}  {check.relative_error:14.2e}  {check.max_abs_difference:24.2e}{flag}")
-    worst = max(checks, key=lambda c: c.relative_error)
-    verdict = "ok" if worst.relative_error <= THRESHOLD else "FAILED"
-    echo(f"worst: {worst.name} {worst.relative_error:.2e} (threshold {THRESHOLD:g}): {verdict}")
-    if worst.relative_error > THRESHOLD:
+    echo(f"network {arch}, {samples} samples, L2 {l2:g}, float64")
+    for line in gradient_report(checks):
+        echo(line)
+    if not passed(checks):
         raise SystemExit(1)
 
 
@@ -480,7 +477,7 @@ def data() -> None:
               show_default=True)
 def data_fetch(dataset_name: str) -> None:
     """Download a data set's four files (if not cached yet) and verify their published digests."""
-    folder = fetch(DATASETS[dataset_name], progress=_DownloadProgress())
+    folder = fetch(DATASETS[dataset_name], progress=DownloadProgress())
     echo(f"{dataset_name}: all four files verified in {folder}")
 
 
@@ -538,58 +535,8 @@ def _load_dataset(data_dir: Path | None, train_csv: Path | None, test_csv: Path 
     if train_csv is not None:
         return load_kaggle_csvs(train_csv, test_csv)
     if dataset_name is not None:
-        folder = fetch(DATASETS[dataset_name], progress=None if quiet else _DownloadProgress())
+        folder = fetch(DATASETS[dataset_name], progress=None if quiet else DownloadProgress())
         loaded = load_idx_dir(folder)
         return type(loaded)(f"{dataset_name} (verified download in {folder})", loaded.train_images,
                             loaded.train_labels, loaded.test_images, loaded.test_labels)
     return load_bundled_sample() if data_dir is None else load_idx_dir(data_dir)
-
-
-class _DownloadProgress:
-    """A byte counter on stderr, redrawn in place on a terminal; one line per finished file otherwise."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, name: str, done: int, total: int | None) -> None:
-        finished = total is not None and done >= total
-        of = f" of {total / 1e6:.1f} MB" if total else " MB"
-        if self.tty and (finished or time.monotonic() - self.last > 0.1):
-            click.echo(f"\rdownloading {name}: {done / 1e6:.1f}{of}", nl=finished, err=True)
-            self.last = time.monotonic()
-        elif not self.tty and finished:
-            click.echo(f"downloaded {name}: {done / 1e6:.1f} MB", err=True)
-
-
-class _Progress:
-    """Per-epoch progress: one line rewritten in place on a terminal; on a pipe or log file, about 20 lines in all."""
-
-    def __init__(self, epochs: int, *, enabled: bool) -> None:
-        self.epochs = epochs
-        self.enabled = enabled
-        self.tty = enabled and sys.stdout.isatty()
-        self.every = max(1, epochs // 20)
-        self.first = 1
-        self.last_draw = 0.0
-
-    def update(self, stats: Any) -> None:
-        if not self.enabled:
-            return
-        val = "" if stats.val_accuracy is None else f"  val {stats.val_accuracy:6.2%}"
-        line = (f"epoch {stats.epoch:>{len(str(self.epochs))}}/{self.epochs}  loss {stats.loss:.4f}  "
-                f"train {stats.train_accuracy:6.2%}{val}  {stats.seconds * 1e3:8.2f} ms  "
-                f"{stats.samples_per_s / 1e6:7.2f} M samples/s")
-        final = stats.epoch == self.epochs
-        if self.tty:
-            now = time.monotonic()
-            if final or now - self.last_draw > 0.1:  # at most ten redraws a second
-                echo(f"\r{line}", nl=False)
-                self.last_draw = now
-        elif stats.epoch == self.first or stats.epoch % self.every == 0 or final:
-            echo(line)
-
-    def close(self) -> None:
-        if self.tty and self.last_draw:
-            echo()
-            self.last_draw = 0.0

@@ -2,13 +2,19 @@
 
 Each file streams into a temporary file in the cache directory while it is hashed. It is renamed to its real name
 only when the digest matches, so the cache never holds a partial or altered file under a real name. A mirror that
-fails (error status, broken or truncated transfer, wrong digest) is skipped for the next one. When all of them fail,
-DownloadError lists why, for each mirror.
+fails (error status, broken, stalled or truncated transfer, wrong digest) is skipped for the next one. When all of
+them fail, DownloadError lists why, for each mirror, and the cache is left as it was: no temporary file, and no
+directory that the attempt created.
+
+No mirror can hang a fetch: connecting has :data:`CONNECT_TIMEOUT` seconds, and after that every wait for data (the
+response's headers, then each piece of the body) has :data:`READ_TIMEOUT` seconds. A caller's progress object hears
+which mirror is being tried, the bytes as they arrive, and why a mirror failed (:class:`FetchProgress`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import http.client
 import os
@@ -18,10 +24,34 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from gpunn.errors import GpunnError
 
 CHUNK = 1 << 16
+#: seconds to open a connection (TCP, and TLS for https). A reachable server answers in well under one; a mirror
+#: behind a firewall that drops packets is given up quickly
+CONNECT_TIMEOUT = 10.0
+#: seconds to wait for the response's headers, and then for each piece of the body. A mirror that accepts the
+#: connection and then stalls is left after this long, not after the operating system's minutes
+READ_TIMEOUT = 20.0
+
+
+class FetchProgress(Protocol):
+    """What :func:`fetch` tells its caller, per file, as it works (:class:`gpunn.progress.DownloadProgress` draws
+    it). Files already in the cache with the right digest cause no call at all."""
+
+    def trying(self, name: str, url: str) -> None:
+        """About to connect to ``url`` for the file ``name``."""
+
+    def received(self, name: str, done: int, total: int | None) -> None:
+        """``done`` bytes of ``name`` have arrived; ``total`` is None when the server does not say."""
+
+    def failed(self, name: str, url: str, reason: str) -> None:
+        """``url`` could not deliver ``name``, for ``reason``; the next mirror (if any) follows."""
+
+    def finished(self, name: str, size: int) -> None:
+        """``name`` arrived whole, its digest matched, and it is in place in the cache."""
 
 
 class DownloadError(GpunnError):
@@ -89,38 +119,56 @@ def fetch(
     source: Source,
     root: Path | None = None,
     *,
-    progress: Callable[[str, int, int | None], None] | None = None,
-    timeout: float = 30.0,
+    progress: FetchProgress | Callable[[str, int, int | None], None] | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    read_timeout: float = READ_TIMEOUT,
 ) -> Path:
     """Make sure every file of ``source`` is in ``root/source.name`` with its published digest; return that folder.
 
-    Files already cached with the right digest are not fetched again. ``progress(name, bytes_so_far, total)`` is
-    called as data arrive (``total`` None when the server does not say).
+    Files already cached with the right digest are not fetched again. ``progress``: a :class:`FetchProgress`, or a
+    plain callable ``progress(name, bytes_so_far, total)`` that hears of the bytes only. ``connect_timeout`` and
+    ``read_timeout``: see :data:`CONNECT_TIMEOUT` and :data:`READ_TIMEOUT`.
     """
+    report = _as_fetch_progress(progress)
     folder = (root or cache_root()) / source.name
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    opener = urllib.request.build_opener(_HTTPHandler(read_timeout), _HTTPSHandler(read_timeout))
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DownloadError(f"cannot create the data cache {folder}: {error.strerror or error}; set GPUNN_DATA_DIR "
-                            "to a writable directory") from error
-    for name, (algorithm, expected) in source.files.items():
-        target = folder / name
-        if target.is_file() and file_digest(target, algorithm) == expected:
-            continue
-        failures = []
-        for mirror in source.mirrors:
-            url = mirror + name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DownloadError(f"cannot create the data cache {folder}: {error.strerror or error}; set "
+                                "GPUNN_DATA_DIR to a writable directory") from error
+        for name, (algorithm, expected) in source.files.items():
+            target = folder / name
+            if target.is_file() and file_digest(target, algorithm) == expected:
+                continue
+            failures = []
+            for mirror in source.mirrors:
+                url = mirror + name
+                report.trying(name, url)
+                try:
+                    size = _download(opener, url, target, algorithm, expected, report, connect_timeout, read_timeout)
+                except _MirrorFailed as failure:
+                    report.failed(name, url, str(failure))
+                    failures.append(f"{url}: {failure}")
+                else:
+                    report.finished(name, size)
+                    break
+            else:
+                raise DownloadError(
+                    f"could not fetch {name} of {source.name} from any mirror ({'; '.join(failures)}). "
+                    f"The data cache is {folder}. Offline, download the four files by other means and pass their "
+                    f"directory with --data-dir DIR, or train on the bundled sample by giving no data option"
+                )
+    except BaseException:
+        # Ctrl-C as well: take back the directories this call made, deepest first, where nothing landed in them
+        for path in created:
             try:
-                _download(url, target, algorithm, expected, progress, timeout)
+                path.rmdir()
+            except OSError:  # not empty (a file fetched before the failure), or never made
                 break
-            except _MirrorFailed as failure:
-                failures.append(f"{url}: {failure}")
-        else:
-            raise DownloadError(
-                f"could not fetch {name} of {source.name} from any mirror ({'; '.join(failures)}). "
-                f"The data cache is {folder}. Offline, download the four files by other means and pass their directory "
-                f"with --data-dir DIR, or train on the bundled sample by giving no data option"
-            )
+        raise
     return folder
 
 
@@ -128,32 +176,117 @@ class _MirrorFailed(Exception):
     """One mirror could not deliver one file; the next mirror is tried."""
 
 
-def _download(url: str, target: Path, algorithm: str, expected: str,
-              progress: Callable[[str, int, int | None], None] | None, timeout: float) -> None:
+class _ConnectTimeout(TimeoutError):
+    """The connection itself was not made in time (as opposed to a server that connected and then went quiet)."""
+
+
+class _ReadTimeoutConnection:
+    """Connects within the connection's own ``timeout`` (the connect timeout, given to urlopen), then gives every
+    wait for data ``read_timeout``. urllib has one timeout for both, so a short one would cut off a slow but live
+    mirror, and a long one would leave a user watching a dead one."""
+
+    read_timeout: float
+    sock: Any
+
+    def connect(self) -> None:
+        try:
+            super().connect()  # type: ignore[misc]
+        except TimeoutError as error:
+            raise _ConnectTimeout(str(error)) from error
+        self.sock.settimeout(self.read_timeout)
+
+
+class _HTTPConnection(_ReadTimeoutConnection, http.client.HTTPConnection):
+    def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+
+
+class _HTTPSConnection(_ReadTimeoutConnection, http.client.HTTPSConnection):
+    def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, read_timeout: float) -> None:
+        super().__init__()
+        self.read_timeout = read_timeout
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_HTTPConnection, read_timeout=self.read_timeout), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, read_timeout: float) -> None:
+        super().__init__()
+        self.read_timeout = read_timeout
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(functools.partial(_HTTPSConnection, read_timeout=self.read_timeout), req,
+                            context=self._context)
+
+
+class _BytesOnly:
+    """A plain ``progress(name, done, total)`` callable, seen as a :class:`FetchProgress`."""
+
+    def __init__(self, callback: Callable[[str, int, int | None], None] | None) -> None:
+        self.callback = callback
+
+    def trying(self, name: str, url: str) -> None:
+        pass
+
+    def received(self, name: str, done: int, total: int | None) -> None:
+        if self.callback is not None:
+            self.callback(name, done, total)
+
+    def failed(self, name: str, url: str, reason: str) -> None:
+        pass
+
+    def finished(self, name: str, size: int) -> None:
+        pass
+
+
+def _as_fetch_progress(progress: FetchProgress | Callable[[str, int, int | None], None] | None) -> FetchProgress:
+    if progress is None or not hasattr(progress, "trying"):
+        return _BytesOnly(progress)  # type: ignore[arg-type]
+    return progress  # type: ignore[return-value]
+
+
+def _download(opener: urllib.request.OpenerDirector, url: str, target: Path, algorithm: str, expected: str,
+              progress: FetchProgress, connect_timeout: float, read_timeout: float) -> int:
+    """Fetch ``url`` into ``target`` through a temporary file, checking its digest; return its size in bytes."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     digest = hashlib.new(algorithm)
     received = 0
     try:
         with os.fdopen(fd, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "gpunn"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with opener.open(request, timeout=connect_timeout) as response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-                while chunk := response.read(CHUNK):
+                # read1: whatever one wait for data brings, so that the read timeout bounds each wait, and progress
+                # moves as bytes arrive rather than per 64 KiB
+                while chunk := response.read1(CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
-                    if progress is not None:
-                        progress(target.name, received, total)
+                    progress.received(target.name, received, total)
         if total is not None and received != total:
             raise _MirrorFailed(f"transfer cut short after {received:,} of {total:,} bytes")
         if digest.hexdigest() != expected:
             raise _MirrorFailed(f"{algorithm} {digest.hexdigest()} does not match the published {expected}")
         os.replace(tmp, target)
+        return received
     except urllib.error.HTTPError as error:
         raise _MirrorFailed(f"HTTP {error.code} {error.reason}") from error
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:  # refused, reset, ...
         reason = getattr(error, "reason", None) or error
+        if isinstance(reason, _ConnectTimeout):
+            raise _MirrorFailed(f"could not connect: timed out after {connect_timeout:g} s") from error
+        if isinstance(reason, TimeoutError):
+            during = f"after {received:,} bytes" if received else "before the response"
+            raise _MirrorFailed(f"timed out after {read_timeout:g} s with no data ({during})") from error
         raise _MirrorFailed(f"{type(error).__name__}: {reason}") from error
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -351,9 +351,11 @@ class Epochs:
     """
 
     def __init__(self, arch: Architecture, config: TrainConfig, train: DeviceData, val: DeviceData | None,
-                 backend: Backend, gradients: GradientPass, update: UpdateRule, *, capacity: int = 1024) -> None:
+                 backend: Backend, gradients: GradientPass, update: UpdateRule, *, capacity: int = 1024,
+                 on_step: Callable[[int, int], None] | None = None) -> None:
         self.arch, self.config, self.train, self.val, self.backend = arch, config, train, val, backend
         self.gradients, self.update = gradients, update
+        self.on_step = on_step
         self.capacity = capacity
         xp = backend.xp
         dtype = getattr(xp, config.dtype)
@@ -388,7 +390,8 @@ class Epochs:
             order = self.backend.asarray(np.random.default_rng([config.seed, epoch]).permutation(train.m))
             batches = (train.take(order[first : first + batch]) for first in range(0, train.m, batch))
         loss = train_accuracy = 0.0
-        for part in batches:
+        steps = -(-train.m // batch)
+        for done, part in enumerate(batches, start=1):
             t += 1
             params, optimizer_state, batch_loss, batch_accuracy = train_step(
                 params, optimizer_state, part, self.arch, lr=lr, t=t, rule=config.rule, l2=config.l2,
@@ -396,6 +399,8 @@ class Epochs:
             # the epoch's figures: the mean over samples of the figures each batch had before its own update
             loss = loss + batch_loss * (part.m / train.m)
             train_accuracy = train_accuracy + batch_accuracy * (part.m / train.m)
+            if self.on_step is not None:
+                self.on_step(done, steps)  # the host's view: the step is queued, not necessarily done
         val_loss = val_accuracy = self._nan
         if self.val is not None:
             trace = forward(params, self.val.X, self.arch)
@@ -422,6 +427,7 @@ def fit(
     checkpoint_every: int = 0,
     resume: Model | None = None,
     on_signal: Callable[[int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Train on ``split`` on ``backend`` as ``config`` says, up to ``config.epochs`` epochs in all.
 
@@ -430,7 +436,8 @@ def fit(
     epoch's report, ``on_checkpoint`` the model every ``checkpoint_every`` epochs. Ctrl-C, SIGTERM or SIGHUP (in the
     main thread) stop training after the current epoch, ``on_signal`` hearing of it at once, and raise
     TrainingInterrupted carrying that epoch's model; a second such signal stops at once, with the model of the last
-    epoch whose figures were read back.
+    epoch whose figures were read back. ``on_step(done, steps)`` hears of each step of an epoch as it is queued (for
+    progress inside long epochs).
     """
     check_config(config, split)
     arch = config.architecture(split.X_train.shape[0])
@@ -456,7 +463,7 @@ def fit(
     # warnings would only repeat it, several times per epoch and with neither.
     with _stop_signals(on_signal) as stop, np.errstate(over="ignore", invalid="ignore"), \
             step.gradients() as gradients, step.update(rule) as update:
-        epochs = Epochs(arch, config, train, val, backend, gradients, update)
+        epochs = Epochs(arch, config, train, val, backend, gradients, update, on_step=on_step)
         epochs.load(params, optimizer_state, epochs_done=epochs_done)
         state = TrainState(params, optimizer_state, epochs_done)
         try:

@@ -304,4 +304,4 @@ def test_gradcheck_exits_1_on_a_wrong_gradient(monkeypatch):
     monkeypatch.setattr(gpunn.nn, "linear_backward", lambda dZ, A: gpunn.nn.Layer(real(dZ, A).W * 1.01, real(dZ, A).b))
     result = run("gradcheck", "--hidden", "4")
     assert result.exit_code == 1
-    assert "<- above the threshold" in result.output and result.output.splitlines()[-1].endswith("FAILED")
+    assert "above the expected error" in result.output and result.output.splitlines()[-1].endswith("FAILED")
