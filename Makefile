@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 BENCH_STAMP := $(STAMP)-bench
 
-.PHONY: train test bench clean
+.PHONY: train test bench clean gpu-check
 
 ## make train [ARGS='--epochs 100 ...']: train on the bundled MNIST sample (the GPU if one answers, else the CPU)
 train: $(STAMP)
@@ -31,3 +31,12 @@ bench: $(BENCH_STAMP)
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@
+
+## make gpu-check OUT=DIR [DATA=../shared/data/mnist]: on a machine with an NVIDIA GPU, run the GPU tests, train on
+## cuda and cpu and compare, benchmark; logs, JSON and markdown go to DIR. It uses python3 as it is (no .venv, no
+## installs: GPU machines have no network); GPU_PYTHON=... picks another interpreter.
+GPU_PYTHON ?= python3
+DATA ?= ../shared/data/mnist
+gpu-check:
+	@test -n "$(OUT)" || { echo "make gpu-check needs OUT=DIR, the directory for its logs and results"; exit 2; }
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out '$(OUT)' --data-dir '$(DATA)'

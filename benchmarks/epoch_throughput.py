@@ -1,20 +1,28 @@
-"""Steady-state time of one full-batch epoch: gpunn on every device present, beside what a user would run instead.
+"""Steady-state time of one full-batch epoch: gpunn on every device present, beside what a user would run instead,
+compared interleaved in one run.
 
     python benchmarks/epoch_throughput.py                        # synthetic data of MNIST's shape, m = 60,000
     python benchmarks/epoch_throughput.py --data-dir DIR         # real MNIST training images
-    python benchmarks/epoch_throughput.py --m 512 --hidden 10 --epochs 2 --out-dir /tmp/b   # toy size
+    python benchmarks/epoch_throughput.py --m 512 --hidden 10 --rounds 3 --out-dir /tmp/b   # toy size
 
-For every device, dtype and hidden size it times gpunn's training step and each peer (benchmarks/peers/) doing the
-same step from the same initial weights. A peer is timed only after it has shown that it computes that step: its
-loss after 3 epochs must match gpunn's. The machine's own read bandwidth and GEMM rate give each row a lower bound
-(X read once; 3196·h·m FLOPs per epoch for one hidden layer of h units), and the ratio to it.
+The runs fall into groups, one per device, dtype and hidden size. In a group, every implementation (gpunn's
+variants, from gpunn_variants(), and the peers of benchmarks/peers/) is first checked to compute gpunn's step (its
+loss after 3 epochs from the same initial weights must match gpunn's), then built at full size and warmed up. Then
+come rounds: in each round every implementation runs one timed slot of k epochs, in an order that rotates from round
+to round, so that a drift of the machine's load falls on all of them alike. Per implementation the script reports
+the min and the median over the rounds, and in each round its time over gpunn's in the same round. The machine's own
+read bandwidth and GEMM rate give each row a lower bound (X read once; 3196·h·m FLOPs per epoch for one hidden
+layer of h units), and the ratio to it.
 
-Writes NAME.json (environment and every measurement), NAME.md (the table) and, with matplotlib, NAME.png.
+Writes NAME.json (machine, command, every slot's time and order), NAME.md (the table) and, with matplotlib,
+NAME.png.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import os
 import platform
 import re
@@ -22,18 +30,22 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import ExitStack
+import zlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import click
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers package beside this script
 
-from gpunn.backend import GENERIC, Backend, get_backend  # noqa: E402
+import gpunn  # noqa: E402
+from gpunn import diagnostics  # noqa: E402
+from gpunn.backend import Backend, get_backend  # noqa: E402
 from gpunn.errors import BackendError  # noqa: E402
 from gpunn.model import Preprocessing  # noqa: E402
 from gpunn.nn import Architecture, Layer, cost, forward, init_params, one_hot  # noqa: E402
@@ -43,12 +55,34 @@ from gpunn.train import DeviceData, train_step  # noqa: E402
 CHECK_EPOCHS = 3
 CHECK_SAMPLES = 1024
 LR = 0.1
-# implementation name -> (module in peers/, factory in it)
+
+
+class Peer(NamedTuple):
+    module: str  # in benchmarks/peers/
+    factory: str  # make(images, labels, params, *, lr, dtype, device) -> runner
+    devices: tuple[str, ...]  # device kinds it runs on; its dtypes are the module's DTYPES
+
+
 PEERS = {
-    "numpy-naive": ("peers.naive_numpy", "make"),
-    "torch-eager": ("peers.torch_step", "make"),
-    "torch-compile": ("peers.torch_step", "make_compiled"),
+    "numpy-naive": Peer("peers.naive_numpy", "make", ("cpu",)),
+    "torch-eager": Peer("peers.torch_step", "make", ("cpu", "cuda")),
+    "torch-compile": Peer("peers.torch_step", "make_compiled", ("cpu", "cuda")),
+    "torch-graph": Peer("peers.torch_step", "make_graphed", ("cuda",)),
 }
+#: implementations with a fixed colour in every figure; others get one from their name's hash
+KNOWN = ("gpunn", "gpunn-generic", *PEERS)
+
+
+def gpunn_variants(device: str) -> list[tuple[str, Backend]]:
+    """gpunn's implementations to time on ``device``, named; the first is gpunn as `gpunn train` runs it.
+
+    A later one is timed only where its step differs from the first's (Backend.step(...).name), and it must agree
+    with the first like a peer. One line per variant: a named backend that makes a different step decision.
+    """
+    return [
+        ("gpunn", get_backend(device)),
+        ("gpunn-generic", get_backend(device, fast=False)),
+    ]
 
 
 @dataclass
@@ -58,43 +92,85 @@ class Row:
     hidden: int
     implementation: str
     status: str = "ok"  # ok | refused: ... | failed: ...
-    warmup_ms: list[float] = field(default_factory=list)
-    epoch_ms: list[float] = field(default_factory=list)
+    step: str | None = None  # gpunn's variants: the step the backend chose (Backend.step(...).name)
+    first_epoch_ms: float | None = None  # the first epoch after building, apart (context creation, compilation)
+    epochs_per_slot: int = 0  # k: epochs in each timed slot
+    epoch_ms: list[float] = field(default_factory=list)  # per round: the slot's time / k
+    ratio_to_gpunn: list[float] = field(default_factory=list)  # per round: epoch_ms over gpunn's in that round
+    min_ms: float | None = None
+    median_ms: float | None = None
+    ratio_median: float | None = None
+    ratio_min: float | None = None
+    ratio_max: float | None = None
     check_loss: float | None = None
     reference_loss: float | None = None
     bound_ms: float | None = None
 
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.epoch_ms)
+    def summarize(self) -> None:
+        self.min_ms, self.median_ms = min(self.epoch_ms), statistics.median(self.epoch_ms)
+        ratios = self.ratio_to_gpunn
+        self.ratio_median, self.ratio_min, self.ratio_max = statistics.median(ratios), min(ratios), max(ratios)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """How the timed rounds of a group run.
+
+    ``rounds`` rounds at most; fewer, but at least ``min_rounds``, when the next round would take the group's
+    rounds past ``group_seconds``. A slot is k epochs, k the smallest count that lasts ``slot_ms`` (one epoch when an
+    epoch alone lasts that long). ``settle_ms``: a pause after each slot, untimed, so that the threads one
+    implementation leaves spinning are asleep when the next one starts: OpenBLAS's worker threads spin for about
+    0.1 s after its last call (measured on the 2-core machine: half a core's time over that 0.1 s, nothing after).
+    """
+
+    rounds: int = 7
+    min_rounds: int = 3
+    group_seconds: float = 30.0
+    slot_ms: float = 20.0
+    settle_ms: float = 150.0
 
 
 # --- what is timed --------------------------------------------------------------------------------------------
 
 
 class GpunnRunner:
-    """gpunn's own training step, as `gpunn train` runs it (loss and accuracy computed on the device included),
-    with the backend's gradient pass (its fast path, or the generic math) held from construction to close()."""
+    """gpunn's own training step, as `gpunn train` runs it (loss and accuracy computed on the device included), with
+    the backend's step for ``columns`` samples (default: the data's), so that the equivalence check on a few samples
+    runs the very step that is timed on all of them.
 
-    def __init__(self, images, labels, params, *, lr, dtype, backend: Backend):
+    The step's gradient pass and update rule are made once, and entered only while the runner is :meth:`active`:
+    a fast path may change process-wide settings while entered (the fused CPU pass sets BLAS to one thread), which
+    must not reach the other implementations' slots.
+    """
+
+    def __init__(self, images, labels, params, *, lr, dtype, backend: Backend, columns: int | None = None):
         self.backend = backend
         self.arch = Architecture((images.shape[1], *(W.shape[0] for W, _ in params[:-1]), 10))
-        step = backend.step(self.arch, dtype=dtype, columns=len(labels))
+        self.rule = Optimizer("gd")
+        step = backend.step(self.arch, dtype=dtype, columns=columns or len(labels))
+        self.step_name = step.name
         self.data = DeviceData.from_host(np.ascontiguousarray(images.T), labels, backend=backend, dtype=dtype,
                                          preprocessing=None if step.pixels else Preprocessing())
         self.weights = [Layer(backend.asarray(W.astype(dtype)), backend.asarray(b.astype(dtype))) for W, b in params]
         self.lr = lr
-        self.rule = Optimizer("gd")
-        self._scope = ExitStack()
-        self.gradients = self._scope.enter_context(step.gradients())
-        self.update = self._scope.enter_context(step.update(self.rule))
+        self._step = step
+        self._contexts = [_Reenterable(step.gradients), _Reenterable(lambda: step.update(self.rule))]
+        self.gradients = self.update = None
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        with ExitStack() as scope:
+            self.gradients, self.update = (scope.enter_context(context) for context in self._contexts)
+            try:
+                yield
+            finally:
+                self.gradients = self.update = None
 
     def step(self) -> None:
+        if self.gradients is None:
+            raise RuntimeError("GpunnRunner.step outside active()")
         self.weights, _, _, _ = train_step(self.weights, {}, self.data, self.arch, lr=self.lr, t=1, rule=self.rule,
                                            gradients=self.gradients, update=self.update)
-
-    def close(self) -> None:
-        self._scope.close()
 
     def sync(self) -> None:
         self.backend.synchronize()
@@ -103,28 +179,65 @@ class GpunnRunner:
         return [(self.backend.to_numpy(W), self.backend.to_numpy(b)) for W, b in self.weights]
 
 
-@dataclass(frozen=True)
-class Budget:
-    """How many epochs to time: ``warmup`` untimed ones, then ``epochs``, or fewer (but at least ``min_epochs``)
-    once the timed ones add up to ``row_seconds``, so that the largest rows do not take minutes each."""
+class _Reenterable:
+    """One of a Step's context managers, made once and entered again for every slot (a fast path keeps its buffers
+    and any index it built from the data); made anew only when it cannot be entered twice (a generator-based one)."""
 
-    warmup: int = 1
-    epochs: int = 5
-    min_epochs: int = 2
-    row_seconds: float = 2.0
+    def __init__(self, make: Callable[[], Any]):
+        self.make, self.manager, self.entered = make, make(), False
+
+    def __enter__(self) -> Any:
+        if self.entered:
+            try:
+                return self._enter()
+            except (AttributeError, RuntimeError, TypeError):  # contextlib's single-use managers
+                self.manager = self.make()
+        return self._enter()
+
+    def _enter(self) -> Any:
+        value = self.manager.__enter__()
+        self.entered = True
+        return value
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self.manager.__exit__(*exc_info)
 
 
-def time_epochs(runner: Any, budget: Budget) -> tuple[list[float], list[float]]:
-    """Milliseconds of each warm-up epoch and each timed epoch; the device is synchronized before every clock read."""
-    warmup, timed = [], []
+def active(runner: Any):
+    """The runner's slot context: gpunn's step entered; nothing for the peers, which hold nothing process-wide."""
+    return getattr(runner, "active", nullcontext)()
+
+
+def time_epochs(runner: Any, epochs: int) -> float:
+    """Seconds of ``epochs`` epochs, the device synchronized before the first clock read and before the second."""
     runner.sync()
-    while len(timed) < budget.epochs and (len(timed) < budget.min_epochs or sum(timed) < budget.row_seconds * 1e3):
-        start = time.perf_counter()
+    start = time.perf_counter()
+    for _ in range(epochs):
         runner.step()
-        runner.sync()
-        elapsed = (time.perf_counter() - start) * 1e3
-        (warmup if len(warmup) < budget.warmup else timed).append(elapsed)
-    return warmup, timed
+    runner.sync()
+    return time.perf_counter() - start
+
+
+def timed_slot(runner: Any, epochs: int) -> float:
+    """One slot: the runner's step entered, the garbage collector run before and held off while the clock runs."""
+    with active(runner):
+        gc.collect()
+        gc.disable()
+        try:
+            return time_epochs(runner, epochs)
+        finally:
+            gc.enable()
+
+
+def epochs_per_slot(runner: Any, slot_seconds: float) -> int:
+    """k: the epochs a slot needs to last ``slot_seconds``, from untimed runs of 1, then more epochs (as timeit's
+    autorange) until a run lasts a quarter of a slot."""
+    epochs = 1
+    while True:
+        seconds = timed_slot(runner, epochs)
+        if seconds >= slot_seconds / 4 or epochs >= 1_000_000:
+            return max(1, math.ceil(slot_seconds * epochs / seconds))
+        epochs = min(epochs * 100, max(epochs * 2, math.ceil(epochs * slot_seconds / 4 / max(seconds, 1e-7))))
 
 
 def reference_loss(params: list[tuple[np.ndarray, np.ndarray]], images: np.ndarray, labels: np.ndarray) -> float:
@@ -138,18 +251,11 @@ def reference_loss(params: list[tuple[np.ndarray, np.ndarray]], images: np.ndarr
 def loss_after_steps(make: Callable[..., Any], images, labels, params, *, dtype: str, **kwargs) -> float:
     """Run ``make``'s runner for CHECK_EPOCHS epochs from ``params`` and return the loss of its new weights."""
     runner = make(images, labels, params, lr=LR, dtype=dtype, **kwargs)
-    try:
+    with active(runner):
         for _ in range(CHECK_EPOCHS):
             runner.step()
         runner.sync()
-        return reference_loss(runner.params(), images, labels)
-    finally:
-        close(runner)
-
-
-def close(runner: Any) -> None:
-    """Let a runner give back what it holds (gpunn's threads and BLAS setting); peers hold nothing."""
-    getattr(runner, "close", lambda: None)()
+    return reference_loss(runner.params(), images, labels)
 
 
 def same_step(loss: float, reference: float, dtype: str) -> bool:
@@ -164,6 +270,157 @@ def verdict(loss: float, reference: float, dtype: str) -> str:
         return "ok"
     return (f"refused: its loss after {CHECK_EPOCHS} epochs is {loss:.8g}, gpunn's {reference:.8g}: it does not "
             "compute the same step")
+
+
+def failure(error: BaseException) -> str:
+    return f"failed: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
+# --- one group: check, build, warm up, rounds -----------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """An implementation of a group: ``make(images, labels, params, *, lr, dtype, columns) -> runner``."""
+
+    name: str
+    make: Callable[..., Any]
+    step: str | None = None
+
+
+def candidates_for(backend_name: str, arch: Architecture, dtype: str, m: int, peers: list[str],
+                   variants: list[tuple[str, Backend]]) -> tuple[list[Candidate], list[Row]]:
+    """The implementations of a group, gpunn first, and rows for peers that cannot run here (not installed)."""
+    kind = backend_name.split(":")[0]
+    gpunn_step = None
+    candidates, unavailable = [], []
+    for name, backend in variants:
+        step = backend.step(arch, dtype=dtype, columns=m).name
+        if gpunn_step is None:
+            gpunn_step = step
+        elif step == gpunn_step:
+            continue  # the same step as gpunn's here: nothing to compare
+        candidates.append(Candidate(name, lambda *a, _b=backend, **k: GpunnRunner(*a, **k, backend=_b), step))
+    for name in peers:
+        peer = PEERS[name]
+        module = import_module(peer.module)
+        if kind not in peer.devices or dtype not in module.DTYPES:
+            continue
+        if not module.AVAILABLE:
+            unavailable.append(name)
+            continue
+        factory = getattr(module, peer.factory)
+        candidates.append(Candidate(name, lambda *a, _f=factory, columns=None, **k: _f(*a, **k, device=backend_name)))
+    rows = [Row(backend_name, dtype, arch.sizes[1], name, status="failed: not installed") for name in unavailable]
+    return candidates, rows
+
+
+def run_group(device: str, dtype: str, hidden: int, candidates: list[Candidate], images: np.ndarray,
+              labels: np.ndarray, params: list[tuple[np.ndarray, np.ndarray]], rounds: Rounds, *,
+              bound_ms: float | None = None, echo: Callable[[str], None] = lambda _: None
+              ) -> tuple[list[Row], dict[str, Any]]:
+    """Check, build, warm up and time ``candidates`` (gpunn first) interleaved; their rows and the group's record."""
+    m = len(labels)
+    check_images, check_labels = images[:CHECK_SAMPLES], labels[:CHECK_SAMPLES]
+    rows = [Row(device, dtype, hidden, c.name, step=c.step, bound_ms=bound_ms) for c in candidates]
+    runners: dict[str, Any] = {}
+    reference = None
+    for candidate, row in zip(candidates, rows):
+        try:
+            row.check_loss = loss_after_steps(candidate.make, check_images, check_labels, params, dtype=dtype,
+                                              columns=m)
+        except Exception as error:  # a peer that cannot run here (no compiler for torch.compile, ...) is reported
+            row.status = failure(error)
+            if reference is None:  # gpunn itself: nothing to compare against
+                break
+            continue
+        if reference is None:
+            reference = row.check_loss
+        row.reference_loss = reference
+        row.status = verdict(row.check_loss, reference, dtype)
+    for candidate, row in zip(candidates, rows):
+        if rows[0].status != "ok":
+            break
+        if row.status != "ok":
+            continue
+        try:
+            runner = candidate.make(images, labels, params, lr=LR, dtype=dtype, columns=m)
+            row.first_epoch_ms = timed_slot(runner, 1) * 1e3
+            row.epochs_per_slot = epochs_per_slot(runner, rounds.slot_ms / 1e3)
+            runners[row.implementation] = runner
+        except Exception as error:
+            row.status = failure(error)
+        runner = None
+    order = [row for row in rows if row.implementation in runners]
+    record: dict[str, Any] = {"device": device, "dtype": dtype, "hidden": hidden,
+                              "implementations": [row.implementation for row in order], "order": [],
+                              "rounds": 0, "seconds": 0.0, "stopped_by": "rounds", "load_before": load_average(),
+                              "load_after": None}
+    if rows and rows[0].status != "ok":
+        return _without_gpunn(rows, record, echo)
+    time.sleep(rounds.settle_ms / 1e3)  # after the last calibration, as after every slot
+    start = time.perf_counter()
+    slots: dict[str, list[float]] = {row.implementation: [] for row in order}
+    for r in range(rounds.rounds):
+        live = [row for row in order if row.status == "ok"]
+        turn = live[r % len(live):] + live[:r % len(live)]
+        record["order"].append([row.implementation for row in turn])
+        for row in turn:
+            try:
+                slots[row.implementation].append(timed_slot(runners[row.implementation], row.epochs_per_slot))
+            except Exception as error:
+                row.status = failure(error)
+                slots[row.implementation].append(float("nan"))
+            time.sleep(rounds.settle_ms / 1e3)
+        record["rounds"] = done = r + 1
+        record["seconds"] = elapsed = time.perf_counter() - start
+        record["load_after"] = load_average()
+        if rows[0].status != "ok":
+            break
+        if done < rounds.rounds and done >= min(rounds.min_rounds, rounds.rounds) and \
+                elapsed * (done + 1) / done > rounds.group_seconds:
+            record["stopped_by"] = "group-seconds"
+            break
+    for runner in runners.values():
+        getattr(runner, "close", lambda: None)()
+    runners.clear()
+    gc.collect()
+    if rows[0].status != "ok":
+        return _without_gpunn(rows, record, echo)
+    gpunn_ms = [s / rows[0].epochs_per_slot * 1e3 for s in slots[rows[0].implementation]]
+    for row in order:
+        if row.status != "ok":
+            continue
+        row.epoch_ms = [s / row.epochs_per_slot * 1e3 for s in slots[row.implementation]]
+        row.ratio_to_gpunn = [t / g for t, g in zip(row.epoch_ms, gpunn_ms)]
+        row.summarize()
+    _echo_group(rows, record, echo)
+    return rows, record
+
+
+def _echo_group(rows: list[Row], record: dict[str, Any], echo: Callable[[str], None]) -> None:
+    device, dtype, hidden = record["device"], record["dtype"], record["hidden"]
+    echo(f"{device:>7} {dtype} h={hidden:<5} {record['rounds']} rounds in {record['seconds']:.1f} s "
+         f"(stopped by --{record['stopped_by']}; load average {record['load_before']} -> {record['load_after']})")
+    for row in rows:
+        if row.status == "ok":
+            echo(f"        {row.implementation:<14} min {row.min_ms:9.2f}  median {row.median_ms:9.2f} ms/epoch  "
+                 f"x gpunn {row.ratio_median:5.2f} ({row.ratio_min:.2f}-{row.ratio_max:.2f})  "
+                 f"k = {row.epochs_per_slot}, first epoch {row.first_epoch_ms:.1f} ms")
+        else:
+            echo(f"        {row.implementation:<14} {row.status}")
+
+
+def _without_gpunn(rows: list[Row], record: dict[str, Any], echo: Callable[[str], None]
+                   ) -> tuple[list[Row], dict[str, Any]]:
+    """gpunn's own row failed: the others have nothing to be compared with."""
+    for row in rows[1:]:
+        if row.status == "ok":
+            row.status = "failed: gpunn's own row failed, so nothing to compare with"
+    for row in rows:
+        row.epoch_ms, row.ratio_to_gpunn = [], []
+    _echo_group(rows, record, echo)
+    return rows, record
 
 
 # --- the machine's limits -------------------------------------------------------------------------------------
@@ -209,80 +466,171 @@ def lower_bound_ms(hidden: int, m: int, dtype: str, limits: dict[str, float]) ->
     return max(read, flops) * 1e3
 
 
-# --- environment and reports ----------------------------------------------------------------------------------
+# --- the machine, and reports ---------------------------------------------------------------------------------
 
 
-def environment(backends: list[Backend]) -> dict[str, Any]:
+def load_average() -> float | None:
+    """The 1-minute load average (runnable threads, ours included), where the OS keeps one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks outside Linux
+        return os.cpu_count() or 1
+
+
+def machine(backends: list[Backend], torch_used: bool) -> dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, the BLAS libraries loaded (threadpoolctl), versions, GPUs."""
+    from threadpoolctl import threadpool_info
+
+    libraries = [{key: lib.get(key) for key in ("user_api", "internal_api", "version", "architecture",
+                                                "threading_layer", "num_threads")}
+                 | {"file": Path(lib.get("filepath", "")).name} for lib in threadpool_info()]
+    described = {backend.name: backend.describe() for backend in backends}
     env: dict[str, Any] = {
+        "cpu": diagnostics.cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "blas": [lib for lib in libraries if lib["user_api"] == "blas"],
+        "openmp": [lib for lib in libraries if lib["user_api"] == "openmp"],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "numpy": np.__version__,
-        "devices": {backend.name: backend.describe() for backend in backends},
+        "gpunn": gpunn.__version__,
+        "devices": described,
+        "gpus": {name: d for name, d in described.items() if name != "cpu"},
+        "torch": None,
     }
-    try:
-        import torch
-
-        env["torch"] = torch.__version__
-        env["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        env["torch"] = None
+    if torch_used:
+        try:
+            import torch
+        except ImportError:
+            return env
+        config = torch.__config__.show()
+        blas = re.search(r"BLAS_INFO=(\w+)", config)
+        capability = re.search(r"CPU capability usage: (\w+)", config)
+        env["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
+                        "blas": blas[1] if blas else None, "cpu_capability": capability[1] if capability else None,
+                        "cuda": torch.version.cuda}
+        if torch.cuda.is_available():
+            env["torch"]["gpu"] = torch.cuda.get_device_name(0)
     return env
 
 
+def machine_label(env: dict[str, Any]) -> str:
+    """One line for titles: the CPU, its usable cores and BLAS kernel, and the GPUs."""
+    blas = env["blas"][0] if env["blas"] else None
+    cpu = f"{env['cpu']}, {env['usable_cores']} cores"
+    if blas:
+        cpu += f", {blas['internal_api']} {blas['architecture']}"
+    gpus = [d.get("gpu", name).split(" (")[0] for name, d in env["gpus"].items()]
+    return "; ".join([cpu, *gpus])
+
+
+def machine_lines(env: dict[str, Any]) -> list[str]:
+    lines = [f"- CPU: {env['cpu']}, {env['logical_cores']} logical cores, {env['usable_cores']} usable (affinity)"]
+    for lib in env["blas"]:
+        lines.append(f"- BLAS (threadpoolctl): {lib['internal_api']} {lib['version']}, kernel {lib['architecture']}, "
+                     f"{lib['num_threads']} threads ({lib['threading_layer']}, {lib['file']})")
+    lines.append(f"- Python {env['python']}, NumPy {env['numpy']}, gpunn {env['gpunn']}, {env['platform']}")
+    torch = env.get("torch")
+    if torch:
+        lines.append(f"- torch {torch['version']}: {torch['threads']} threads, BLAS {torch['blas']}, "
+                     f"CPU capability {torch['cpu_capability']}, CUDA {torch['cuda']}")
+    else:
+        lines.append("- torch: not used (no PyTorch peer asked for, or not installed)")
+    for name, described in env["gpus"].items():
+        lines.append(f"- {name}: " + ", ".join(v for k, v in described.items() if k != "device"))
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
-    rows = [Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__}) for r in result["rows"]]
+    rows = [Row(**r) for r in result["rows"]]
     ok = [r for r in rows if r.status == "ok"]
-    budget = result["budget"]
-
-    def find(device, dtype, hidden, implementation):
-        return next((r for r in ok if (r.device, r.dtype, r.hidden, r.implementation) ==
-                     (device, dtype, hidden, implementation)), None)
-
+    settings = result["rounds"]
     lines = [
-        f"# Full-batch epoch throughput: {result['name']}",
+        f"# Full-batch epoch time, interleaved: {result['name']}",
         "",
-        f"Data: {result['data']}, m = {result['m']:,}. Each row: {budget['warmup']} warm-up epoch (its time in "
-        f"'first epoch'), then {budget['min_epochs']} to {budget['epochs']} timed epochs (fewer for the slowest rows, "
-        f"whose timed epochs stop after {budget['row_seconds']:g} s). Command: `{result['command']}`",
+        f"Command: `{result['command']}`",
+        "",
+        f"Data: {result['data']}, m = {result['m']:,}, 784-h-10, learning rate {LR}, plain gradient descent.",
+        "",
+        *machine_lines(result["machine"]),
         "",
     ]
-    for name, described in result["environment"]["devices"].items():
-        lines.append(f"- {name}: " + ", ".join(v for k, v in described.items() if k != "device"))
-    torch_version = result["environment"].get("torch")
-    lines += [f"- torch: {torch_version or 'not installed (no PyTorch rows)'}", ""]
     for device, limits in result["limits"].items():
-        gemm = ", ".join(f"{k.rsplit('_', 1)[1]} {v / 1e9:.0f} GFLOP/s" for k, v in limits.items() if k.startswith("gemm"))
+        gemm = ", ".join(f"{k.rsplit('_', 1)[1]} {v / 1e9:.0f} GFLOP/s" for k, v in limits.items()
+                         if k.startswith("gemm"))
         lines.append(f"- measured limits on {device}: read {limits['read_bytes_per_s'] / 1e9:.1f} GB/s, GEMM {gemm}")
     lines += [
         "",
-        "| device | dtype | hidden | implementation | median ms/epoch | min–max ms | first epoch ms | epochs/s "
-        "| M samples/s | bound ms | × bound | × gpunn | × naive NumPy | GPU speed-up |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"Method: per device, dtype and hidden size, every implementation is checked against gpunn's step, built, run "
+        f"once ('first epoch') and calibrated, then timed in up to {settings['rounds']} rounds (at least "
+        f"{settings['min_rounds']}; fewer than {settings['rounds']} when the rounds would pass "
+        f"{settings['group_seconds']:g} s). In each round each implementation runs one slot of k epochs (a slot lasts "
+        f"at least {settings['slot_ms']:g} ms), the order rotating by one from round to round, with "
+        f"{settings['settle_ms']:g} ms of rest after each slot. Times are slot / k; × gpunn is a round's time over "
+        "gpunn's in the same round.",
+        "",
+        "| device | dtype | hidden | implementation | rounds | k | min ms | median ms | × gpunn (median of rounds) "
+        "| × gpunn min–max | first epoch ms | bound ms | median × bound |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in ok:
-        gpunn = find(r.device, r.dtype, r.hidden, "gpunn")
-        naive = find("cpu", "float64", r.hidden, "numpy-naive")
-        cpu_twin = find("cpu", r.dtype, r.hidden, r.implementation)
-        speedup = f"{cpu_twin.median_ms / r.median_ms:.1f}×" if r.device != "cpu" and cpu_twin else ""
         lines.append(
-            f"| {r.device} | {r.dtype} | {r.hidden} | {r.implementation} | {r.median_ms:.2f} | "
-            f"{min(r.epoch_ms):.2f}–{max(r.epoch_ms):.2f} | {r.warmup_ms[0] if r.warmup_ms else float('nan'):.1f} | "
-            f"{1e3 / r.median_ms:.1f} | {result['m'] / r.median_ms / 1e3:.2f} | {r.bound_ms:.2f} | "
-            f"{r.median_ms / r.bound_ms:.2f} | {r.median_ms / gpunn.median_ms if gpunn else float('nan'):.2f} | "
-            f"{naive.median_ms / r.median_ms if naive else float('nan'):.2f} | {speedup} |"
+            f"| {r.device} | {r.dtype} | {r.hidden} | {r.implementation} | {len(r.epoch_ms)} | {r.epochs_per_slot} | "
+            f"{r.min_ms:.2f} | {r.median_ms:.2f} | {r.ratio_median:.2f} | {r.ratio_min:.2f}–{r.ratio_max:.2f} | "
+            f"{r.first_epoch_ms:.1f} | {r.bound_ms:.2f} | {r.median_ms / r.bound_ms:.2f} |"
         )
+    lines += ["", f"Groups (the order of the first round; each later round starts one further on; the machine has "
+                  f"{result['machine']['usable_cores']} usable cores, and a 1-minute load average above that means "
+                  "other processes competed for them):", ""]
+    for g in result["groups"]:
+        gpunn_row = next((r for r in rows if (r.device, r.dtype, r.hidden, r.implementation) ==
+                          (g["device"], g["dtype"], g["hidden"], "gpunn")), None)
+        first = " → ".join(g["order"][0]) if g["order"] else "none"
+        load = f"load average {g['load_before']} before, {g['load_after']} after its rounds" \
+            if g["load_before"] is not None else "load average unknown"
+        lines.append(f"- {g['device']}, {g['dtype']}, h = {g['hidden']}: {g['rounds']} rounds in {g['seconds']:.1f} s"
+                     f" (stopped by --{g['stopped_by']}); {first}; gpunn's step: "
+                     f"{gpunn_row.step if gpunn_row else '?'}; {load}")
     skipped = [r for r in rows if r.status != "ok"]
     if skipped:
         lines += ["", "Not reported:", ""]
         lines += [f"- {r.implementation} on {r.device}, {r.dtype}, hidden {r.hidden}: {r.status}" for r in skipped]
+    speedups = gpu_speedups(ok)
+    if speedups:
+        lines += ["", "GPU over CPU (gpunn's median CPU time over its median GPU time; the two come from different "
+                      "groups, so from different minutes, not interleaved):", ""]
+        lines += [f"- {dtype}, h = {h}: {value:.1f}×" for dtype, h, value in speedups]
     lines += [
         "",
-        "× bound: median time over the lower bound (X read once at the measured bandwidth, or 3196·h·m FLOPs at the "
-        "measured GEMM rate, whichever is larger). × gpunn: time over gpunn's on the same device, dtype and size "
-        "(above 1 is slower than gpunn). × naive NumPy: the naive program's time (float64, CPU) over this row's "
-        "(above 1 is faster than it). GPU speed-up: the same implementation's CPU time over its GPU time.",
+        "k: epochs per slot. × gpunn: above 1 is slower than gpunn. bound: the larger of X read once at the measured "
+        "bandwidth and 3196·h·m FLOPs at the measured GEMM rate.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def gpu_speedups(ok: list[Row]) -> list[tuple[str, int, float]]:
+    cpu = {(r.dtype, r.hidden): r.median_ms for r in ok if r.device == "cpu" and r.implementation == "gpunn"}
+    return [(r.dtype, r.hidden, cpu[(r.dtype, r.hidden)] / r.median_ms) for r in ok
+            if r.device != "cpu" and r.implementation == "gpunn" and (r.dtype, r.hidden) in cpu]
+
+
+def colour(implementation: str) -> str:
+    """The same colour for an implementation in every figure of every run."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"].colors
+    if implementation in KNOWN:
+        return matplotlib.colors.to_hex(palette[KNOWN.index(implementation) % 10])
+    extra = matplotlib.colormaps["Dark2"].colors
+    return matplotlib.colors.to_hex(extra[zlib.crc32(implementation.encode()) % len(extra)])
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -291,29 +639,42 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
-    series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
-    for r in result["rows"]:
-        if r["status"] == "ok":
-            key = (r["device"], r["implementation"], r["dtype"])
-            series.setdefault(key, []).append((r["hidden"], result["m"] / statistics.median(r["epoch_ms"]) * 1e3))
-    colors = {name: f"C{i}" for i, name in enumerate(["gpunn", "gpunn-generic", *PEERS])}
-    for (device, implementation, dtype), points in sorted(series.items()):
-        points.sort()
-        ax.plot(*zip(*points), color=colors.get(implementation, "k"), linestyle="-" if dtype == "float32" else "--",
-                marker="o" if device == "cpu" else "s", label=f"{implementation} on {device}, {dtype}")
-    sizes = sorted({r["hidden"] for r in result["rows"]})
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(sizes, [str(h) for h in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("hidden units (784-h-10)")
-    ax.set_ylabel("training samples per second (full-batch epochs)")
-    ax.set_title(f"Full-batch epoch throughput, m = {result['m']:,} ({result['name']})")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    panels = sorted({(r["device"], r["dtype"]) for r in ok}, key=lambda p: (p[0] != "cpu", p))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for ax, (device, dtype) in zip(axes[0], panels):
+        rows = [r for r in ok if (r["device"], r["dtype"]) == (device, dtype)]
+        names = sorted({r["implementation"] for r in rows}, key=lambda n: (KNOWN.index(n) if n in KNOWN else 99, n))
+        for name in names:
+            points = sorted((r["hidden"], r["median_ms"], r["min_ms"]) for r in rows if r["implementation"] == name)
+            hidden, median, best = zip(*points)
+            ax.plot(hidden, median, color=colour(name), marker="o", label=f"{name} (median)")
+            ax.plot(hidden, best, color=colour(name), marker="_", markersize=12, linestyle="none")
+        bounds = sorted({(r["hidden"], r["bound_ms"]) for r in rows if r["implementation"] == "gpunn"})
+        if bounds:
+            ax.plot(*zip(*bounds), color="0.5", linestyle=":", label="lower bound")
+        sizes = sorted({r["hidden"] for r in rows})
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sizes, [str(h) for h in sizes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("hidden units h (784-h-10)")
+        ax.set_ylabel("ms per full-batch epoch (lower is better)")
+        ax.set_title(f"{device}, {dtype}", fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7)
+    data = "real MNIST" if result["data"].startswith("MNIST") else "synthetic data"
+    fig.suptitle(f"{machine_label(result['machine'])}\n{data}, m = {result['m']:,}, gpunn {result['machine']['gpunn']}"
+                 f" (median over interleaved rounds; dash: min)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -335,33 +696,45 @@ def default_name(backends: list[Backend]) -> str:
 @click.option("--hidden", default="10,64,256,1024", show_default=True, help="Hidden sizes, comma-separated.")
 @click.option("--dtypes", default="float32,float64", show_default=True)
 @click.option("--devices", default="auto", show_default=True, help="'auto' (cpu, and cuda if present) or a list.")
-@click.option("--peers", default="numpy-naive,torch-eager", show_default=True,
-              help=f"Peers to time beside gpunn, from {', '.join(PEERS)}; 'none' for none.")
-@click.option("--warmup", type=click.IntRange(min=1), default=1, show_default=True, help="Untimed epochs per row.")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed epochs per row, at most.")
-@click.option("--min-epochs", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Timed epochs per row, at least.")
-@click.option("--row-seconds", type=float, default=2.0, show_default=True,
-              help="Stop timing a row after --min-epochs once its timed epochs add up to this.")
+@click.option("--peers", default="numpy-naive,torch-eager,torch-graph", show_default=True,
+              help=f"Peers to time beside gpunn, from {', '.join(PEERS)}; 'none' for none. Each runs where it can "
+              "(torch-graph: CUDA only).")
+@click.option("--rounds", type=click.IntRange(min=1), default=7, show_default=True,
+              help="Timed rounds per group, at most.")
+@click.option("--min-rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed rounds per group, at least (or --rounds, if fewer).")
+@click.option("--group-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Stop a group's rounds after --min-rounds once the next round would take them past this.")
+@click.option("--slot-ms", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="A slot is the fewest epochs that last this long (1 when one epoch does).")
+@click.option("--settle-ms", type=click.FloatRange(min=0), default=150.0, show_default=True,
+              help="Rest after each slot, untimed, so that the threads it left spinning (OpenBLAS's spin for about "
+              "0.1 s after its last call) are asleep when the next slot starts.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--name", help="File name stem of the results; default: the CPU or GPU model.")
-def main(data_dir, m, hidden, dtypes, devices, peers, warmup, epochs, min_epochs, row_seconds, out_dir, name) -> None:
-    """Time full-batch epochs of gpunn and its peers on every device present."""
-    budget = Budget(warmup, epochs, min(min_epochs, epochs), row_seconds)
+def main(data_dir, m, hidden, dtypes, devices, peers, rounds, min_rounds, group_seconds, slot_ms, settle_ms, out_dir,
+         name) -> None:
+    """Time full-batch epochs of gpunn and its peers, interleaved in rounds, on every device present."""
+    settings = Rounds(rounds, min_rounds, group_seconds, slot_ms, settle_ms)
     hidden_sizes = [int(h) for h in hidden.split(",")]
     dtype_list = dtypes.split(",")
     peer_list = [] if peers == "none" else peers.split(",")
     for peer in peer_list:
         if peer not in PEERS:
             raise click.BadParameter(f"unknown peer {peer!r}; expected one of {', '.join(PEERS)}", param_hint="--peers")
-    backends = [get_backend("cpu")]
+    device_names = ["cpu"]
     if devices == "auto":
         try:
-            backends.append(get_backend("cuda"))
+            device_names.append(get_backend("cuda").name)
         except BackendError as error:
             click.echo(f"no GPU rows: {error.cause}")
     else:
-        backends = [get_backend(d) for d in devices.split(",")]
+        device_names = devices.split(",")
+    variants = {}
+    for device in device_names:
+        named = gpunn_variants(device)
+        variants[named[0][1].name] = named
+    backends = [named[0][1] for named in variants.values()]
 
     images, labels, data = load_data(data_dir, m)
     m = len(labels)
@@ -371,12 +744,13 @@ def main(data_dir, m, hidden, dtypes, devices, peers, warmup, epochs, min_epochs
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "data": data,
         "m": m,
-        "budget": asdict(budget),
-        "environment": environment(backends),
+        "rounds": asdict(settings),
+        "check": {"epochs": CHECK_EPOCHS, "samples": min(CHECK_SAMPLES, m), "lr": LR},
+        "machine": {},
         "limits": {},
+        "groups": [],
         "rows": [],
     }
-    check_images, check_labels = images[:CHECK_SAMPLES], labels[:CHECK_SAMPLES]
     for backend in backends:
         limits = measure_limits(backend, dtype_list, size=min(784 * m, 64 * 2**20))
         result["limits"][backend.name] = limits
@@ -384,71 +758,16 @@ def main(data_dir, m, hidden, dtypes, devices, peers, warmup, epochs, min_epochs
             for h in hidden_sizes:
                 arch = Architecture((784, h, 10))
                 params = init_params(arch, init="he", seed=0, dtype="float64")
-                bound = lower_bound_ms(h, m, dtype, limits)
-                # gpunn as `gpunn train` runs it and, where the backend has a fast path for this network, the
-                # generic math beside it ("gpunn-generic"), which must agree with it like any peer
-                variants = [("gpunn", backend)]
-                if backend.step(arch, dtype=dtype, columns=m).name != GENERIC:
-                    variants.append(("gpunn-generic", generic_twin(backend)))
-                gpunn_check = None
-                for implementation, variant in variants:
-                    row = Row(backend.name, dtype, h, implementation, bound_ms=bound, reference_loss=gpunn_check)
-                    make = lambda *a, _variant=variant, **k: GpunnRunner(*a, **k, backend=_variant)  # noqa: E731
-                    row.check_loss = loss_after_steps(make, check_images, check_labels, params, dtype=dtype)
-                    if gpunn_check is None:
-                        gpunn_check = row.reference_loss = row.check_loss
-                    else:
-                        row.status = verdict(row.check_loss, gpunn_check, dtype)
-                    if row.status == "ok":
-                        run_row(row, lambda: make(images, labels, params, lr=LR, dtype=dtype), budget)
-                    result["rows"].append(asdict(row))
-                for peer in peer_list:
-                    row = time_peer(peer, backend, dtype, h, params, images, labels, check_images, check_labels,
-                                    gpunn_check, bound, budget)
-                    if row is not None:
-                        result["rows"].append(asdict(row))
+                candidates, unavailable = candidates_for(backend.name, arch, dtype, m, peer_list,
+                                                         variants[backend.name])
+                rows, record = run_group(backend.name, dtype, h, candidates, images, labels, params, settings,
+                                         bound_ms=lower_bound_ms(h, m, dtype, limits), echo=click.echo)
+                result["groups"].append(record)
+                result["rows"] += [asdict(row) for row in rows + unavailable]
+    torch_used = any(p.startswith("torch") for p in peer_list)
+    result["machine"] = machine(backends, torch_used)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_results(result, out_dir)
-
-
-def time_peer(peer, backend, dtype, h, params, images, labels, check_images, check_labels, gpunn_check, bound,
-              budget: Budget) -> Row | None:
-    module_name, factory = PEERS[peer]
-    module = import_module(module_name)
-    device = backend.name
-    if device.split(":")[0] not in module.DEVICES or dtype not in module.DTYPES:
-        return None
-    row = Row(device, dtype, h, peer, bound_ms=bound, reference_loss=gpunn_check)
-    if not module.AVAILABLE:
-        row.status = "failed: not installed"
-        return row
-    make = getattr(module, factory)
-    try:
-        row.check_loss = loss_after_steps(make, check_images, check_labels, params, dtype=dtype, device=device)
-    except Exception as error:  # a peer that cannot run here (no compiler for torch.compile, ...) is reported
-        row.status = f"failed: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
-        return row
-    row.status = verdict(row.check_loss, gpunn_check, dtype)
-    if row.status != "ok":
-        return row
-    run_row(row, lambda: make(images, labels, params, lr=LR, dtype=dtype, device=device), budget)
-    return row
-
-
-def generic_twin(backend: Backend) -> Backend:
-    """The same device with the fast paths off."""
-    return get_backend(backend.name, fast=False)
-
-
-def run_row(row: Row, make: Callable[[], Any], budget: Budget) -> None:
-    runner = make()
-    try:
-        row.warmup_ms, row.epoch_ms = time_epochs(runner, budget)
-    finally:
-        close(runner)
-    del runner
-    click.echo(f"{row.device:>7} {row.dtype} h={row.hidden:<5} {row.implementation:<14} "
-               f"{row.median_ms:9.2f} ms/epoch (first {row.warmup_ms[0]:.1f} ms, bound {row.bound_ms:.2f} ms)")
 
 
 def load_data(data_dir: Path | None, m: int) -> tuple[np.ndarray, np.ndarray, str]:
@@ -460,7 +779,8 @@ def load_data(data_dir: Path | None, m: int) -> tuple[np.ndarray, np.ndarray, st
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(m, 784), dtype=np.uint8)
     labels = rng.integers(0, 10, size=m).astype(np.int64)
-    return images, labels, "synthetic (uint8 pixels, labels 0-9, MNIST's shape; an epoch's cost does not depend on values)"
+    return images, labels, ("synthetic (uniform uint8 pixels, labels 0-9, MNIST's shape; no zero pixels to skip, "
+                            "unlike MNIST's)")
 
 
 def write_results(result: dict[str, Any], out_dir: Path) -> None:

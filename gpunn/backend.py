@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -53,13 +53,16 @@ class Step:
 
     ``gradients()`` and ``update(rule)`` are context managers giving the run's gradient pass and update rule (a fast
     path may hold buffers, threads or library settings while they last). ``pixels``: the gradient pass takes the raw
-    uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats.
+    uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats. ``epochs``: where a fast path
+    runs whole full-batch epochs itself (the CUDA graph), ``epochs(config, train, val, capacity)`` makes the object
+    that does (as :class:`gpunn.train.Epochs` does for the rest).
     """
 
     name: str
     gradients: Callable[[], AbstractContextManager[GradientPass]]
     update: Callable[[Optimizer], AbstractContextManager[UpdateRule]] = _generic_update
     pixels: bool = False
+    epochs: Callable[..., Any] | None = None
 
 
 class Backend:
@@ -69,16 +72,22 @@ class Backend:
     :meth:`asarray` (host to device) and :meth:`to_numpy` (device to host); both are explicit so that a reader
     can find every transfer. Subclasses add what a library needs (device synchronization, clocks, a description)
     and fast paths (:meth:`step`) for the networks they cover. ``fast=False`` turns the fast paths off: the generic
-    code runs everywhere, to compare against or to read.
+    code runs everywhere, to compare against or to read; ``fast=None``: the device's default
+    (:attr:`FAST_BY_DEFAULT`).
     """
 
-    def __init__(self, name: str, xp: ModuleType, device: Any, reason: str = "", *, fast: bool = True) -> None:
+    #: whether fast paths are on when nobody says: only where they were measured to win on this kind of device
+    FAST_BY_DEFAULT = True
+
+    def __init__(self, name: str, xp: ModuleType, device: Any, reason: str = "", *, fast: bool | None = None
+                 ) -> None:
         self.name = name
         self.xp = xp
         self.device = device
         #: why this backend was chosen, when ``auto`` chose it; empty otherwise
         self.reason = reason
-        self.fast = fast
+        self.fast = self.FAST_BY_DEFAULT if fast is None else fast
+        self.fast_asked = fast
 
     @property
     def is_cuda(self) -> bool:
@@ -148,7 +157,7 @@ class NumpyBackend(Backend):
     Its fast path is :class:`gpunn.fused_cpu.FusedCpuPass`: ReLU networks with a softmax output, without dropout,
     computed in place on every core."""
 
-    def __init__(self, reason: str = "", *, fast: bool = True) -> None:
+    def __init__(self, reason: str = "", *, fast: bool | None = None) -> None:
         super().__init__("cpu", array_api_compat.array_namespace(np.empty(0)), "cpu", reason, fast=fast)
 
     def random(self, seed: int) -> Any:
@@ -171,9 +180,15 @@ class NumpyBackend(Backend):
 
 
 class CupyBackend(Backend):
-    """One CUDA GPU through CuPy. Made by :func:`get_backend`, which checks first that the GPU answers."""
+    """One CUDA GPU through CuPy. Made by :func:`get_backend`, which checks first that the GPU answers.
 
-    def __init__(self, cupy: ModuleType, index: int, reason: str = "", *, fast: bool = True) -> None:
+    Its fast path is :mod:`gpunn.fused_cuda`: ReLU networks with a softmax output, without dropout, on cuBLAS and a
+    few fused kernels, a full-batch epoch as one CUDA graph. It is off unless asked for (``fast=True``,
+    ``gpunn train --fast``) until it has been measured on a GPU."""
+
+    FAST_BY_DEFAULT = False  # no GPU has run the fused kernels yet: the generic math stays the default until one has
+
+    def __init__(self, cupy: ModuleType, index: int, reason: str = "", *, fast: bool | None = None) -> None:
         import array_api_compat.cupy as xp
 
         self.cupy = cupy
@@ -182,6 +197,23 @@ class CupyBackend(Backend):
         # CuPy launches work on the *current* device: make it this one for the thread, once, here at the edge.
         device.use()
         super().__init__(f"cuda:{index}", xp, device, reason, fast=fast)
+        self._kernels: Any = None
+
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
+        # imported here: gpunn.fused_cuda builds on this module's Step, and only a CUDA run needs it
+        from gpunn import fused_cuda
+
+        if self.fast:
+            if self._kernels is None:
+                self._kernels = fused_cuda.CupyDevice(self.cupy)
+            fused = fused_cuda.fused_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=self._kernels)
+            if fused is not None:
+                return fused
+        generic = super().step(arch, dtype=dtype, columns=columns, dropout=dropout)
+        if self.fast_asked is None and fused_cuda.supports(arch, dropout=dropout):
+            return replace(generic, name=f"{generic.name} (the fused CUDA kernels are opt-in with --fast until "
+                                         "measured on a GPU)")
+        return generic
 
     def to_numpy(self, a: Any) -> np.ndarray:
         return self.cupy.asnumpy(a)
@@ -223,12 +255,13 @@ def parse_device(device: str) -> tuple[str, int | None]:
     return match[1], None if match[2] is None else int(match[2])
 
 
-def get_backend(device: str = "auto", *, fast: bool = True) -> Backend:
+def get_backend(device: str = "auto", *, fast: bool | None = None) -> Backend:
     """The backend for ``device``: ``"auto"``, ``"cpu"``, ``"cuda"`` (GPU 0) or ``"cuda:N"``.
 
     ``auto`` uses cuda:0 when CuPy imports and the GPU answers, else the CPU; ``Backend.reason`` says which and
     why. An explicit ``cuda`` raises BackendError naming the cause and the fix when the GPU cannot be used.
-    ``fast=False``: the generic code only, no fast paths.
+    ``fast=False``: the generic code only, no fast paths; ``fast=True``: the device's fast paths even where they are
+    not yet the default; None: the device's default (:attr:`Backend.FAST_BY_DEFAULT`).
     """
     kind, index = parse_device(device)
     if kind == "cpu":
@@ -250,7 +283,7 @@ def cuda_devices() -> list[str]:
     return [f"cuda:{i} ({name})" for i, name in enumerate(names)]
 
 
-def _cuda_backend(index: int, *, fast: bool = True) -> CupyBackend:
+def _cuda_backend(index: int, *, fast: bool | None = None) -> CupyBackend:
     cupy = diagnostics.import_cupy()
     names = diagnostics.device_names(cupy)
     if index >= len(names):

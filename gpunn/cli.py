@@ -169,8 +169,10 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--submission", type=click.Path(path_type=Path), default=Path("submission.csv"), show_default=True,
               help="Where predictions for an unlabelled --test-csv go, in Kaggle's ImageId,Label format.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--generic", is_flag=True,
-              help="Run the generic array-API math even where the device has a fast path (to compare, or to read).")
+@click.option("--fast/--generic", "fast", default=None,
+              help="--generic: the generic array-API math even where the device has a fast path (to compare, or to "
+              "read). --fast: the device's fast path even where it is not the default yet (CUDA, until measured). "
+              "Default: the device's choice, named in the header's step: line.")
 @click.option("--hidden", default="10", show_default=True, callback=_parse_hidden,
               help="Hidden layer sizes, comma-separated: 10 is the seed network 784-10-10; 16,16 has two layers.")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu", show_default=True,
@@ -226,7 +228,7 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               "again are taken from it; the data options must name the same data.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None,
-          submission: Path, device: str, generic: bool, out: Path, metrics_out: Path | None, plot_dir: Path | None,
+          submission: Path, device: str, fast: bool | None, out: Path, metrics_out: Path | None, plot_dir: Path | None,
           checkpoint: Path | None, checkpoint_every: int | None, resume: Path | None, quiet: bool,
           **settings: Any) -> None:
     """Train the network and save it.
@@ -247,7 +249,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     if plot_dir is not None:
         check_directory(plot_dir, "--plot-dir")
         require_matplotlib()  # fail now, not after training
-    backend = get_backend(device, fast=not generic)
+    backend = get_backend(device, fast=fast)
     settings["hidden"] = tuple(settings["hidden"])
     resumed = None if resume is None else load_model(resume, backend)
     if resumed is None:

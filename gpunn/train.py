@@ -350,8 +350,11 @@ class Epochs:
     raw pixels when the step takes them (:attr:`gpunn.backend.Step.pixels`).
     """
 
+    #: rows of the metrics buffer: epochs that may wait on the device before the host reads them back
+    CAPACITY = 1024
+
     def __init__(self, arch: Architecture, config: TrainConfig, train: DeviceData, val: DeviceData | None,
-                 backend: Backend, gradients: GradientPass, update: UpdateRule, *, capacity: int = 1024,
+                 backend: Backend, gradients: GradientPass, update: UpdateRule, *, capacity: int = CAPACITY,
                  on_step: Callable[[int, int], None] | None = None) -> None:
         self.arch, self.config, self.train, self.val, self.backend = arch, config, train, val, backend
         self.gradients, self.update = gradients, update
@@ -462,13 +465,13 @@ def fit(
     # Overflow is caught by the finiteness check and reported with the epoch and a fix; NumPy's own floating-point
     # warnings would only repeat it, several times per epoch and with neither.
     with _stop_signals(on_signal) as stop, np.errstate(over="ignore", invalid="ignore"), \
-            step.gradients() as gradients, step.update(rule) as update:
-        epochs = Epochs(arch, config, train, val, backend, gradients, update, on_step=on_step)
+            _open_epochs(step, arch, config, train, val, backend, on_step) as epochs:
         epochs.load(params, optimizer_state, epochs_done=epochs_done)
+        computed_by = getattr(epochs, "name", step.name)  # a whole-epoch runner names itself (a graph, or not)
         state = TrainState(params, optimizer_state, epochs_done)
         try:
-            for state, reports in _run(epochs, config, backend, train.m, epochs_done, checkpoint_every,
-                                       stopper.active, stop):
+            for state, reports in _run(epochs, config, backend, train.m, val is not None, epochs_done,
+                                       checkpoint_every, stopper.active, stop):
                 for stats in reports:
                     history.append(stats)
                     if on_epoch is not None:
@@ -488,6 +491,7 @@ def fit(
     if stopper.stopped:
         state = stopper.best
     model = snapshot(state)
+    model.info["step"] = computed_by
     if config.early_stop is not None:
         model.info["early_stop"] = stopper.record(history, state)
     del train, val, epochs  # the training set in floats is the run's largest array: free it before the test set's
@@ -511,6 +515,19 @@ def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixel
     return preprocessing, train, val
 
 
+@contextmanager
+def _open_epochs(step: Step, arch: Architecture, config: TrainConfig, train: DeviceData, val: DeviceData | None,
+                 backend: Backend, on_step: Callable[[int, int], None] | None) -> Iterator[Epochs]:
+    """What runs the epochs: the step's own whole-epoch runner for full batches where it has one (a CUDA graph),
+    else :class:`Epochs` around the step's gradient pass and update rule."""
+    if step.epochs is not None and config.batch_columns(train.m) == train.m:
+        with step.epochs(config, train, val, Epochs.CAPACITY) as runner:
+            yield runner
+        return
+    with step.gradients() as gradients, step.update(config.rule) as update:
+        yield Epochs(arch, config, train, val, backend, gradients, update, on_step=on_step)
+
+
 def _resumed_optimizer_state(resume: Model, rule: Optimizer, config: TrainConfig) -> dict[str, list[Layer]]:
     if set(resume.optimizer_state) != set(rule.state_names):
         raise ModelError(f"cannot resume: the checkpoint holds optimizer state {sorted(resume.optimizer_state)}, "
@@ -518,8 +535,8 @@ def _resumed_optimizer_state(resume: Model, rule: Optimizer, config: TrainConfig
     return resume.optimizer_state
 
 
-def _run(epochs: Epochs, config: TrainConfig, backend: Backend, m: int, epochs_done: int, checkpoint_every: int,
-         every_epoch: bool, stop: _StopRequest) -> Iterator[tuple[TrainState, list[EpochStats]]]:
+def _run(epochs: Epochs, config: TrainConfig, backend: Backend, m: int, has_val: bool, epochs_done: int,
+         checkpoint_every: int, every_epoch: bool, stop: _StopRequest) -> Iterator[tuple[TrainState, list[EpochStats]]]:
     """Run epochs ``epochs_done + 1`` to ``config.epochs`` without waiting for the device, reading the metrics back
     about every :data:`DRAIN_SECONDS`, after every epoch when ``every_epoch``, at checkpoints, on a stop request and at
     the end. Yields the state after the last epoch run and the reports read back since the previous yield."""
@@ -534,14 +551,14 @@ def _run(epochs: Epochs, config: TrainConfig, backend: Backend, m: int, epochs_d
                or (checkpoint_every and epoch % checkpoint_every == 0)
                or time.monotonic() - last_read >= DRAIN_SECONDS)
         if due:
-            reports = _read_back(epochs, backend, pending, m, config.lr)
+            reports = _read_back(epochs, backend, pending, m, has_val, config.lr)
             pending, last_read = [], time.monotonic()
             params, optimizer_state = epochs.state()
             yield TrainState(params, optimizer_state, epoch), reports
 
 
-def _read_back(epochs: Epochs, backend: Backend, pending: list[tuple[int, Any, Any]], m: int, lr: float
-               ) -> list[EpochStats]:
+def _read_back(epochs: Epochs, backend: Backend, pending: list[tuple[int, Any, Any]], m: int, has_val: bool,
+               lr: float) -> list[EpochStats]:
     """The pending epochs' reports, in one device-to-host transfer (which waits for the device). Raises
     TrainingDivergedError for the first epoch whose loss or weights are not finite, after reporting the ones before."""
     rows = backend.to_numpy(epochs.metrics).astype(np.float64)
@@ -553,7 +570,6 @@ def _read_back(epochs: Epochs, backend: Backend, pending: list[tuple[int, Any, A
         if finite != 1.0:
             raise TrainingDivergedError(epoch, "a weight", lr)
         seconds = backend.seconds(start, end)
-        has_val = epochs.val is not None
         reports.append(EpochStats(epoch, float(loss), float(train_accuracy), float(val_loss) if has_val else None,
                                   float(val_accuracy) if has_val else None, seconds, m / seconds))
     return reports

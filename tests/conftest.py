@@ -1,18 +1,20 @@
 """Backends for the tests: NumPy always; CuPy (marked ``gpu``) skipped with its reason where no GPU answers;
-array-api-strict on a simulated non-CPU device, which fails on any implicit host conversion or device mixing."""
+array-api-strict on a simulated non-CPU device, which fails on any implicit host conversion or device mixing; and
+the CUDA fast path emulated on the CPU (its unchanged .cu kernels run by CPU threads, tests/cuda_on_cpu), skipped
+with its reason where no C++ compiler is found."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gpunn.backend import Backend, get_backend
+from gpunn.backend import Backend, Step, get_backend
 from gpunn.errors import BackendError
 
 
-def cuda_backend_or_skip() -> Backend:
+def cuda_backend_or_skip(*, fast: bool | None = None) -> Backend:
     try:
-        return get_backend("cuda")
+        return get_backend("cuda", fast=fast)
     except BackendError as error:
         pytest.skip(f"no usable CUDA device: {error.cause}")
 
@@ -27,6 +29,38 @@ class StrictBackend(Backend):
 
     def to_numpy(self, a):
         return np.asarray(a.to_device(self.xp.Device("CPU_DEVICE")))
+
+
+class EmulatedCudaBackend(Backend):
+    """NumPy arrays, with gpunn.fused_cuda's driver as the fast path, its kernels the unchanged .cu sources run on CPU
+    threads: through this backend every backend-parametrized test also runs the CUDA fast path (one step, the
+    update rules, whole epochs as a recorded graph)."""
+
+    def __init__(self) -> None:
+        import array_api_compat.numpy as xp
+        from cuda_on_cpu import EmulatedDevice
+
+        super().__init__("cuda-emulated", xp, "cpu", fast=True)
+        self.kernels = EmulatedDevice()
+
+    def random(self, seed: int):
+        return np.random.default_rng(seed)
+
+    def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
+        from gpunn import fused_cuda
+
+        fused = self.fast and fused_cuda.fused_step(arch, dtype=dtype, columns=columns, dropout=dropout,
+                                                    device=self.kernels)
+        return fused or super().step(arch, dtype=dtype, columns=columns, dropout=dropout)
+
+
+def emulated_cuda_or_skip() -> Backend:
+    from cuda_on_cpu import build_all
+
+    reason = build_all()
+    if reason is not None:
+        pytest.skip(f"the CUDA kernels cannot run on the CPU here: {reason}")
+    return EmulatedCudaBackend()
 
 
 @pytest.fixture
@@ -44,11 +78,13 @@ def strict() -> Backend:
     return StrictBackend()
 
 
-@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu), "array-api-strict"])
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu), "array-api-strict", "cuda-emulated"])
 def backend(request) -> Backend:
-    """Every backend the generic code must run on."""
+    """Every backend the generic code must run on, each with its fast path where it has one."""
     if request.param == "numpy":
         return get_backend("cpu")
     if request.param == "cupy":
-        return cuda_backend_or_skip()
+        return cuda_backend_or_skip(fast=True)
+    if request.param == "cuda-emulated":
+        return emulated_cuda_or_skip()
     return StrictBackend()

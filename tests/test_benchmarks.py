@@ -1,7 +1,10 @@
-"""The benchmark scripts run at toy size and write well-formed results; a peer that computes another step is refused."""
+"""The benchmark scripts run at toy size and write well-formed results: the epoch benchmark interleaves its
+implementations in rotated rounds, gives each a time and a ratio to gpunn per round, and refuses a peer that
+computes another step."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,40 +16,92 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import epoch_throughput  # noqa: E402
+import epoch_throughput as bench  # noqa: E402
 from peers import naive_numpy  # noqa: E402
+
+from gpunn.backend import GENERIC, get_backend  # noqa: E402
+
+DTYPES = ("float32", "float64")
+HIDDEN = (10, 16)
+
+
+def gpunn_names(dtype: str, hidden: int, m: int) -> list[str]:
+    """gpunn, and gpunn-generic where the CPU backend has a fast path for the network (as the script decides)."""
+    arch = bench.Architecture((784, hidden, 10))
+    fast = get_backend("cpu").step(arch, dtype=dtype, columns=m).name != GENERIC
+    return ["gpunn", "gpunn-generic"] if fast else ["gpunn"]
 
 
 def test_epoch_throughput_at_toy_size(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "epoch_throughput.py"), "--m", "256", "--hidden", "10,16", "--dtypes",
-         "float32,float64", "--epochs", "2", "--peers", "numpy-naive", "--devices", "cpu", "--out-dir", str(tmp_path),
-         "--name", "toy"],
+         "float32,float64", "--rounds", "3", "--slot-ms", "2", "--settle-ms", "0", "--peers", "numpy-naive",
+         "--devices", "cpu", "--out-dir", str(tmp_path), "--name", "toy"],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "toy.json").read_text())
-    assert data["m"] == 256 and data["budget"]["epochs"] == 2 and data["budget"]["warmup"] == 1
+    assert data["m"] == 256 and data["rounds"]["rounds"] == 3 and data["rounds"]["slot_ms"] == 2
+    assert data["command"].startswith("python ") and "--rounds 3" in data["command"]
     assert set(data["limits"]["cpu"]) == {"read_bytes_per_s", "gemm_flops_per_s_float32", "gemm_flops_per_s_float64"}
-    assert "cpu" in data["environment"]["devices"] and data["peak_rss_mib"] > 0
+    env = data["machine"]
+    assert env["cpu"] and env["logical_cores"] >= env["usable_cores"] >= 1
+    assert env["blas"] and {"internal_api", "version", "architecture", "num_threads"} <= set(env["blas"][0])
+    assert env["numpy"] == np.__version__ and env["gpunn"] and env["torch"] is None  # no torch peer asked for
+    assert data["peak_rss_mib"] > 0
+
+    expected = {(d, h): gpunn_names(d, h, 256) + ["numpy-naive"] for d in DTYPES for h in HIDDEN}
     rows = {(r["dtype"], r["hidden"], r["implementation"]): r for r in data["rows"]}
-    # gpunn (its fast path) and the generic math beside it in both dtypes; the naive program in float64 only, as
-    # its `/ 255` makes it
-    assert set(rows) == {(d, h, i) for d in ("float32", "float64") for h in (10, 16)
-                         for i in ("gpunn", "gpunn-generic")} | {("float64", h, "numpy-naive") for h in (10, 16)}
-    for row in rows.values():
-        assert row["status"] == "ok"
-        assert len(row["warmup_ms"]) == 1 and len(row["epoch_ms"]) == 2 and min(row["epoch_ms"]) > 0
-        assert row["bound_ms"] > 0
-    naive = rows[("float64", 10, "numpy-naive")]
-    assert naive["check_loss"] == pytest.approx(naive["reference_loss"], rel=1e-9)
+    assert set(rows) == {(d, h, name) for (d, h), names in expected.items() for name in names}
+    groups = {(g["dtype"], g["hidden"]): g for g in data["groups"]}
+    assert set(groups) == set(expected)
+    for (dtype, h), names in expected.items():
+        group = groups[(dtype, h)]
+        # every round has every implementation once, and round r starts at implementation r mod n
+        assert group["implementations"] == names and group["rounds"] == 3 and len(group["order"]) == 3
+        assert group["load_after"] is None or group["load_after"] >= 0
+        for r, order in enumerate(group["order"]):
+            assert order == names[r % len(names):] + names[:r % len(names)]
+        assert len({order[0] for order in group["order"]}) == min(3, len(names))
+        gpunn = rows[(dtype, h, "gpunn")]
+        assert gpunn["step"] != GENERIC and gpunn["ratio_to_gpunn"] == [1.0] * 3
+        for name in names:
+            row = rows[(dtype, h, name)]
+            assert row["status"] == "ok", row["status"]
+            assert len(row["epoch_ms"]) == len(row["ratio_to_gpunn"]) == 3 and min(row["epoch_ms"]) > 0
+            assert row["ratio_to_gpunn"] == pytest.approx([t / g for t, g in zip(row["epoch_ms"], gpunn["epoch_ms"])])
+            assert row["min_ms"] == min(row["epoch_ms"]) and row["min_ms"] <= row["median_ms"] <= max(row["epoch_ms"])
+            assert row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"]
+            assert row["epochs_per_slot"] >= 1 and row["first_epoch_ms"] > 0 and row["bound_ms"] > 0
+            # the naive program in float32 too, and it computes gpunn's step in that dtype
+            assert row["check_loss"] == pytest.approx(row["reference_loss"], rel=1e-9 if dtype == "float64" else 1e-4)
+
     table = (tmp_path / "toy.md").read_text()
-    assert table.count("\n| cpu |") == 10 and "× bound" in table
+    n_rows = sum(len(names) for names in expected.values())
+    assert table.count("\n| cpu |") == n_rows and "| × gpunn (median of rounds) |" in table
+    assert f"Command: `{data['command']}`" in table and "BLAS (threadpoolctl): " in table
+    assert table.count("3 rounds in") == 4
     assert "toy.json" in result.stdout
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "toy.png").stat().st_size > 10_000
+
+
+def group_of(peers: list[str], *, m: int = 96, hidden: int = 8, dtype: str = "float64", rounds=None, bias=0.1,
+             extra=()):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (m, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, m).astype(np.int64)
+    arch = bench.Architecture((784, hidden, 10))
+    params = [(W, b + bias) for W, b in bench.init_params(arch, init="he", seed=0, dtype="float64")]
+    candidates, unavailable = bench.candidates_for("cpu", arch, dtype, m, peers, bench.gpunn_variants("cpu"))
+    rounds = rounds or bench.Rounds(rounds=3, min_rounds=3, group_seconds=60, slot_ms=1, settle_ms=0)
+    rows, record = bench.run_group("cpu", dtype, hidden, [*candidates, *extra], images, labels, params, rounds,
+                                   bound_ms=1.0)
+    return {row.implementation: row for row in rows + unavailable}, record
 
 
 def test_a_wrong_peer_is_refused(monkeypatch):
-    """The notebook's own bias bug (db summed into one scalar) computes another step: no timing is reported."""
+    """The notebook's own bias bug (db summed into one scalar) computes another step: it is not timed."""
 
     def scalar_bias_backward(Z1, A1, Z2, A2, W1, W2, X, Y):
         dW1, _, dW2, _ = correct_backward(Z1, A1, Z2, A2, W1, W2, X, Y)
@@ -57,26 +112,88 @@ def test_a_wrong_peer_is_refused(monkeypatch):
 
     correct_backward = naive_numpy.backward_prop
     monkeypatch.setattr(naive_numpy, "backward_prop", scalar_bias_backward)
-    from gpunn.backend import get_backend
+    rows, record = group_of(["numpy-naive"])
+    naive = rows["numpy-naive"]
+    assert naive.status.startswith("refused: its loss after 3 epochs is")
+    assert naive.epoch_ms == [] and naive.ratio_to_gpunn == [] and naive.first_epoch_ms is None
+    assert "numpy-naive" not in record["implementations"] and all("numpy-naive" not in o for o in record["order"])
+    assert rows["gpunn"].status == "ok" and len(rows["gpunn"].epoch_ms) == record["rounds"] == 3
 
-    backend = get_backend("cpu")
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (64, 784), dtype=np.uint8)
-    labels = rng.integers(0, 10, 64)
-    params = epoch_throughput.init_params(epoch_throughput.Architecture((784, 8, 10)), init="he", seed=0,
-                                          dtype="float64")
-    params = [(W, b + 0.1) for W, b in params]  # non-zero biases, so that the wrong db shows at once
-    reference = epoch_throughput.loss_after_steps(
-        lambda *a, **k: epoch_throughput.GpunnRunner(*a, **k, backend=backend), images, labels, params,
-        dtype="float64")
-    row = epoch_throughput.time_peer("numpy-naive", backend, "float64", 8, params, images, labels, images, labels,
-                                     reference, 1.0, epoch_throughput.Budget(1, 1, 1))
-    assert row.status.startswith("refused: its loss after 3 epochs is")
-    assert row.epoch_ms == []
     monkeypatch.setattr(naive_numpy, "backward_prop", correct_backward)
-    row = epoch_throughput.time_peer("numpy-naive", backend, "float64", 8, params, images, labels, images, labels,
-                                     reference, 1.0, epoch_throughput.Budget(1, 1, 1))
-    assert row.status == "ok" and len(row.epoch_ms) == 1
+    rows, record = group_of(["numpy-naive"])
+    assert rows["numpy-naive"].status == "ok" and len(rows["numpy-naive"].ratio_to_gpunn) == 3
+    assert record["implementations"][-1] == "numpy-naive"
+
+
+def test_a_peer_that_cannot_run_is_a_failed_row():
+    """A peer that raises while it is built or timed is reported as failed; the group goes on without it."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such device")
+
+    class DiesInRound2:
+        def __init__(self, images, labels, params, *, lr, dtype, columns=None):
+            self.inner = naive_numpy.make(images, labels, params, lr=lr, dtype=dtype, device="cpu")
+            self.steps = 0
+
+        def step(self):
+            self.steps += 1
+            if self.steps > 3:  # the first epoch, the calibration (one epoch, as slot_ms=0), round 1
+                raise MemoryError("out of memory")
+            self.inner.step()
+
+        def sync(self):
+            pass
+
+        def params(self):
+            return self.inner.params()
+
+    rounds = bench.Rounds(rounds=3, min_rounds=3, group_seconds=60, slot_ms=0, settle_ms=0)
+    rows, record = group_of([], rounds=rounds, extra=[bench.Candidate("broken", broken),
+                                                      bench.Candidate("dies", DiesInRound2)])
+    assert rows["broken"].status == "failed: RuntimeError: no such device"
+    assert rows["dies"].status == "failed: MemoryError: out of memory" and rows["dies"].epoch_ms == []
+    assert record["order"][0][-1] == "dies" and all("dies" not in order for order in record["order"][2:])
+    assert rows["gpunn"].status == "ok" and len(rows["gpunn"].epoch_ms) == 3
+
+    # without gpunn's own row, the group has nothing to compare with: every row says so, nothing is timed
+    naive = bench.Candidate("numpy-naive", lambda *a, columns=None, **k: naive_numpy.make(*a, **k, device="cpu"))
+    rows, record = bench.run_group("cpu", "float64", 8, [bench.Candidate("gpunn", broken), naive],
+                                   np.zeros((32, 784), np.uint8), np.arange(32) % 10, group_of_params(8), rounds)
+    assert rows[0].status == "failed: RuntimeError: no such device" and rows[1].status.startswith("failed: gpunn's")
+    assert record["rounds"] == 0 and all(row.epoch_ms == [] for row in rows)
+
+
+def group_of_params(hidden: int):
+    return bench.init_params(bench.Architecture((784, hidden, 10)), init="he", seed=0, dtype="float64")
+
+
+def test_the_group_budget_cuts_rounds_but_not_below_the_minimum():
+    rows, record = group_of([], rounds=bench.Rounds(rounds=7, min_rounds=3, group_seconds=0, slot_ms=1, settle_ms=0))
+    assert record["rounds"] == 3 and record["stopped_by"] == "group-seconds"
+    assert all(len(row.epoch_ms) == 3 for row in rows.values())
+    rows, record = group_of([], rounds=bench.Rounds(rounds=2, min_rounds=3, group_seconds=0, slot_ms=1, settle_ms=0))
+    assert record["rounds"] == 2 and record["stopped_by"] == "rounds"
+
+
+def test_the_naive_program_stays_in_its_dtype():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (50, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, 50)
+    params = bench.init_params(bench.Architecture((784, 6, 10)), init="he", seed=0, dtype="float64")
+    for dtype in DTYPES:
+        runner = naive_numpy.make(images, labels, params, lr=0.1, dtype=dtype, device="cpu")
+        assert runner.X.dtype == dtype and runner.X.flags.f_contiguous  # the notebook's transposed view, divided
+        runner.step()
+        assert all(a.dtype == dtype for layer in runner.params() for a in layer)
+
+
+def test_torch_peers_compute_gpunn_step_on_the_cpu():
+    pytest.importorskip("torch")
+    for dtype in DTYPES:
+        rows, record = group_of(["torch-eager", "torch-graph"], dtype=dtype)
+        assert rows["torch-eager"].status == "ok" and len(rows["torch-eager"].ratio_to_gpunn) == 3
+        assert "torch-graph" not in rows  # CUDA only: not a candidate on the CPU
 
 
 def test_train_memory_at_toy_size(tmp_path):

@@ -1,0 +1,304 @@
+"""Check gpunn on a machine with an NVIDIA GPU, in one command, and keep everything it saw.
+
+    make gpu-check OUT=DIR [DATA=../shared/data/mnist]
+    python3 benchmarks/gpu_check.py --out DIR [--data-dir DIR] [--budget-s 450]
+
+It runs with the interpreter that starts it and the PYTHONPATH it finds: it makes no virtual environment and
+installs nothing (the GPU machines have no network). In order, each step with its output in its own log under DIR:
+
+1. ``gpunn info`` (printed too): versions, the CPU, the GPU or why there is none;
+2. the data: MNIST's four IDX files in --data-dir;
+3. the GPU: CuPy imports and cuda:0 answers. Where it does not, the check stops here with one line and exit 1;
+4. ``pytest -m gpu``: every test marked gpu, the CuPy case of each backend-parametrized test and the CuPy variant
+   of each CUDA fast-path parity test among them;
+5. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator);
+6. ``gpunn train`` of the default 784-10-10 for 500 epochs on the full MNIST, on cuda and on cpu from the same
+   seed, each with its fast path and with --generic (--metrics-out and --out under DIR);
+7. the comparison of those runs: test accuracy within 0.1 point and final weights within 1e-4 (relative to each
+   array's largest weight) between cuda and cpu, and between cuda's fast path and its generic math;
+8. benchmarks/epoch_throughput.py on cuda with the PyTorch peers (eager, and CUDA graphs where the script has
+   them; not torch.compile, whose compilations alone would take minutes), then the CPU rows, with shorter timing
+   options than its defaults where it has them; its JSON and markdown go to DIR/bench.
+
+A step that fails is recorded and the next ones still run (except after step 3); the exit status is 1 when any
+step failed. The last thing printed is a summary table, also written as DIR/summary.md and DIR/summary.json.
+Every step has a time limit, and all of them together share --budget-s (7.5 minutes by default), so that the
+check fits the 10 minutes a GPU session has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+ACCURACY_POINTS = 0.1  # test accuracies may differ by this many percentage points
+WEIGHTS_RTOL = 1e-4  # max |W_a - W_b| / max |W_b|, per array
+TRAININGS = {"cuda": ("cuda", False), "cuda-generic": ("cuda", True), "cpu": ("cpu", False),
+             "cpu-generic": ("cpu", True)}
+PAIRS = [("cuda", "cpu"), ("cuda-generic", "cpu-generic"), ("cuda", "cuda-generic")]
+
+# Runs in a subprocess, so that this process never holds a CUDA context while the tests and trainings run.
+GPU_PROBE = """
+import json
+from gpunn.backend import get_backend
+from gpunn.errors import BackendError
+try:
+    backend = get_backend("cuda")
+except BackendError as error:
+    print(json.dumps({"ok": False, "why": error.cause}))
+else:
+    print(json.dumps({"ok": True, "gpu": backend.summary()}))
+"""
+
+
+@dataclass
+class Result:
+    step: str
+    status: str  # "ok", "FAILED" or "skipped"
+    seconds: float
+    detail: str
+    log: str | None = None
+
+
+class GpuCheck:
+    def __init__(self, out: Path, data: Path, budget_s: float) -> None:
+        self.out, self.data = out, data
+        self.deadline = time.monotonic() + budget_s
+        self.results: list[Result] = []
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        self.env = {**os.environ, "PYTHONPATH": path}
+
+    # --- running and recording ------------------------------------------------------------------------------
+
+    def record(self, result: Result) -> Result:
+        self.results.append(result)
+        where = f"  ({result.log})" if result.log else ""
+        print(f"[{len(self.results):2d}] {result.step:<22} {result.status:<7} {result.seconds:7.1f} s  {result.detail}"
+              f"{where}", flush=True)
+        return result
+
+    def command(self, step: str, argv: list[str], *, limit: float, log: str) -> Result:
+        """Run argv with its output in DIR/log, for at most ``limit`` seconds (less if the budget is nearly spent)."""
+        remaining = self.deadline - time.monotonic()
+        if remaining < 5:
+            return self.record(Result(step, "skipped", 0.0, "the time budget is spent"))
+        limit = min(limit, remaining)
+        path = self.out / log
+        start = time.monotonic()
+        with path.open("w") as handle:
+            handle.write(f"$ {' '.join(argv)}\n")
+            handle.flush()
+            try:
+                code = subprocess.run(argv, cwd=REPO, env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+                                      timeout=limit).returncode
+            except subprocess.TimeoutExpired:
+                return self.record(Result(step, "FAILED", time.monotonic() - start,
+                                          f"timed out after {limit:.0f} s", str(path)))
+        seconds = time.monotonic() - start
+        status = "ok" if code == 0 else "FAILED"
+        return self.record(Result(step, status, seconds, self.last_line(path) if code else self.summary_line(path),
+                                  str(path)))
+
+    @staticmethod
+    def last_line(path: Path) -> str:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        return lines[-1][:200] if lines else "no output"
+
+    @staticmethod
+    def summary_line(path: Path) -> str:
+        """pytest's closing counts ("12 passed, 3 skipped in 9.1s"), else the last line."""
+        for line in reversed(path.read_text(errors="replace").splitlines()):
+            if " passed" in line or " failed" in line or " skipped" in line:
+                return line.strip("= ").strip()
+        return GpuCheck.last_line(path)
+
+    def stop(self, step: str, why: str) -> None:
+        """One line, then exit 1: a prerequisite of every later step is missing."""
+        self.results.append(Result(step, "FAILED", 0.0, why))
+        self.write_summary()
+        print(f"gpu-check: FAILED: {why}", flush=True)
+        sys.exit(1)
+
+    def python(self) -> list[str]:
+        return [sys.executable]
+
+    # --- the steps ------------------------------------------------------------------------------------------------
+
+    def info(self) -> None:
+        result = self.command("gpunn info", [*self.python(), "-m", "gpunn", "info"], limit=120, log="info.log")
+        if result.log:
+            text = Path(result.log).read_text(errors="replace").split("\n", 1)[-1].rstrip()
+            print("\n".join(f"     {line}" for line in text.splitlines()), flush=True)
+            result.detail = text.splitlines()[0][:120] if result.status == "ok" and text else result.detail
+        if result.status != "ok":
+            self.stop("gpunn info", f"`{sys.executable} -m gpunn info` failed: {result.detail} (see {result.log}); "
+                                    "gpunn or its dependencies do not import with this interpreter and PYTHONPATH")
+
+    def check_data(self) -> None:
+        missing = [name for name in MNIST if not any((self.data / f"{name}{suffix}").is_file()
+                                                      for suffix in (".gz", ""))]
+        if missing:
+            self.stop("data", f"MNIST not found: {self.data} lacks {', '.join(missing)} (raw or .gz); pass "
+                              "DATA=DIR (make) or --data-dir DIR holding MNIST's four IDX files")
+        self.record(Result("data", "ok", 0.0, str(self.data)))
+
+    def check_gpu(self) -> None:
+        start = time.monotonic()
+        try:
+            probe = subprocess.run([*self.python(), "-c", GPU_PROBE], cwd=REPO, env=self.env, capture_output=True,
+                                   text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            self.stop("gpu", "the GPU probe (import CuPy, one operation on cuda:0) did not finish in 180 s")
+        lines = probe.stdout.strip().splitlines()
+        try:
+            answer = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            tail = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+            self.stop("gpu", f"the GPU probe failed: {tail}")
+        if not answer["ok"]:
+            self.stop("gpu", f"no usable CUDA device: {answer['why']}")
+        self.record(Result("gpu", "ok", time.monotonic() - start, answer["gpu"]))
+
+    def tests(self) -> None:
+        if importlib.util.find_spec("pytest") is None:
+            self.record(Result("pytest", "FAILED", 0.0, f"pytest is not installed for {sys.executable}"))
+            return
+        pytest = [*self.python(), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"]
+        self.command("pytest -m gpu", [*pytest, "-m", "gpu", f"--junitxml={self.out / 'pytest-gpu.xml'}", "tests"],
+                     limit=300, log="pytest-gpu.log")
+        self.command("pytest fast path (cpu)", [*pytest, "-m", "not gpu",
+                                                f"--junitxml={self.out / 'pytest-fast-path.xml'}",
+                                                "tests/test_kernels.py", "tests/test_fused_cuda.py"],
+                     limit=240, log="pytest-fast-path.log")
+
+    def trainings(self) -> dict[str, dict[str, Any]]:
+        runs: dict[str, dict[str, Any]] = {}
+        for name, (device, generic) in TRAININGS.items():
+            metrics, model = self.out / f"train-{name}.jsonl", self.out / f"model-{name}.npz"
+            argv = [*self.python(), "-m", "gpunn", "train", "--data-dir", str(self.data), "--device", device,
+                    "--seed", "0", "--epochs", "500", "--metrics-out", str(metrics), "--out", str(model)]
+            result = self.command(f"train {name}", argv + (["--generic"] if generic else []),
+                                  limit=150 if device == "cuda" else 300, log=f"train-{name}.log")
+            if result.status == "ok":
+                summary = json.loads(metrics.read_text().strip().splitlines()[-1])
+                step = next((line.split(":", 1)[1].strip() for line in Path(result.log).read_text().splitlines()
+                             if line.startswith("step:")), "?")
+                result.detail = (f"test {100 * summary['test_accuracy']:.2f} %, median epoch "
+                                 f"{1e3 * summary['median_epoch_s']:.2f} ms, step: {step}")
+                runs[name] = {"summary": summary, "model": model, "step": step}
+        return runs
+
+    def compare(self, runs: dict[str, dict[str, Any]]) -> None:
+        import numpy as np
+
+        start = time.monotonic()
+        report, problems = [], []
+        for a, b in PAIRS:
+            if a not in runs or b not in runs:
+                problems.append(f"{a} vs {b}: a run is missing")
+                continue
+            accuracy = [runs[n]["summary"]["test_accuracy"] for n in (a, b)]
+            with np.load(runs[a]["model"]) as left, np.load(runs[b]["model"]) as right:
+                names = sorted(k for k in right.files if k[0] in "Wb" and k[1:].isdigit())
+                differences = {k: float(np.max(np.abs(left[k] - right[k])) / max(np.max(np.abs(right[k])), 1e-30))
+                               for k in names}
+            points = 100 * abs(accuracy[0] - accuracy[1])
+            worst = max(differences.values())
+            ok = points <= ACCURACY_POINTS and worst <= WEIGHTS_RTOL
+            report.append({"pair": [a, b], "test_accuracy": accuracy, "accuracy_points": points,
+                           "weights_relative": differences, "ok": ok})
+            if not ok:
+                problems.append(f"{a} vs {b}: test accuracy {100 * accuracy[0]:.2f} vs {100 * accuracy[1]:.2f} %, "
+                                f"weights differ by {worst:.2e} of their largest")
+        path = self.out / "compare.json"
+        path.write_text(json.dumps({"accuracy_points_allowed": ACCURACY_POINTS, "weights_rtol": WEIGHTS_RTOL,
+                                    "pairs": report}, indent=2) + "\n")
+        detail = "; ".join(problems) or "; ".join(
+            f"{r['pair'][0]} vs {r['pair'][1]}: {r['accuracy_points']:.2f} points, weights "
+            f"{max(r['weights_relative'].values()):.1e}" for r in report)
+        self.record(Result("compare runs", "FAILED" if problems else "ok", time.monotonic() - start, detail,
+                           str(path)))
+
+    def benchmark_options(self) -> tuple[set[str], str]:
+        """The options and the help text of benchmarks/epoch_throughput.py as it is now (it changes), so that
+        the check passes only what the script takes rather than failing on a renamed option."""
+        help_text = subprocess.run([*self.python(), "benchmarks/epoch_throughput.py", "--help"], cwd=REPO,
+                                   env=self.env, capture_output=True, text=True, timeout=120).stdout
+        return set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text)), help_text
+
+    def benchmarks(self) -> None:
+        options, help_text = self.benchmark_options()
+        if "--devices" not in options:
+            self.record(Result("bench", "FAILED", 0.0, "benchmarks/epoch_throughput.py --help does not answer"))
+            return
+        # shorter than the script's defaults, where it has such options: the whole check must fit the budget
+        budget = {"--rounds": "5", "--min-rounds": "2", "--group-seconds": "8", "--row-seconds": "1",
+                  "--epochs": "5"}
+        common = [*self.python(), "benchmarks/epoch_throughput.py", "--data-dir", str(self.data), "--out-dir",
+                  str(self.out / "bench")]
+        common += [item for option, value in budget.items() if option in options for item in (option, value)]
+        if importlib.util.find_spec("torch") is None:
+            self.record(Result("torch", "FAILED", 0.0, f"PyTorch is not installed for {sys.executable}: the "
+                                                       "benchmark runs without its torch peers"))
+
+        def peers(*names: str) -> str:
+            return ",".join(name for name in names if name in help_text) or "none"
+
+        # torch.compile is left out: compiling each of the 8 shapes takes longer than the rest of the benchmark
+        self.command("bench cuda", [*common, "--devices", "cuda", "--peers", peers("torch-eager", "torch-graph"),
+                                    "--name", "gpu-check-cuda"], limit=240, log="bench-cuda.log")
+        self.command("bench cpu", [*common, "--devices", "cpu", "--peers", peers("numpy-naive", "torch-eager"),
+                                   "--name", "gpu-check-cpu"], limit=200, log="bench-cpu.log")
+
+    # --- the end ----------------------------------------------------------------------------------------------------
+
+    def write_summary(self) -> str:
+        rows = ["| step | result | seconds | details |", "| --- | --- | ---: | --- |"]
+        rows += [f"| {r.step} | {r.status} | {r.seconds:.1f} | {r.detail.replace('|', '/')} |" for r in self.results]
+        table = "\n".join(rows)
+        (self.out / "summary.md").write_text(f"# gpunn GPU check\n\n{table}\n")
+        (self.out / "summary.json").write_text(json.dumps([asdict(r) for r in self.results], indent=2) + "\n")
+        return table
+
+    def run(self) -> int:
+        self.info()
+        self.check_data()
+        self.check_gpu()
+        self.tests()
+        self.compare(self.trainings())
+        self.benchmarks()
+        table = self.write_summary()
+        failed = [r.step for r in self.results if r.status != "ok"]
+        print(f"\n{table}\n")
+        print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps passed'} (logs in {self.out})")
+        return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="where the logs, JSON and markdown go")
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "mnist",
+                        help="MNIST's four IDX files (default: ../shared/data/mnist)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="all steps together, at most (seconds)")
+    options = parser.parse_args(argv)
+    try:
+        options.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"gpu-check: FAILED: cannot create --out {options.out}: {error}")
+        return 1
+    return GpuCheck(options.out.resolve(), options.data_dir.resolve(), options.budget_s).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

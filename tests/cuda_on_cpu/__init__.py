@@ -1,0 +1,9 @@
+"""CUDA on the CPU, for the tests: gpunn's .cu kernels compiled with NVRTC (nvrtc.py) and run unchanged on CPU
+threads (cuda_cpu.h, build.py), and an emulated device that runs gpunn.fused_cuda's driver on them (device.py)."""
+
+from .build import BuildError, build_all, build_library, compiler_missing, tsan_runtime
+from .device import TEST_CONFIG, EmulatedDevice, RecordedGraph
+from .nvrtc import Nvrtc, NvrtcCompileError, NvrtcNotFound, find_nvrtc
+
+__all__ = ["TEST_CONFIG", "BuildError", "build_all", "EmulatedDevice", "Nvrtc", "NvrtcCompileError", "NvrtcNotFound",
+           "RecordedGraph", "build_library", "compiler_missing", "find_nvrtc", "tsan_runtime"]

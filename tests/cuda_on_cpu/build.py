@@ -1,0 +1,137 @@
+"""Build gpunn's unchanged .cu files as shared libraries that run on CPU threads (see cuda_cpu.h), once per source.
+
+For each .cu file, a small generated C++ file includes it and exports one launcher per kernel,
+``extern "C" void launch_<kernel>(dim3 grid, dim3 block, void** args)``, in cudaLaunchKernel's convention: args[i]
+points at the i-th argument's value, and cuda_cpu::launch unpacks them by the kernel's own parameter types. The
+kernel names come from the ``extern "C" __global__`` lines of the source (gpunn.fused_cuda.kernel_signatures).
+
+Libraries are cached in a directory keyed by a hash of every input (the kernel sources, the header, this
+generator, the flags and the compiler's version), so a test session builds each at most once and later sessions
+not at all. A ThreadSanitizer build (``tsan=True``) is the same source with -fsanitize=thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+from gpunn.fused_cuda import KERNEL_DIR, kernel_files, kernel_names
+
+HEADER = Path(__file__).resolve().parent / "cuda_cpu.h"
+# -ffp-contract=off: no fused multiply-adds from the host compiler, so results do not depend on the host's ISA
+FLAGS = ("-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=off")
+TSAN_FLAGS = ("-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fsanitize=thread")
+
+
+class BuildError(RuntimeError):
+    """g++ failed; the message holds its output."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler to use ($CXX, else g++), or None when there is none."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+@cache
+def compiler_missing() -> str | None:
+    """Why the emulator cannot be built here, or None when it can (for a skip with the reason)."""
+    cxx = compiler()
+    if cxx is None:
+        return f"no C++ compiler: {os.environ.get('CXX', 'g++')} is not on PATH (the CUDA-on-CPU emulator needs g++ " \
+               "with C++20)"
+    probe = "#include <barrier>\nvoid f() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "probe.cpp"
+        source.write_text(probe)
+        result = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", str(source)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"{cxx} cannot build C++20 with std::barrier: {' '.join(result.stderr.split())[:300]}"
+    return None
+
+
+@cache
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+
+
+def cache_dir() -> Path:
+    folder = Path(os.environ.get("GPUNN_CUDA_CPU_CACHE", Path(tempfile.gettempdir()) / f"gpunn-cuda-cpu-{os.getuid()}"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def launcher_source(cu_file: Path) -> str:
+    names = kernel_names(cu_file.read_text())
+    lines = [f'#include "{cu_file.name}"', ""]  # found through -I: the cache key does not depend on the folder
+    lines += [f'extern "C" void launch_{name}(dim3 grid, dim3 block, void** args) '
+              f"{{ cuda_cpu::launch(&{name}, grid, block, args); }}" for name in names]
+    return "\n".join(lines) + "\n"
+
+
+def build_library(cu_file: str | Path, *, tsan: bool = False, kernel_dir: Path = KERNEL_DIR) -> Path:
+    """The shared library of one kernel file of ``kernel_dir`` (built now if the cache has none for these inputs).
+    Another ``kernel_dir`` than gpunn's serves the tests that break a kernel on purpose."""
+    cxx = compiler()
+    if cxx is None:
+        raise BuildError(compiler_missing() or "no compiler")
+    cu_file = Path(kernel_dir) / Path(cu_file).name
+    source = launcher_source(cu_file)
+    flags = TSAN_FLAGS if tsan else FLAGS
+    digest = hashlib.sha256()
+    for part in [HEADER.read_bytes(), Path(__file__).read_bytes(), source.encode(), " ".join(flags).encode(),
+                 _compiler_version(cxx).encode()] + [p.read_bytes() for p in sorted(Path(kernel_dir).iterdir())]:
+        digest.update(hashlib.sha256(part).digest())
+    target = cache_dir() / f"{cu_file.stem}-{'tsan-' if tsan else ''}{digest.hexdigest()[:20]}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as folder:
+        launchers = Path(folder) / f"{cu_file.stem}_launchers.cpp"
+        launchers.write_text(source)
+        built = Path(folder) / target.name
+        command = [cxx, *flags, f"-I{kernel_dir}", "-include", str(HEADER), str(launchers), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BuildError(f"{' '.join(command)}\n{result.stdout}{result.stderr}")
+        os.replace(built, target)  # atomic: a concurrent session sees the whole library or none
+    return target
+
+
+@cache
+def build_all(tsan: bool = False) -> str | None:
+    """Build every kernel file's library (in parallel, once per process): None when done, else why it cannot be."""
+    reason = compiler_missing()
+    if reason is not None:
+        return reason
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for library in pool.map(lambda path: build_library(path, tsan=tsan), kernel_files()):
+            assert library.exists()
+    return None
+
+
+def tsan_runtime() -> tuple[Path | None, str]:
+    """(libtsan's path, "") where a ThreadSanitizer build can run in a Python subprocess, else (None, why not).
+
+    A TSan-built library cannot be loaded into a process that started without the TSan runtime ("cannot allocate
+    memory in static TLS block"), so it runs in a fresh interpreter with libtsan preloaded. This probes that an
+    interpreter starts that way here."""
+    cxx = compiler()
+    if cxx is None:
+        return None, compiler_missing() or "no compiler"
+    name = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    path = Path(name).resolve() if name and Path(name).is_absolute() else None
+    if path is None or not path.is_file():
+        return None, f"{cxx} has no ThreadSanitizer runtime (libtsan.so not found)"
+    probe = subprocess.run([sys.executable, "-c", "import numpy"],
+                           env={**os.environ, "LD_PRELOAD": str(path), "OPENBLAS_NUM_THREADS": "1"},
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return None, f"Python does not start with {path} preloaded: {' '.join(probe.stderr.split())[:300]}"
+    return path, ""
+

@@ -1,0 +1,82 @@
+"""benchmarks/gpu_check.py (``make gpu-check``) up to its first GPU step, which is as far as a machine without a
+GPU gets: it prints gpunn info, checks the data, and stops with one line and exit 1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpunn.backend import get_backend
+from gpunn.errors import BackendError
+from helpers import write_mnist_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def no_gpu():
+    try:
+        get_backend("cuda")
+    except BackendError as error:
+        return error.cause
+    pytest.skip("a CUDA device answers here, so gpu-check would run its whole course: run `make gpu-check` itself")
+
+
+def gpu_check(*args):
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_without_a_gpu_it_stops_with_one_line_after_info_and_data(no_gpu, tmp_path):
+    data = write_mnist_dir(tmp_path / "mnist", n_train=20, n_test=5)
+    result = gpu_check("--out", tmp_path / "out", "--data-dir", data)
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == f"gpu-check: FAILED: no usable CUDA device: {no_gpu}"
+    assert "gpunn info" in lines[0] and "ok" in lines[0] and any("cpu:" in line for line in lines)
+    assert "gpunn" in (tmp_path / "out" / "info.log").read_text()
+    steps = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(s["step"], s["status"]) for s in steps] == [("gpunn info", "ok"), ("data", "ok"), ("gpu", "FAILED")]
+
+
+def test_missing_data_is_one_line_before_any_gpu_work(tmp_path):
+    result = gpu_check("--out", tmp_path / "out", "--data-dir", tmp_path / "nowhere")
+    assert result.returncode == 1
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu-check: FAILED: MNIST not found:") and "train-images-idx3-ubyte" in last
+    assert "gpu" not in [s["step"] for s in json.loads((tmp_path / "out" / "summary.json").read_text())]
+
+
+def test_the_make_target_uses_python3_as_it_is_and_needs_out(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(["make", "-n", "gpu-check", f"OUT={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    command = dry.stdout.strip().splitlines()[-1]
+    assert command == f"python3 benchmarks/gpu_check.py --out '{tmp_path}' --data-dir '../shared/data/mnist'"
+    assert "venv" not in dry.stdout and "pip" not in dry.stdout
+    missing = subprocess.run(["make", "gpu-check"], cwd=REPO, capture_output=True, text=True)
+    assert missing.returncode != 0 and "make gpu-check needs OUT=DIR" in missing.stdout
+
+
+def test_the_benchmark_steps_pass_only_options_the_benchmark_takes(tmp_path, monkeypatch):
+    """benchmarks/epoch_throughput.py changes; the check reads its --help rather than failing on a GPU machine."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check as module
+
+    check = module.GpuCheck(tmp_path, tmp_path, budget_s=60)
+    commands = {}
+    monkeypatch.setattr(check, "command", lambda step, argv, **kwargs: commands.setdefault(step, argv))
+    check.benchmarks()
+    options, help_text = check.benchmark_options()
+    assert set(commands) == {"bench cuda", "bench cpu"}
+    for argv in commands.values():
+        assert {arg for arg in argv if arg.startswith("--")} <= options
+        for peer in argv[argv.index("--peers") + 1].split(","):
+            assert peer == "none" or peer in help_text
+    assert commands["bench cuda"][commands["bench cuda"].index("--devices") + 1] == "cuda"
