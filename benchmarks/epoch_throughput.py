@@ -74,13 +74,14 @@ KNOWN = ("gpunn", "gpunn-generic", *PEERS)
 
 
 def gpunn_variants(device: str) -> list[tuple[str, Backend]]:
-    """gpunn's implementations to time on ``device``, named; the first is gpunn as `gpunn train` runs it.
+    """gpunn's implementations to time on ``device``, named; the first is gpunn with its fast path (as `gpunn train`
+    runs it on the CPU, and with --fast on CUDA).
 
     A later one is timed only where its step differs from the first's (Backend.step(...).name), and it must agree
     with the first like a peer. One line per variant: a named backend that makes a different step decision.
     """
     return [
-        ("gpunn", get_backend(device)),
+        ("gpunn", get_backend(device, fast=True)),  # the fast path even where it is not yet the default (CUDA)
         ("gpunn-generic", get_backend(device, fast=False)),
     ]
 

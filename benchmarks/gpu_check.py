@@ -13,7 +13,7 @@ installs nothing (the GPU machines have no network). In order, each step with it
    of each CUDA fast-path parity test among them;
 5. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator);
 6. ``gpunn train`` of the default 784-10-10 for 500 epochs on the full MNIST, on cuda and on cpu from the same
-   seed, each with its fast path and with --generic (--metrics-out and --out under DIR);
+   seed, each with its fast path (--fast) and with --generic (--metrics-out and --out under DIR);
 7. the comparison of those runs: test accuracy within 0.1 point and final weights within 1e-4 (relative to each
    array's largest weight) between cuda and cpu, and between cuda's fast path and its generic math;
 8. benchmarks/epoch_throughput.py on cuda with the PyTorch peers (eager, and CUDA graphs where the script has
@@ -44,8 +44,9 @@ REPO = Path(__file__).resolve().parent.parent
 MNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 ACCURACY_POINTS = 0.1  # test accuracies may differ by this many percentage points
 WEIGHTS_RTOL = 1e-4  # max |W_a - W_b| / max |W_b|, per array
-TRAININGS = {"cuda": ("cuda", False), "cuda-generic": ("cuda", True), "cpu": ("cpu", False),
-             "cpu-generic": ("cpu", True)}
+# name -> (device, the option choosing the step): --fast where the fast path is not the default yet (CUDA)
+TRAININGS = {"cuda": ("cuda", "--fast"), "cuda-generic": ("cuda", "--generic"), "cpu": ("cpu", "--fast"),
+             "cpu-generic": ("cpu", "--generic")}
 PAIRS = [("cuda", "cpu"), ("cuda-generic", "cpu-generic"), ("cuda", "cuda-generic")]
 
 # Runs in a subprocess, so that this process never holds a CUDA context while the tests and trainings run.
@@ -184,11 +185,11 @@ class GpuCheck:
 
     def trainings(self) -> dict[str, dict[str, Any]]:
         runs: dict[str, dict[str, Any]] = {}
-        for name, (device, generic) in TRAININGS.items():
+        for name, (device, choice) in TRAININGS.items():
             metrics, model = self.out / f"train-{name}.jsonl", self.out / f"model-{name}.npz"
             argv = [*self.python(), "-m", "gpunn", "train", "--data-dir", str(self.data), "--device", device,
                     "--seed", "0", "--epochs", "500", "--metrics-out", str(metrics), "--out", str(model)]
-            result = self.command(f"train {name}", argv + (["--generic"] if generic else []),
+            result = self.command(f"train {name}", [*argv, choice],
                                   limit=150 if device == "cuda" else 300, log=f"train-{name}.log")
             if result.status == "ok":
                 summary = json.loads(metrics.read_text().strip().splitlines()[-1])
