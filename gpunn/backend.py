@@ -54,8 +54,9 @@ class Step:
     ``gradients()`` and ``update(rule)`` are context managers giving the run's gradient pass and update rule (a fast
     path may hold buffers, threads or library settings while they last). ``pixels``: the gradient pass takes the raw
     uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats. ``epochs``: where a fast path
-    runs whole full-batch epochs itself (the CUDA graph), ``epochs(config, train, val, capacity)`` makes the object
-    that does (as :class:`gpunn.train.Epochs` does for the rest).
+    runs whole epochs itself (the CUDA graph of a full-batch epoch), ``epochs(config, train, val, capacity)`` makes
+    the object that does, as :class:`gpunn.train.Epochs` does for the rest, or returns None for a run it leaves to
+    them (mini-batches, for the CUDA graph).
     """
 
     name: str

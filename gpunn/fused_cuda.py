@@ -939,7 +939,9 @@ def fused_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, 
     name = "fused CUDA kernels" + (", a full-batch epoch as one CUDA graph" if unavailable is None else
                                    f", launched one by one (no CUDA graphs: {unavailable})")
 
-    def epochs(config: Any, train: Any, val: Any, capacity: int) -> CudaGraphStep:
+    def epochs(config: Any, train: Any, val: Any, capacity: int) -> CudaGraphStep | None:
+        if config.batch_columns(train.m) != train.m:
+            return None  # mini-batches: the fused pass and update in gpunn.train's loop, without a graph
         rates = [config.lr_at(epoch) for epoch in range(1, config.epochs + 1)]
         return CudaGraphStep(arch, dtype, config.rule, config.l2, rates, (train.X, train.y),
                              None if val is None else (val.X, val.y), capacity, device)

@@ -518,10 +518,11 @@ def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixel
 @contextmanager
 def _open_epochs(step: Step, arch: Architecture, config: TrainConfig, train: DeviceData, val: DeviceData | None,
                  backend: Backend, on_step: Callable[[int, int], None] | None) -> Iterator[Epochs]:
-    """What runs the epochs: the step's own whole-epoch runner for full batches where it has one (a CUDA graph),
-    else :class:`Epochs` around the step's gradient pass and update rule."""
-    if step.epochs is not None and config.batch_columns(train.m) == train.m:
-        with step.epochs(config, train, val, Epochs.CAPACITY) as runner:
+    """What runs the epochs: the step's own runner where it has one for this run (a CUDA graph of a full-batch
+    epoch), else :class:`Epochs` around the step's gradient pass and update rule."""
+    runner = None if step.epochs is None else step.epochs(config, train, val, Epochs.CAPACITY)
+    if runner is not None:
+        with runner:
             yield runner
         return
     with step.gradients() as gradients, step.update(config.rule) as update:
