@@ -55,12 +55,14 @@ def test_missing_data_is_one_line_before_any_gpu_work(tmp_path):
 def test_the_make_target_uses_python3_as_it_is_and_needs_out(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    dry = subprocess.run(["make", "-n", "gpu-check", f"OUT={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+    # --no-print-directory: under `make test` this make is a sub-make, which would add "Leaving directory" lines
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", f"OUT={tmp_path}"], cwd=REPO,
+                         capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     command = dry.stdout.strip().splitlines()[-1]
     assert command == f"python3 benchmarks/gpu_check.py --out '{tmp_path}' --data-dir '../shared/data/mnist'"
     assert "venv" not in dry.stdout and "pip" not in dry.stdout
-    missing = subprocess.run(["make", "gpu-check"], cwd=REPO, capture_output=True, text=True)
+    missing = subprocess.run(["make", "--no-print-directory", "gpu-check"], cwd=REPO, capture_output=True, text=True)
     assert missing.returncode != 0 and "make gpu-check needs OUT=DIR" in missing.stdout
 
 
