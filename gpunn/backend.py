@@ -53,7 +53,8 @@ class Step:
 
     ``gradients()`` and ``update(rule)`` are context managers giving the run's gradient pass and update rule (a fast
     path may hold buffers, threads or library settings while they last). ``pixels``: the gradient pass takes the raw
-    uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats. ``epochs``: where a fast path
+    uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats. ``notice``: what the first step will do that
+    takes a while (compile a kernel), for the header. ``epochs``: where a fast path
     runs whole epochs itself (the CUDA graph of a full-batch epoch), ``epochs(config, train, val, capacity)`` makes
     the object that does, as :class:`gpunn.train.Epochs` does for the rest, or returns None for a run it leaves to
     them (mini-batches, for the CUDA graph).
@@ -64,6 +65,8 @@ class Step:
     update: Callable[[Optimizer], AbstractContextManager[UpdateRule]] = _generic_update
     pixels: bool = False
     epochs: Callable[..., Any] | None = None
+    #: a line for the run's header when the first step will take a while longer (a kernel compiling), else ""
+    notice: str = ""
 
 
 class Backend:
@@ -155,8 +158,14 @@ class _HostDrawn:
 class NumpyBackend(Backend):
     """The CPU through NumPy (seen through array-api-compat's standard namespace).
 
-    Its fast path is :class:`gpunn.fused_cpu.FusedCpuPass`: ReLU networks with a softmax output, without dropout,
-    computed in place on every core."""
+    Its fast paths compute ReLU networks with a softmax output, without dropout: for one hidden layer of up to
+    :data:`SINGLE_PASS_MAX_HIDDEN` units, :class:`gpunn.numba_cpu.SinglePassCpu`, one compiled pass over the uint8
+    pixels per step; for the rest, :class:`gpunn.fused_cpu.FusedCpuPass`, NumPy and BLAS in place on every core."""
+
+    #: up to this many hidden units the Numba single pass beats the fused BLAS pass; measured interleaved on the 2-core
+    #: development machine (benchmarks/numba_single_pass.py): 3.7x faster at h = 10, 1.8x at 256, 1.5x at 512, even
+    #: at 1024
+    SINGLE_PASS_MAX_HIDDEN = 512
 
     def __init__(self, reason: str = "", *, fast: bool | None = None) -> None:
         super().__init__("cpu", array_api_compat.array_namespace(np.empty(0)), "cpu", reason, fast=fast)
@@ -167,6 +176,19 @@ class NumpyBackend(Backend):
     def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
         if not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
             return super().step(arch, dtype=dtype, columns=columns, dropout=dropout)
+        if arch.depth == 2 and arch.sizes[1] <= self.SINGLE_PASS_MAX_HIDDEN:
+            # imported here: Numba takes a few tenths of a second to import, which `gpunn --help` need not pay
+            from gpunn import numba_cpu
+
+            if numba_cpu.supports(arch, dropout=dropout, dtype=dtype):
+                threads = numba_cpu.threads_for(columns, arch.sizes[1])
+                notice = ""
+                if numba_cpu.needs_compile(dtype):
+                    where = numba_cpu.cache_dir()
+                    notice = (f"compiling the single-pass CPU kernel for {dtype} (once, about 10 s; "
+                              + (f"cached in {where})" if where else "no writable cache directory, so every run does)"))
+                return Step(f"single pass over uint8 pixels (Numba), {threads} thread{'s' if threads > 1 else ''}",
+                            lambda: numba_cpu.SinglePassCpu(arch, dtype, columns), pixels=True, notice=notice)
         threads = fused_cpu.threads_for(columns)
         return Step(f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}",
                     lambda: fused_cpu.FusedCpuPass(arch, dtype, columns))

@@ -682,6 +682,8 @@ def describe_run(config: TrainConfig, backend: Backend, split: Split, source: st
                      + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
     step = backend.step(arch, dtype=c.dtype, columns=c.batch_columns(len(split.y_train)), dropout=c.dropout)
     lines.append(f"step:    {step.name}")
+    if step.notice:
+        lines.append(f"         {step.notice}")
     return lines
 
 

@@ -260,3 +260,28 @@ def test_every_fast_path_matches_the_generic_math(backend, dtype, sizes, m, l2):
                 for a, b in zip(got, want):
                     np.testing.assert_allclose(host(a), host(b), **tolerance)
             params, state = ref, ref_state
+
+
+def test_the_cpu_chooses_its_fast_path_by_network(monkeypatch):
+    """One hidden ReLU layer of up to SINGLE_PASS_MAX_HIDDEN units: the Numba single pass over uint8 pixels; deeper or
+    wider ReLU networks: the fused BLAS pass; anything else: the generic math. A compile ahead is announced."""
+    from gpunn import numba_cpu
+    from gpunn.backend import NumpyBackend
+    from gpunn.nn import Architecture
+
+    cpu = get_backend("cpu")
+
+    def step(*sizes, activation="relu", dropout=0.0):
+        return cpu.step(Architecture(sizes, activation), dtype="float32", columns=60_000, dropout=dropout)
+
+    single = step(784, 10, 10)
+    assert single.name.startswith("single pass over uint8 pixels (Numba)") and single.pixels
+    assert step(784, NumpyBackend.SINGLE_PASS_MAX_HIDDEN, 10).pixels
+    for fused in (step(784, NumpyBackend.SINGLE_PASS_MAX_HIDDEN + 1, 10), step(784, 16, 16, 10)):
+        assert fused.name.startswith("fused CPU pass") and not fused.pixels
+    assert step(784, 10, 10, activation="tanh").name == "the generic array-API math"
+    assert step(784, 10, 10, dropout=0.5).name == "the generic array-API math"
+    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype: True)
+    assert step(784, 10, 10).notice.startswith("compiling the single-pass CPU kernel for float32 (once")
+    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype: False)
+    assert step(784, 10, 10).notice == ""

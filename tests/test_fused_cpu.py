@@ -128,9 +128,10 @@ def test_a_floating_point_error_is_raised_from_every_thread(sample, monkeypatch)
 def test_ten_epochs_end_where_the_generic_code_ends(monkeypatch):
     monkeypatch.setattr(fused_cpu, "MIN_CHUNK", 1000)  # several threads, even on this small sample
     parts = split(load_bundled_sample(), val_size=500, seed=0)
-    config = TrainConfig(hidden=(24,), epochs=10, lr=0.3, l2=0.1)
+    # two hidden layers: the fused pass's (one hidden layer of up to 512 units goes to the Numba single pass)
+    config = TrainConfig(hidden=(24, 16), epochs=10, lr=0.3, l2=0.1)
     fast, generic = get_backend("cpu"), get_backend("cpu", fast=False)
-    assert fast.step(Architecture((784, 24, 10)), dtype="float32", columns=4500).name != GENERIC
+    assert fast.step(Architecture((784, 24, 16, 10)), dtype="float32", columns=4500).name.startswith("fused CPU pass")
     runs = [fit(parts, config, backend=backend) for backend in (fast, generic)]
     np.testing.assert_allclose([s.loss for s in runs[0].history], [s.loss for s in runs[1].history], rtol=1e-5)
     for (W, b), (ref_W, ref_b) in zip(runs[0].model.params, runs[1].model.params, strict=True):
@@ -164,7 +165,7 @@ def test_the_pass_refuses_networks_it_does_not_compute(arch):
 
 
 def test_the_fast_path_names_its_threads(monkeypatch):
-    backend, arch = get_backend("cpu"), Architecture((784, 10, 10))
+    backend, arch = get_backend("cpu"), Architecture((784, 10, 10, 10))  # two hidden layers: the fused pass's
     monkeypatch.setattr(fused_cpu, "usable_cores", lambda: 4)
     def name(columns):
         return backend.step(arch, dtype="float32", columns=columns).name

@@ -1,0 +1,1097 @@
+"""The CPU single pass: one compiled Numba kernel per step that reads each sample's uint8 pixels once.
+
+For a network n0-h-C with one ReLU hidden layer and a softmax output (MNIST: 784-h-10), one call of the kernel
+computes what :func:`gpunn.nn.loss_and_gradients` computes (loss, accuracy, dW1, db1, dW2, db2) from the raw pixels,
+tile by tile: for each tile of 16 samples, the pixels are read once and converted to floats, then the forward pass,
+the softmax, the loss and hits, the deltas, and the tile's contributions to every gradient, while the tile is in
+cache. The 1/255 is folded into the arithmetic: the products with X use the integer pixel values, Z1 is scaled once
+per (unit, sample) and dW1 once per weight at the end.
+
+Design, and why (measured on the 2-core development machine, Intel Xeon with AVX-512, shared with other work):
+
+- **Vectors run over hidden units.** W1 is held transposed and padded, W1T (n0, hp) with hp = h rounded up to 16,
+  so that one pixel's weights to 16 hidden units are one 64-byte vector. Z1[:, j] is a sum over pixels p of
+  x[j, p] * W1T[p], and dW1T[p] += x[j, p] * dZ1[:, j] is a vector update per pixel: neither product needs a
+  horizontal sum, and a pixel whose value is 0 can be left out of both without changing any other term.
+- **Pixel-major over groups of eight samples.** For each pixel p, the row W1T[p] (and dW1T[p]) is loaded once and
+  meets the eight samples' values: eight FMAs with eight independent sums, which hides the FMA latency. The loop is
+  bound by loads (one broadcast value per FMA), so where h > 16 two hidden vectors share each broadcast (-16 % time
+  at h = 64 and 256). Per-sample alternatives measured slower: a list of each sample's nonzero pixels with four
+  partial sums per sample was 12 % faster at h = 10 but 30 % slower at h = 256, and needs a 29 MB index.
+- **Zero blocks are skipped, exactly.** 81 % of MNIST's pixel values are 0, and 54 % of its (pixel, 8-sample) blocks
+  are all zero. The sparse kernel visits, for each group, only the pixels that are nonzero in one of its eight
+  samples (from per-sample bit masks, and for a full-batch step from lists made once per training set by
+  :func:`build_index`); the dense kernel visits every pixel, in the same order. A left-out term is x * w with
+  x = 0, and adding it to a running sum never changes the sum (the sums start at +0 and never become -0), so the
+  two give the same bits for finite weights and deltas. Both are one compiled function.
+- **Sample-major pixels.** A tile is read as 16 rows of n0 contiguous bytes, so the kernel wants X as the
+  transposed view of an (m, n0) C-ordered array: strides (1, n0) for the (n0, m) array, which is the IDX files' own
+  layout, and indexed samples (a mini-batch) are read in place. An (n0, m) C-ordered X, as gpunn keeps it today, is
+  copied once into that layout by :func:`build_index`.
+- **Explicit 512-bit vectors.** LLVM's auto-vectorizer on this host uses 256-bit registers (the CPU model prefers
+  them) and did not keep sums in registers across the pixel loop (7 GFLOP/s). The kernel is written with a small
+  vector type (16 lanes of float32 or float64, one LLVM vector value) and intrinsics (load, store, fma, exp, ...)
+  that LLVM lowers to AVX-512 instructions where the CPU has them, and to narrower ones elsewhere.
+- **Parallel over chunks, deterministic.** A step's samples are split into one contiguous chunk per thread; each
+  chunk has its own gradient sums, added in chunk order at the end. The result depends on the number of chunks, not
+  on which thread runs which. The one prange loop is the only parallel region: the rest are explicit loops (an
+  array expression in a parallel function would be a parallel region of its own).
+- **Float accumulation in the training dtype**, as the generic math does; the loss is summed in float64.
+- **Compiled once per dtype, on first use, cached on disk** (about 8 s cold, 0.2 s from the cache); see
+  :func:`needs_compile` and :func:`cache_dir`.
+
+Measurements: benchmarks/numba_single_pass.py (and its --compile-times and --contention modes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from gpunn.nn import Architecture, Layer
+
+LANES = 16  #: lanes of the kernel's vectors: hidden units per vector, and the most classes the pass handles
+TILE = 16  #: samples per tile: the activations and deltas of one tile stay in L1
+GROUP = 8  #: samples whose terms meet each row of W1T and dW1T together (eight independent sums per row)
+#: the least work worth a thread, in samples times hidden vectors (16 units): measured on 2 cores with random
+#: mini-batches, a second thread started to pay at about 2,048 samples for h = 10 and 512 for h = 100 (the launch and
+#: each chunk's fixed costs are tens of microseconds)
+MIN_WORK_PER_THREAD = 1024
+
+
+# --- threads ------------------------------------------------------------------------------------------------------
+
+
+def _choose_threading_layer() -> None:
+    """Use Numba's own workqueue threads unless the user chose a layer, before the first parallel call.
+
+    Numba's default here is OpenMP (libgomp), whose idle workers spin after every parallel region. With one parallel
+    region per step, measured 2-thread steps (benchmarks/numba_single_pass.py --contention) were as fast on OpenMP
+    as on workqueue, alone and beside one or two busy processes, but OpenMP burned 5-30 % more CPU time per step
+    spinning between steps, time that other processes on a shared machine lose. (The stalls of about a second seen
+    earlier came with many small parallel regions per step, which this kernel does not have.) A passive OpenMP wait
+    policy exists only as an environment variable (OMP_WAIT_POLICY), which a library must not set for its host
+    process; the workqueue's threads sleep when idle. The workqueue does not allow two Python threads to launch
+    parallel kernels at once; gpunn's training loop runs in one thread. Set in code, before the first launch, and
+    only when neither NUMBA_THREADING_LAYER nor numba.config says otherwise; once a layer runs, it stays.
+    """
+    if "NUMBA_THREADING_LAYER" in os.environ or numba.config.THREADING_LAYER != "default":
+        return
+    try:
+        numba.threading_layer()  # raises ValueError until a layer has been launched
+    except ValueError:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, as under taskset or a cgroup)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def threads_for(samples: int, hidden: int = LANES, cores: int | None = None) -> int:
+    """The threads (and chunks) for a step over ``samples`` with ``hidden`` hidden units: at most one per usable core
+    and per Numba thread, each with at least MIN_WORK_PER_THREAD of work."""
+    available = min(usable_cores() if cores is None else cores, numba.config.NUMBA_NUM_THREADS)
+    work = samples * -(-hidden // LANES)
+    return max(1, min(available, work // MIN_WORK_PER_THREAD))
+
+
+# --- vectors: a Numba type for 16 lanes, and the operations the kernels use ----------------------------------------
+
+
+class Vector(types.Type):
+    """16 lanes of a float type, held as one LLVM vector value (<16 x float> or <16 x double>)."""
+
+    def __init__(self, dtype: types.Float) -> None:
+        self.dtype = dtype
+        super().__init__(name=f"Vector{LANES}({dtype})")
+
+
+@register_model(Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm: Any, fe_type: Vector) -> None:
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), LANES))
+
+
+_I32 = ir.IntType(32)
+
+
+def _element_pointer(context: Any, builder: Any, arrty: types.Array, arr: Any, index: Any, indexty: Any) -> Any:
+    """Pointer to element ``index`` of the array's data, counted in elements from its start (no bounds check)."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(data, [context.cast(builder, index, indexty, types.intp)])
+
+
+def _splat(builder: Any, value: Any, vty: ir.VectorType) -> Any:
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), zeros)
+
+
+def _as_vector(context: Any, builder: Any, value: Any, valuety: Any, vecty: Vector) -> Any:
+    """A vector operand as is, or a scalar operand broadcast to every lane."""
+    if isinstance(valuety, Vector):
+        return value
+    return _splat(builder, context.cast(builder, value, valuety, vecty.dtype), context.get_value_type(vecty))
+
+
+def _vector_of(*tys: Any) -> Vector:
+    return next(t for t in tys if isinstance(t, Vector))
+
+
+def _bits(fty: ir.Type) -> int:
+    return 64 if isinstance(fty, ir.DoubleType) else 32
+
+
+def _llvm_intrinsic(builder: Any, name: str, vty: ir.Type, nargs: int) -> Any:
+    suffix = f"v{LANES}f{_bits(vty.element)}" if isinstance(vty, ir.VectorType) else f"f{_bits(vty)}"
+    fnty = ir.FunctionType(vty, [vty] * nargs)
+    return cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.{suffix}")
+
+
+@intrinsic
+def vzero(typingctx: Any, like: Any) -> Any:
+    """A vector of zeros in the dtype of the array ``like``."""
+    vt = Vector(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(context.get_value_type(vt), None)
+
+    return vt(like), codegen
+
+
+@intrinsic
+def vsplat(typingctx: Any, like: Any, x: Any) -> Any:
+    """x in every lane, in the dtype of the array ``like``."""
+    vt = Vector(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        return _as_vector(context, builder, args[1], x, vt)
+
+    return vt(like, x), codegen
+
+
+@intrinsic
+def vload(typingctx: Any, A: Any, i: Any) -> Any:
+    """A[i : i + 16] of a contiguous float array, i counted in elements from its start."""
+    vt = Vector(A.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
+        vty = context.get_value_type(vt)
+        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=A.dtype.bitwidth // 8)
+
+    return vt(A, i), codegen
+
+
+@intrinsic
+def vload_u8(typingctx: Any, A: Any, i: Any, like: Any) -> Any:
+    """A[i : i + 16] of a uint8 array, converted to floats of the dtype of the array ``like``."""
+    vt = Vector(like.dtype)
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
+        bytes16 = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), LANES).as_pointer()), align=1)
+        return builder.uitofp(bytes16, context.get_value_type(vt))
+
+    return vt(A, i, like), codegen
+
+
+@intrinsic
+def vstore(typingctx: Any, A: Any, i: Any, v: Any) -> Any:
+    """A[i : i + 16] = v."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
+        builder.store(args[2], builder.bitcast(ptr, args[2].type.as_pointer()), align=A.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    return types.none(A, i, v), codegen
+
+
+@intrinsic
+def sget(typingctx: Any, A: Any, i: Any) -> Any:
+    """A[i] of a contiguous array, i counted in elements from its start, with no wraparound or bounds check."""
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_element_pointer(context, builder, A, args[0], args[1], i))
+
+    return A.dtype(A, i), codegen
+
+
+@intrinsic
+def sset(typingctx: Any, A: Any, i: Any, x: Any) -> Any:
+    """A[i] = x, i counted in elements from the start of a contiguous array, with no wraparound or bounds check."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
+        builder.store(context.cast(builder, args[2], x, A.dtype), ptr)
+        return context.get_dummy_value()
+
+    return types.none(A, i, x), codegen
+
+
+@intrinsic
+def vfma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """a * b + c with one rounding (llvm.fma, never contracted or split by the compiler); a scalar or a vector."""
+    vt = _vector_of(b, c)
+
+    def codegen(context, builder, sig, args):
+        vty = context.get_value_type(vt)
+        ops = [_as_vector(context, builder, v, t, vt) for v, t in zip(args, (a, b, c))]
+        return builder.call(_llvm_intrinsic(builder, "fma", vty, 3), ops)
+
+    return vt(a, b, c), codegen
+
+
+def _binary(op: str) -> Any:
+    def typer(typingctx: Any, a: Any, b: Any) -> Any:
+        vt = _vector_of(a, b)
+
+        def codegen(context, builder, sig, args):
+            x, y = (_as_vector(context, builder, v, t, vt) for v, t in zip(args, (a, b)))
+            return getattr(builder, op)(x, y)
+
+        return vt(a, b), codegen
+
+    return intrinsic(typer)
+
+
+vadd = _binary("fadd")
+vsub = _binary("fsub")
+vmul = _binary("fmul")
+vdiv = _binary("fdiv")
+
+
+@intrinsic
+def vpositive(typingctx: Any, z: Any, v: Any) -> Any:
+    """v where z > 0, else 0: relu(z) with v = z, and dA * relu'(z) with v = dA."""
+
+    def codegen(context, builder, sig, args):
+        positive = builder.fcmp_ordered(">", args[0], ir.Constant(args[0].type, None))
+        return builder.select(positive, args[1], ir.Constant(args[1].type, None))
+
+    return v(z, v), codegen
+
+
+def _halves(builder: Any, x: Any, combine: Any) -> Any:
+    """Combine a vector's lanes pairwise, halves first (a fixed order), down to lane 0."""
+    n = LANES
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        x = combine(lo, hi)
+    return builder.extract_element(x, ir.Constant(_I32, 0))
+
+
+@intrinsic
+def vsum(typingctx: Any, v: Any) -> Any:
+    """The sum of the 16 lanes, in a fixed order."""
+
+    def codegen(context, builder, sig, args):
+        return _halves(builder, args[0], builder.fadd)
+
+    return v.dtype(v), codegen
+
+
+@intrinsic
+def vmax(typingctx: Any, v: Any) -> Any:
+    """The largest of the 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _halves(builder, args[0], lambda a, b: builder.select(builder.fcmp_ordered(">", a, b), a, b))
+
+    return v.dtype(v), codegen
+
+
+@intrinsic
+def vlane(typingctx: Any, v: Any, k: Any) -> Any:
+    """Lane k of v."""
+
+    def codegen(context, builder, sig, args):
+        return builder.extract_element(args[0], context.cast(builder, args[1], k, types.int32))
+
+    return v.dtype(v, k), codegen
+
+
+@intrinsic
+def vadd_lane(typingctx: Any, v: Any, k: Any, x: Any) -> Any:
+    """v with x added to lane k (dZ2 = P - onehot(y) is vadd_lane(P, y, -1))."""
+
+    def codegen(context, builder, sig, args):
+        lane = context.cast(builder, args[1], k, types.int32)
+        value = builder.fadd(builder.extract_element(args[0], lane), context.cast(builder, args[2], x, v.dtype))
+        return builder.insert_element(args[0], value, lane)
+
+    return v(v, k, x), codegen
+
+
+@intrinsic
+def vfirst_max(typingctx: Any, v: Any, top: Any) -> Any:
+    """The first lane equal to ``top`` (the argmax, as numpy.argmax breaks ties), or 16 if none is (NaN)."""
+
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        equal = builder.fcmp_ordered("==", args[0], _splat(builder, args[1], vty))
+        bits = builder.zext(builder.bitcast(equal, ir.IntType(LANES)), ir.IntType(32))
+        cttz = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_I32, ir.IntType(1)]),
+                                              "llvm.cttz.i32")
+        # bit 16 set, so that "no lane" counts 16 trailing zeros rather than an undefined result
+        count = builder.call(cttz, [builder.or_(bits, ir.Constant(_I32, 1 << LANES)), ir.Constant(ir.IntType(1), 0)])
+        return builder.sext(count, ir.IntType(64))
+
+    return types.int64(v, top), codegen
+
+
+# exp(r) on |r| <= ln(2)/2 by its Taylor series: degree 7 leaves 5e-9 relative (float32's ulp is 6e-8), degree 13
+# leaves 4e-18 (float64's is 1.1e-16)
+_EXP_DEGREE = {32: 7, 64: 13}
+# the smallest argument whose exp is a normal number; below it the result is flushed to 0 (a softmax term of
+# e^-87 or e^-708 against a largest term of 1)
+_EXP_LOW = {32: -87.33654, 64: -708.3964}
+_EXP_BIAS = {32: (127, 23, 254), 64: (1023, 52, 2046)}
+
+
+@intrinsic
+def vexp(typingctx: Any, v: Any) -> Any:
+    """exp of every lane: 2^k * exp(r) with x = k ln 2 + r, to within 1-2 ulp; 0 below the normal range, NaN for
+    NaN. (No vector exp exists without Intel's SVML; LLVM would call expf once per lane.)"""
+
+    def codegen(context, builder, sig, args):
+        x = args[0]
+        vty = x.type
+        bits = _bits(vty.element)
+        ity = ir.VectorType(ir.IntType(bits), LANES)
+
+        def const(value: float) -> Any:
+            return ir.Constant(vty, [value] * LANES)
+
+        low = const(_EXP_LOW[bits])
+        clipped = builder.select(builder.fcmp_ordered("<", x, low), low, x)
+        k = builder.call(_llvm_intrinsic(builder, "rint", vty, 1), [builder.fmul(clipped, const(1 / math.log(2)))])
+        fma = _llvm_intrinsic(builder, "fma", vty, 3)
+        # ln 2 in two parts, so that k * ln2_hi is exact and r keeps its low bits
+        ln2_hi = float(np.float32(math.log(2))) if bits == 32 else 0.6931471803691238
+        ln2_lo = math.log(2) - ln2_hi
+        r = builder.call(fma, [k, const(-ln2_hi), clipped])
+        r = builder.call(fma, [k, const(-ln2_lo), r])
+        degree = _EXP_DEGREE[bits]
+        poly = const(1 / math.factorial(degree))
+        for n in range(degree - 1, -1, -1):
+            poly = builder.call(fma, [poly, r, const(1 / math.factorial(n))])
+        # 2^k from its exponent bits; k of a NaN is set to 0 first (a NaN converted to an integer is undefined)
+        k = builder.select(builder.fcmp_unordered("uno", k, k), const(0.0), k)
+        bias, shift, top = _EXP_BIAS[bits]
+        exponent = builder.add(builder.fptosi(k, ity), ir.Constant(ity, [bias] * LANES))
+        exponent = builder.select(builder.icmp_signed(">", exponent, ir.Constant(ity, [top] * LANES)),
+                                  ir.Constant(ity, [top] * LANES), exponent)
+        scale = builder.bitcast(builder.shl(exponent, ir.Constant(ity, [shift] * LANES)), vty)
+        result = builder.fmul(poly, scale)
+        return builder.select(builder.fcmp_ordered("<", x, low), ir.Constant(vty, None), result)
+
+    return v(v), codegen
+
+
+# --- the per-training-set index of nonzero pixels ----------------------------------------------------------------
+
+
+def pixel_masks(rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Each sample's nonzero pixels as bits: mask[s, p // 64] has bit p % 64 set where rows[s, p] != 0.
+    rows: (m, n0) uint8, any strides; mask: (m, ceil(n0 / 64)) uint64. NumPy, in blocks of samples."""
+    m, n0 = rows.shape
+    words = -(-n0 // 64)
+    mask = np.zeros((m, words * 8), np.uint8)
+    for first in range(0, m, block):
+        packed = np.packbits(rows[first : first + block] != 0, axis=1, bitorder="little")
+        mask[first : first + block, : packed.shape[1]] = packed
+    return mask.view(np.uint64)
+
+
+@intrinsic
+def _cttz(typingctx: Any, x: Any) -> Any:
+    """The number of trailing zero bits of a nonzero uint64 (the lowest set bit's position)."""
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]),
+                                            "llvm.cttz.i64")
+        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
+
+    return types.int64(x), codegen
+
+
+# --- the kernel ---------------------------------------------------------------------------------------------------
+# Shapes: X has n0 pixels per sample, h hidden units padded to hp = nv * 16, C <= 16 classes padded to 16. Scratch
+# that the caller owns and passes in, per chunk c (first index): D[c] (TILE, n0) the tile's pixels as floats,
+# A1[c] and dZ1[c] (TILE, hp), P[c] (TILE, 16), pixels[c] (TILE // GROUP, n0) each group's pixel list, dW1T[c]
+# (n0, hp), dW2T[c] (hp, 16), db1[c] (hp), db2[c] (16).
+
+
+@njit
+def _load_weights(W1, b1, W2, b2, W1T, W2p, W2T, b1p, b2p):
+    """The step's weights in the kernel's layout. Padding (hidden units >= h, classes >= C) was set once, when the
+    scratch was made: 0 in W1T, W2p, W2T and b1p, -inf in b2p (a class that is never the max and has exp 0). W1 is
+    transposed in 16 x 16 blocks, which keeps both sides in cache lines (a small batch's step is mostly this)."""
+    h, n0 = W1.shape
+    C = W2.shape[0]
+    for p0 in range(0, n0, LANES):
+        for i0 in range(0, h, LANES):
+            for p in range(p0, min(p0 + LANES, n0)):
+                for i in range(i0, min(i0 + LANES, h)):
+                    W1T[p, i] = W1[i, p]
+    for i in range(h):
+        b1p[i] = b1[i, 0]
+    for c in range(C):
+        for i in range(h):
+            W2p[c, i] = W2[c, i]
+            W2T[i, c] = W2[c, i]
+        b2p[c] = b2[c, 0]
+
+
+@njit
+def _clear(A):
+    """Zero a contiguous array in place with an explicit loop (an array expression would be a parallel region)."""
+    flat = A.reshape(-1)
+    for i in range(flat.shape[0]):
+        flat[i] = 0
+
+
+@njit
+def _group_pixels(order, first, count, mask, pixels):
+    """Fill pixels (ascending) with the pixels that are nonzero in one of the samples order[first : first + count];
+    return how many."""
+    total = 0
+    for word in range(mask.shape[1]):
+        bits = np.uint64(0)
+        for k in range(count):
+            bits |= mask[order[first + k], word]
+        while bits != 0:
+            pixels[total] = word * 64 + _cttz(bits)
+            total += 1
+            bits &= bits - np.uint64(1)
+    return total
+
+
+@njit
+def _relu_rows(j0, v, a0, a1, a2, a3, a4, a5, a6, a7, A1, b1p, inv255):
+    """A1[j0 + k, v : v + 16] = relu(a_k / 255 + b1[v : v + 16]) for the eight samples."""
+    hp = A1.shape[1]
+    b = vload(b1p, v)
+    a = j0 * hp + v
+    z = vfma(a0, inv255, b)
+    vstore(A1, a, vpositive(z, z))
+    z = vfma(a1, inv255, b)
+    vstore(A1, a + hp, vpositive(z, z))
+    z = vfma(a2, inv255, b)
+    vstore(A1, a + 2 * hp, vpositive(z, z))
+    z = vfma(a3, inv255, b)
+    vstore(A1, a + 3 * hp, vpositive(z, z))
+    z = vfma(a4, inv255, b)
+    vstore(A1, a + 4 * hp, vpositive(z, z))
+    z = vfma(a5, inv255, b)
+    vstore(A1, a + 5 * hp, vpositive(z, z))
+    z = vfma(a6, inv255, b)
+    vstore(A1, a + 6 * hp, vpositive(z, z))
+    z = vfma(a7, inv255, b)
+    vstore(A1, a + 7 * hp, vpositive(z, z))
+
+
+@njit
+def _forward_group(j0, pixels, first, count, D, W1T, b1p, A1, inv255):
+    """A1[j] = relu(W1 x_j / 255 + b1) for the eight samples j0 .. j0 + 7 of the tile: for each listed pixel p, the
+    row W1T[p] meets the eight samples' values D[j, p]. Each (sample, hidden vector) sum runs over the listed pixels
+    in ascending order, one chain each (eight chains hide the FMA latency). Two hidden vectors at a time where there
+    are two: each broadcast value then serves two FMAs (the loop is bound by loads, not FMAs)."""
+    hp = W1T.shape[1]
+    n0 = D.shape[1]
+    f = j0 * n0
+    v = 0
+    while v + 2 * LANES <= hp:
+        a0 = vzero(D)
+        a1 = vzero(D)
+        a2 = vzero(D)
+        a3 = vzero(D)
+        a4 = vzero(D)
+        a5 = vzero(D)
+        a6 = vzero(D)
+        a7 = vzero(D)
+        b0 = vzero(D)
+        b1 = vzero(D)
+        b2 = vzero(D)
+        b3 = vzero(D)
+        b4 = vzero(D)
+        b5 = vzero(D)
+        b6 = vzero(D)
+        b7 = vzero(D)
+        for q in range(first, first + count):
+            p = np.intp(sget(pixels, q))
+            w = vload(W1T, p * hp + v)
+            u = vload(W1T, p * hp + v + LANES)
+            x = sget(D, f + p)
+            a0 = vfma(x, w, a0)
+            b0 = vfma(x, u, b0)
+            x = sget(D, f + n0 + p)
+            a1 = vfma(x, w, a1)
+            b1 = vfma(x, u, b1)
+            x = sget(D, f + 2 * n0 + p)
+            a2 = vfma(x, w, a2)
+            b2 = vfma(x, u, b2)
+            x = sget(D, f + 3 * n0 + p)
+            a3 = vfma(x, w, a3)
+            b3 = vfma(x, u, b3)
+            x = sget(D, f + 4 * n0 + p)
+            a4 = vfma(x, w, a4)
+            b4 = vfma(x, u, b4)
+            x = sget(D, f + 5 * n0 + p)
+            a5 = vfma(x, w, a5)
+            b5 = vfma(x, u, b5)
+            x = sget(D, f + 6 * n0 + p)
+            a6 = vfma(x, w, a6)
+            b6 = vfma(x, u, b6)
+            x = sget(D, f + 7 * n0 + p)
+            a7 = vfma(x, w, a7)
+            b7 = vfma(x, u, b7)
+        _relu_rows(j0, v, a0, a1, a2, a3, a4, a5, a6, a7, A1, b1p, inv255)
+        _relu_rows(j0, v + LANES, b0, b1, b2, b3, b4, b5, b6, b7, A1, b1p, inv255)
+        v += 2 * LANES
+    if v < hp:
+        a0 = vzero(D)
+        a1 = vzero(D)
+        a2 = vzero(D)
+        a3 = vzero(D)
+        a4 = vzero(D)
+        a5 = vzero(D)
+        a6 = vzero(D)
+        a7 = vzero(D)
+        for q in range(first, first + count):
+            p = np.intp(sget(pixels, q))
+            w = vload(W1T, p * hp + v)
+            a0 = vfma(sget(D, f + p), w, a0)
+            a1 = vfma(sget(D, f + n0 + p), w, a1)
+            a2 = vfma(sget(D, f + 2 * n0 + p), w, a2)
+            a3 = vfma(sget(D, f + 3 * n0 + p), w, a3)
+            a4 = vfma(sget(D, f + 4 * n0 + p), w, a4)
+            a5 = vfma(sget(D, f + 5 * n0 + p), w, a5)
+            a6 = vfma(sget(D, f + 6 * n0 + p), w, a6)
+            a7 = vfma(sget(D, f + 7 * n0 + p), w, a7)
+        _relu_rows(j0, v, a0, a1, a2, a3, a4, a5, a6, a7, A1, b1p, inv255)
+
+
+@njit
+def _head(j, label, A1, dZ1, P, W2p, W2T, b2p, dW2T, db1, db2, h, C):
+    """Sample j of the tile, from its hidden activations A1[j] to dZ1[j]: Z2, softmax, loss and hit, dZ2 = P - Y,
+    and its terms of dW2T, db2 and db1. Returns (its cross-entropy, 1 if predicted correctly else 0)."""
+    hp = A1.shape[1]
+    a = j * hp
+    # Z2 = W2 A1 + b2 as four partial sums (a chain of h dependent FMAs would wait on each one's latency)
+    q0 = vzero(A1)
+    q1 = vzero(A1)
+    q2 = vzero(A1)
+    q3 = vzero(A1)
+    h4 = h - h % 4
+    for i in range(0, h4, 4):
+        q0 = vfma(sget(A1, a + i), vload(W2T, i * LANES), q0)
+        q1 = vfma(sget(A1, a + i + 1), vload(W2T, (i + 1) * LANES), q1)
+        q2 = vfma(sget(A1, a + i + 2), vload(W2T, (i + 2) * LANES), q2)
+        q3 = vfma(sget(A1, a + i + 3), vload(W2T, (i + 3) * LANES), q3)
+    for i in range(h4, h):
+        q0 = vfma(sget(A1, a + i), vload(W2T, i * LANES), q0)
+    z2 = vadd(vload(b2p, 0), vadd(vadd(q0, q1), vadd(q2, q3)))
+    # softmax from one max-subtracted exponential; loss = log(sum exp) - shifted z[y]
+    top = vmax(z2)
+    e = vexp(vsub(z2, top))
+    total = vsum(e)
+    loss = math.log(total) - (vlane(z2, label) - top)
+    hit = 1 if vfirst_max(z2, top) == label else 0
+    dz2 = vadd_lane(vdiv(e, total), label, -1.0)
+    vstore(P, j * LANES, dz2)
+    vstore(db2, 0, vadd(vload(db2, 0), dz2))
+    for i in range(h):
+        vstore(dW2T, i * LANES, vfma(sget(A1, a + i), dz2, vload(dW2T, i * LANES)))
+    # dZ1 = (W2^T dZ2) * relu'(Z1), relu'(Z1) = A1 > 0
+    for v in range(0, hp, LANES):
+        acc = vzero(A1)
+        for c in range(C):
+            acc = vfma(sget(P, j * LANES + c), vload(W2p, c * hp + v), acc)
+        dz1 = vpositive(vload(A1, a + v), acc)
+        vstore(dZ1, a + v, dz1)
+        vstore(db1, v, vadd(vload(db1, v), dz1))
+    return loss, hit
+
+
+@njit
+def _backward_group(j0, pixels, first, count, D, dZ1, dW1T):
+    """dW1T[p] += sum_j D[j, p] * dZ1[j] over the samples j0 .. j0 + 7, for the listed pixels: each row of dW1T is
+    read and written once per group, and its eight terms are added in sample order. Two hidden vectors at a time
+    where there are two (each broadcast value serves two FMAs)."""
+    hp = dW1T.shape[1]
+    n0 = D.shape[1]
+    f = j0 * n0
+    v = 0
+    while v < hp:
+        two = v + 2 * LANES <= hp
+        u = v + LANES if two else v  # with one vector left, the second half repeats the first and is not stored
+        d0 = vload(dZ1, j0 * hp + v)
+        d1 = vload(dZ1, (j0 + 1) * hp + v)
+        d2 = vload(dZ1, (j0 + 2) * hp + v)
+        d3 = vload(dZ1, (j0 + 3) * hp + v)
+        d4 = vload(dZ1, (j0 + 4) * hp + v)
+        d5 = vload(dZ1, (j0 + 5) * hp + v)
+        d6 = vload(dZ1, (j0 + 6) * hp + v)
+        d7 = vload(dZ1, (j0 + 7) * hp + v)
+        e0 = vload(dZ1, j0 * hp + u)
+        e1 = vload(dZ1, (j0 + 1) * hp + u)
+        e2 = vload(dZ1, (j0 + 2) * hp + u)
+        e3 = vload(dZ1, (j0 + 3) * hp + u)
+        e4 = vload(dZ1, (j0 + 4) * hp + u)
+        e5 = vload(dZ1, (j0 + 5) * hp + u)
+        e6 = vload(dZ1, (j0 + 6) * hp + u)
+        e7 = vload(dZ1, (j0 + 7) * hp + u)
+        if two:
+            for q in range(first, first + count):
+                p = np.intp(sget(pixels, q))
+                g = vload(dW1T, p * hp + v)
+                k = vload(dW1T, p * hp + u)
+                x = sget(D, f + p)
+                g = vfma(x, d0, g)
+                k = vfma(x, e0, k)
+                x = sget(D, f + n0 + p)
+                g = vfma(x, d1, g)
+                k = vfma(x, e1, k)
+                x = sget(D, f + 2 * n0 + p)
+                g = vfma(x, d2, g)
+                k = vfma(x, e2, k)
+                x = sget(D, f + 3 * n0 + p)
+                g = vfma(x, d3, g)
+                k = vfma(x, e3, k)
+                x = sget(D, f + 4 * n0 + p)
+                g = vfma(x, d4, g)
+                k = vfma(x, e4, k)
+                x = sget(D, f + 5 * n0 + p)
+                g = vfma(x, d5, g)
+                k = vfma(x, e5, k)
+                x = sget(D, f + 6 * n0 + p)
+                g = vfma(x, d6, g)
+                k = vfma(x, e6, k)
+                x = sget(D, f + 7 * n0 + p)
+                g = vfma(x, d7, g)
+                k = vfma(x, e7, k)
+                vstore(dW1T, p * hp + v, g)
+                vstore(dW1T, p * hp + u, k)
+            v += 2 * LANES
+        else:
+            for q in range(first, first + count):
+                p = np.intp(sget(pixels, q))
+                g = vload(dW1T, p * hp + v)
+                g = vfma(sget(D, f + p), d0, g)
+                g = vfma(sget(D, f + n0 + p), d1, g)
+                g = vfma(sget(D, f + 2 * n0 + p), d2, g)
+                g = vfma(sget(D, f + 3 * n0 + p), d3, g)
+                g = vfma(sget(D, f + 4 * n0 + p), d4, g)
+                g = vfma(sget(D, f + 5 * n0 + p), d5, g)
+                g = vfma(sget(D, f + 6 * n0 + p), d6, g)
+                g = vfma(sget(D, f + 7 * n0 + p), d7, g)
+                vstore(dW1T, p * hp + v, g)
+            v += LANES
+
+
+@njit
+def _chunk(order, lo, hi, y, rows, mask, lists, list_start, W1T, b1p, W2p, W2T, b2p, D, A1, dZ1, P, pixels, dW1T,
+           dW2T, db1, db2, h, C):
+    """Samples order[lo:hi], tile by tile, into this chunk's gradient sums. Returns (sum of the samples'
+    cross-entropies, number predicted correctly).
+
+    The pixels each group of eight samples visits: with list_start of length 1, all of them (lists = 0 .. n0 - 1:
+    the dense kernel); with one entry per group of the step plus one, group k's are lists[list_start[k] :
+    list_start[k + 1]] (precomputed for a full-batch step); with an empty list_start, the group's nonzero pixels,
+    found from the masks as the tile is read (a mini-batch). lo must be a multiple of GROUP."""
+    hp = W1T.shape[1]
+    n0 = rows.shape[1]
+    n16 = n0 - n0 % LANES
+    inv255 = 1.0 / 255.0
+    _clear(dW1T)
+    _clear(dW2T)
+    _clear(db1)
+    _clear(db2)
+    loss = 0.0
+    hits = 0
+    groups = TILE // GROUP
+    first = np.zeros(groups, np.int64)
+    count = np.zeros(groups, np.int64)
+    for t0 in range(lo, hi, TILE):
+        n = min(TILE, hi - t0)
+        # the tile's pixels as floats, read once. Rows n .. 15 keep finite values (earlier tiles', or zeros): a
+        # short group computes them into rows of A1 that are not used, and adds them times zero rows of dZ1
+        for j in range(n):
+            s = order[t0 + j]
+            for p in range(0, n16, LANES):
+                vstore(D, j * n0 + p, vload_u8(rows, s * n0 + p, D))
+            for p in range(n16, n0):
+                D[j, p] = rows[s, p]
+        for g in range((n + GROUP - 1) // GROUP):
+            if list_start.shape[0] == 1:
+                count[g] = n0
+            elif list_start.shape[0] > 1:
+                k = (t0 + g * GROUP) // GROUP
+                first[g] = list_start[k]
+                count[g] = list_start[k + 1] - first[g]
+            else:
+                first[g] = g * n0
+                count[g] = _group_pixels(order, t0 + g * GROUP, min(GROUP, n - g * GROUP), mask, pixels[g])
+        for g in range((n + GROUP - 1) // GROUP):
+            source = pixels.reshape(-1) if list_start.shape[0] == 0 else lists
+            _forward_group(g * GROUP, source, first[g], count[g], D, W1T, b1p, A1, inv255)
+        for j in range(n):
+            l, k = _head(j, y[order[t0 + j]], A1, dZ1, P, W2p, W2T, b2p, dW2T, db1, db2, h, C)
+            loss += l
+            hits += k
+        for j in range(n, (n + GROUP - 1) // GROUP * GROUP):
+            for v in range(0, hp, LANES):
+                vstore(dZ1, j * hp + v, vzero(dZ1))
+        for g in range((n + GROUP - 1) // GROUP):
+            source = pixels.reshape(-1) if list_start.shape[0] == 0 else lists
+            _backward_group(g * GROUP, source, first[g], count[g], D, dZ1, dW1T)
+    return loss, hits
+
+
+@njit
+def _finish(W1, W2, l2, m, scales, chunks, dW1T, dW2T, db1c, db2c, lossc, hitsc, dW1, db1, dW2, db2):
+    """The chunks' sums added in chunk order, scaled, plus the L2 terms. scales: [1/m, 1/(255 m), l2/m] in the
+    training dtype. Returns (loss, accuracy) as floats."""
+    h, n0 = W1.shape
+    C = W2.shape[0]
+    total = dW1T[0].reshape(-1)
+    for c in range(1, chunks):  # into chunk 0's sums, in chunk order
+        part = dW1T[c].reshape(-1)
+        for k in range(total.shape[0]):
+            total[k] += part[k]
+        for i in range(h):
+            db1c[0, i] += db1c[c, i]
+            for k in range(C):
+                dW2T[0, i, k] += dW2T[c, i, k]
+        for k in range(C):
+            db2c[0, k] += db2c[c, k]
+    loss = 0.0
+    hits = 0
+    for c in range(chunks):
+        loss += lossc[c]
+        hits += hitsc[c]
+    for i0 in range(0, h, LANES):  # the transpose back, in 16 x 16 blocks
+        for p0 in range(0, n0, LANES):
+            for i in range(i0, min(i0 + LANES, h)):
+                for p in range(p0, min(p0 + LANES, n0)):
+                    dW1[i, p] = dW1T[0, p, i] * scales[1] + scales[2] * W1[i, p]
+    for i in range(h):
+        db1[i, 0] = db1c[0, i] * scales[0]
+        for k in range(C):
+            dW2[k, i] = dW2T[0, i, k] * scales[0] + scales[2] * W2[k, i]
+    for k in range(C):
+        db2[k, 0] = db2c[0, k] * scales[0]
+    if l2 != 0.0:  # a chain of h * n0 dependent additions: only when it counts
+        squares = 0.0
+        for i in range(h):
+            for p in range(n0):
+                squares += W1[i, p] * W1[i, p]
+            for k in range(C):
+                squares += W2[k, i] * W2[k, i]
+        loss += 0.5 * l2 * squares
+    return loss / m, hits / m
+
+
+@njit(parallel=True)
+def _step(order, y, rows, mask, lists, list_start, W1, b1, W2, b2, l2, scales, chunks, W1T, W2p, W2T, b1p, b2p, D,
+          A1, dZ1, P, pixels, dW1T, dW2T, db1c, db2c, lossc, hitsc, dW1, db1, dW2, db2):
+    """One step over the samples ``order`` (see SinglePassCpu._arguments, and _chunk for lists and list_start): the
+    chunks in parallel, then their sums. Chunks start at multiples of GROUP samples."""
+    h = W1.shape[0]
+    C = W2.shape[0]
+    m = order.shape[0]
+    _load_weights(W1, b1, W2, b2, W1T, W2p, W2T, b1p, b2p)
+    for c in prange(chunks):
+        lo = c * m // chunks // GROUP * GROUP
+        hi = m if c == chunks - 1 else (c + 1) * m // chunks // GROUP * GROUP
+        lossc[c], hitsc[c] = _chunk(order, lo, hi, y, rows, mask, lists, list_start, W1T, b1p, W2p, W2T, b2p, D[c],
+                                    A1[c], dZ1[c], P[c], pixels[c], dW1T[c], dW2T[c], db1c[c], db2c[c], h, C)
+    return _finish(W1, W2, l2, m, scales, chunks, dW1T, dW2T, db1c, db2c, lossc, hitsc, dW1, db1, dW2, db2)
+
+
+def _enable_cache(kernel: Any) -> None:
+    """Cache the kernel's machine code on disk, where Numba finds a writable place: the package's __pycache__, or,
+    when the package is installed read-only, the user-wide cache (Numba's _UserWideCacheLocator, under
+    $XDG_CACHE_HOME or ~/.cache/numba). Where there is neither, the kernel is compiled in every process instead of
+    failing at import, as ``@njit(cache=True)`` would."""
+    try:
+        kernel.enable_caching()
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        pass
+
+
+_enable_cache(_step)
+
+
+# --- Python side ----------------------------------------------------------------------------------------------------
+
+
+def refusal(arch: Architecture, *, dropout: float = 0.0, dtype: str = "float32") -> str | None:
+    """Why the single pass cannot compute this step, or None when it can."""
+    if arch.depth != 2:
+        return f"the single CPU pass has exactly one hidden layer, not {arch.depth - 1} ({arch})"
+    if arch.activation != "relu" or arch.output != "softmax":
+        return f"the single CPU pass needs a ReLU hidden layer and a softmax output, not {arch}"
+    if dropout:
+        return "the single CPU pass has no dropout"
+    if str(np.dtype(dtype)) not in ("float32", "float64"):
+        return f"the single CPU pass computes in float32 or float64, not {dtype}"
+    if arch.sizes[-1] > LANES or arch.sizes[0] > 2**16:
+        return f"the single CPU pass handles at most {LANES} classes and 65,536 inputs, not {arch}"
+    return None
+
+
+def supports(arch: Architecture, *, dropout: float = 0.0, dtype: str = "float32") -> bool:
+    """Can :class:`SinglePassCpu` compute this step? One ReLU hidden layer, softmax output (at most 16 classes), no
+    dropout, float32 or float64."""
+    return refusal(arch, dropout=dropout, dtype=dtype) is None
+
+
+@dataclass(frozen=True, eq=False)
+class PixelIndex:
+    """What the single pass precomputes once per training set X (n0, m) of uint8 pixels."""
+
+    X: np.ndarray  # the array it was built from, to recognise it
+    rows: np.ndarray  # (m, n0) uint8, C-contiguous: X.T itself when X is a transposed (m, n0) array, else a copy
+    mask: np.ndarray  # (m, ceil(n0 / 64)) uint64: each sample's nonzero pixels as bits (pixel_masks)
+    order: np.ndarray  # (m,) int64: 0 .. m - 1, the samples of a full-batch step
+    lists: np.ndarray  # uint16: for each group of GROUP consecutive samples, its nonzero pixels, ascending
+    list_start: np.ndarray  # (ceil(m / GROUP) + 1,) int64: group k's pixels are lists[list_start[k] : ...[k + 1]]
+
+    @property
+    def nonzero_blocks(self) -> float:
+        """The fraction of (pixel, GROUP-sample) blocks of a full-batch step that are not all zero."""
+        return len(self.lists) / max(1, len(self.list_start) - 1) / self.rows.shape[1]
+
+
+def build_index(X: np.ndarray) -> PixelIndex:
+    """The per-training-set index of X (n0, m) uint8: its samples as rows, their nonzero pixels as bits, and, for a
+    full-batch step, the nonzero pixels of each group of GROUP consecutive samples (the (pixel, 8-sample) blocks that
+    are not all zero: 46 % on MNIST). X's fast layout is the transposed view of an (m, n0) C-ordered array (strides
+    (1, n0)), used as is; an (n0, m) C-ordered X is copied once into rows."""
+    if X.ndim != 2 or X.dtype != np.uint8:
+        raise ValueError(f"the single CPU pass takes X as (n0, m) uint8 pixels, got {X.dtype} {X.shape}")
+    rows = np.ascontiguousarray(X.T)  # X.T itself when it is C-contiguous
+    m, n0 = rows.shape
+    mask = pixel_masks(rows)
+    groups = -(-m // GROUP)
+    padded = np.zeros((groups * GROUP, mask.shape[1]), np.uint64)
+    padded[:m] = mask
+    union = np.bitwise_or.reduce(padded.reshape(groups, GROUP, -1), axis=1)
+    bits = np.unpackbits(union.view(np.uint8), axis=1, bitorder="little")[:, :n0]
+    group, lists = np.nonzero(bits)
+    list_start = np.zeros(groups + 1, np.int64)
+    np.cumsum(np.bincount(group, minlength=groups), out=list_start[1:])
+    return PixelIndex(X, rows, mask, np.arange(m, dtype=np.int64), lists.astype(np.uint16), list_start)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the kernel's inputs always reach it as read-only arrays, so that writable and read-only
+    inputs (NumPy arrays over a file's bytes are read-only) do not compile two variants."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Zeros starting on a 64-byte boundary: each chunk's scratch is a multiple of 64 bytes long, so no cache line
+    is written by two threads (NumPy aligns to 16 bytes; the chunks' per-sample updates of db1, db2 and P would
+    otherwise share lines between the cores)."""
+    size = int(np.prod(shape))
+    raw = np.zeros(size * dtype.itemsize + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset : offset + size * dtype.itemsize].view(dtype).reshape(shape)
+
+
+class SinglePassCpu:
+    """``loss_and_gradients`` for one run, as one compiled single pass per step over raw uint8 pixels.
+
+    Made once with the network, the training dtype and the largest batch (``columns``), entered as a context manager
+    for the run (it sets Numba's thread count, and restores it on exit), and called every step like
+    :class:`gpunn.fused_cpu.FusedCpuPass`, but with X as the uint8 pixels (n0, m) (``pixels = True``); Y (one-hot)
+    is accepted and not used; y: (m,) integer labels. With ``index`` (an integer array of sample numbers), the step is
+    over those columns of X and y: a mini-batch, read in place (measured 10-30 % faster than gathering the batch into
+    a new array and indexing that). :meth:`prepare` builds the per-training-set index once; a call with another X
+    builds it for that X.
+
+    Fast layout: X.strides == (1, n0), the transposed view of the (m, n0) IDX rows; any other X is copied once, in
+    :meth:`prepare`. ``sparse=False`` runs the dense kernel (every pixel, the same order of sums, the same bits),
+    for measurements and tests. ``threads``: at most this many (default: every usable core); :attr:`threads` is what
+    a full step of ``columns`` samples uses, and smaller steps use fewer (see :func:`threads_for`).
+
+    Measured on MNIST (m = 60,000, float32, 2 cores shared with other work; benchmarks/numba_single_pass.py, results
+    in benchmarks/results/intel-xeon-numba-single-pass*.md): 1.6-2.2x faster than the dense kernel, 2-4x the NumPy
+    program and FusedCpuPass at h = 10, 64 and 256. A cold compile takes about 8 s per dtype, a cached one 0.2 s.
+    """
+
+    pixels = True  # takes X as raw uint8 pixels, not floats
+
+    def __init__(self, arch: Architecture, dtype: str, columns: int, *, threads: int | None = None,
+                 sparse: bool = True) -> None:
+        reason = refusal(arch, dtype=dtype)
+        if reason is not None:
+            raise ValueError(reason)
+        _choose_threading_layer()
+        self.arch = arch
+        self.dtype = np.dtype(dtype)
+        self.columns = columns
+        self.sparse = sparse
+        self.threads = threads_for(columns, arch.sizes[1], threads)
+        n0, h, C = arch.sizes
+        hp = -(-h // LANES) * LANES
+        chunks, dt = self.threads, self.dtype
+        # weights in the kernel's layout, with their padding set once (see _load_weights)
+        self._W1T = np.zeros((n0, hp), dt)
+        self._W2p = np.zeros((C, hp), dt)
+        self._W2T = np.zeros((hp, LANES), dt)
+        self._b1p = np.zeros(hp, dt)
+        self._b2p = np.full(LANES, -np.inf, dt)
+        # per chunk: the tile's buffers and the chunk's gradient sums. Zeros, not empty: the last group of a short
+        # tile reads rows of D that hold finite values from earlier tiles, or these zeros
+        self._D = _aligned_zeros((chunks, TILE, n0), dt)
+        self._A1 = _aligned_zeros((chunks, TILE, hp), dt)
+        self._dZ1 = _aligned_zeros((chunks, TILE, hp), dt)
+        self._pixels = np.zeros((chunks, TILE // GROUP, n0), np.uint16)
+        self._all_pixels = np.arange(n0, dtype=np.uint16)
+        self._P = _aligned_zeros((chunks, TILE, LANES), dt)
+        self._dW1T = _aligned_zeros((chunks, n0, hp), dt)
+        self._dW2T = _aligned_zeros((chunks, hp, LANES), dt)
+        self._db1 = _aligned_zeros((chunks, hp), dt)
+        self._db2 = _aligned_zeros((chunks, LANES), dt)
+        self._loss = np.zeros(chunks, np.float64)
+        self._hits = np.zeros(chunks, np.int64)
+        self._index: PixelIndex | None = None
+        self._checked_labels: np.ndarray | None = None
+        self._saved_threads: int | None = None
+
+    def prepare(self, X: np.ndarray) -> PixelIndex:
+        """Build (once per training set X) and keep X's index."""
+        if self._index is None or self._index.X is not X:
+            if X.ndim != 2 or X.shape[0] != self.arch.sizes[0]:
+                raise ValueError(f"X is {X.shape}; the network {self.arch} takes ({self.arch.sizes[0]}, m) pixels")
+            self._index = build_index(X)
+        return self._index
+
+    def __enter__(self) -> SinglePassCpu:
+        self._saved_threads = numba.get_num_threads()
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._saved_threads is not None:
+            numba.set_num_threads(self._saved_threads)
+            self._saved_threads = None
+
+    def __call__(self, params: Sequence[Layer], X: np.ndarray, Y: Any, y: np.ndarray, *, l2: float = 0.0,
+                 dropout: float = 0.0, rng: Any = None, index: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[Layer]]:
+        """The mean cross-entropy (with the L2 term), the accuracy, both 0-d arrays, and the gradients: what
+        :func:`gpunn.nn.loss_and_gradients` returns for X / 255."""
+        if dropout:
+            raise ValueError("the single CPU pass has no dropout; the backend uses the generic code for it")
+        prepared = self.prepare(X)
+        order = prepared.order if index is None else np.ascontiguousarray(index, dtype=np.int64)
+        m = order.shape[0]
+        if m > self.columns:
+            raise ValueError(f"this pass was made for at most {self.columns} samples per step, got {m}")
+        if m == 0:
+            raise ValueError("a step needs at least one sample")
+        # the kernel reads without bounds checks: what it indexes with is checked here (labels once per array)
+        if index is not None and (order.min() < 0 or order.max() >= X.shape[1]):
+            raise ValueError(f"sample numbers must lie in 0..{X.shape[1] - 1}, got {order.min()}..{order.max()}")
+        if y is not self._checked_labels:
+            classes = self.arch.sizes[-1]
+            if y.shape != (X.shape[1],) or len(y) and (y.min() < 0 or y.max() >= classes):
+                raise ValueError(f"y must hold one label in 0..{classes - 1} per column of X ({X.shape[1]}), got "
+                                 f"{y.shape} {y.dtype}")
+            self._checked_labels = y
+        expected = [(n_out, n_in) for n_in, n_out in zip(self.arch.sizes[:-1], self.arch.sizes[1:])]
+        if [W.shape for W, _ in params] != expected or [b.shape for _, b in params] != [(n, 1) for n, _ in expected]:
+            raise ValueError(f"the weights' shapes {[(W.shape, b.shape) for W, b in params]} are not {self.arch}'s")
+        args, outputs = self._arguments(params, prepared, order, y, l2)
+        loss, accuracy = _step(*args)
+        dW1, db1, dW2, db2 = outputs
+        return (np.asarray(loss, self.dtype), np.asarray(accuracy, self.dtype),
+                [Layer(dW1, db1), Layer(dW2, db2)])
+
+    def _arguments(self, params: Sequence[Layer], prepared: PixelIndex, order: np.ndarray, y: np.ndarray,
+                   l2: float) -> tuple[tuple[Any, ...], tuple[np.ndarray, ...]]:
+        """The kernel's arguments, each of a type fixed by the dtype alone (so that a run compiles one variant)."""
+        (W1, b1), (W2, b2) = params
+        dt = self.dtype
+        W1, b1, W2, b2 = (_read_only(np.ascontiguousarray(a, dt)) for a in (W1, b1, W2, b2))
+        labels = _read_only(np.ascontiguousarray(y, np.int64))
+        m = order.shape[0]
+        chunks = threads_for(m, self.arch.sizes[1], self.threads)
+        scales = np.array([1 / m, 1 / (255 * m), l2 / m], dt)
+        outputs = (np.empty_like(W1), np.empty_like(b1), np.empty_like(W2), np.empty_like(b2))
+        scratch = (self._W1T, self._W2p, self._W2T, self._b1p, self._b2p, self._D, self._A1, self._dZ1, self._P,
+                   self._pixels, self._dW1T, self._dW2T, self._db1, self._db2, self._loss, self._hits)
+        if not self.sparse:
+            lists, list_start = self._all_pixels, np.zeros(1, np.int64)
+        elif order is prepared.order:
+            lists, list_start = prepared.lists, prepared.list_start
+        else:
+            lists, list_start = self._all_pixels, np.zeros(0, np.int64)
+        # order and rows may be the caller's arrays (read-only ones included); the index arrays are this module's
+        inputs = (_read_only(order), labels, _read_only(prepared.rows), prepared.mask, lists, list_start)
+        return (*inputs, W1, b1, W2, b2, float(l2), scales, chunks, *scratch, *outputs), outputs
+
+
+def _signature(dtype: str) -> tuple[Any, ...]:
+    """The argument types of the kernel's calls in ``dtype`` (from a tiny pass's arguments): the key of its
+    compiled variant."""
+    arch = Architecture((4, 3, 2))
+    tiny = SinglePassCpu(arch, dtype, 4, threads=1)
+    params = [Layer(np.zeros((n_out, n_in), dtype), np.zeros((n_out, 1), dtype))
+              for n_in, n_out in ((4, 3), (3, 2))]
+    args, _ = tiny._arguments(params, tiny.prepare(np.zeros((4, 4), np.uint8)), np.arange(4), np.zeros(4, np.int64),
+                              0.0)
+    return tuple(numba.typeof(a) for a in args)
+
+
+def needs_compile(dtype: str = "float32") -> bool:
+    """Will the first step in ``dtype`` compile the kernel (seconds) rather than load it from Numba's disk cache
+    (a fraction of a second)? For a one-line notice before the first step. The sparse and dense kernels are one
+    compiled function."""
+    signature = _signature(dtype)
+    if signature in _step.overloads:
+        return False
+    cache = _step._cache  # Numba's FunctionCache, or a NullCache where no directory was writable
+    if not hasattr(cache, "_index_key"):
+        return True
+    key = cache._index_key(signature, _step.targetctx.codegen())
+    return key not in cache._cache_file._load_index()
+
+
+def cache_dir() -> str | None:
+    """Where the compiled kernel is cached (None: nowhere writable was found, and each process compiles it)."""
+    return getattr(_step._cache, "cache_path", None)
+
+
+def threading_layer() -> str:
+    """The Numba threading layer the kernels run on (after the first parallel call; before it, the one chosen)."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return str(numba.config.THREADING_LAYER)
