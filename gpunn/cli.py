@@ -180,8 +180,10 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--init", "init", type=click.Choice(INITS),
               help="Weight initialization. Default: he for relu, xavier for sigmoid and tanh; uniform is the seed "
               "notebook's rand - 0.5.")
-@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Floating-point type of the weights and the arithmetic.")
+@click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Epochs in all (with --resume: the new total, counting those already done).")
 @click.option("--lr", type=_Finite(min=0, min_open=True), default=0.1, show_default=True,
               help="Learning rate alpha in W <- W - alpha dW.")
 @click.option("--batch-size", default="full", show_default=True, callback=lambda c, p, v: _parse_batch(v),
@@ -395,7 +397,8 @@ def predict(model_path: Path, input_path: Path, output: Path, proba: bool, devic
 @click.option("--dataset", "dataset_name", type=click.Choice(list(DATASETS)),
               help="With --model: a downloaded data set's test set.")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="With --model: a labelled Kaggle-layout CSV.")
-@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("plots"), show_default=True)
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=Path("plots"), show_default=True,
+              help="Directory for the PNG files (made if missing).")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def plot(metrics: Path, model_path: Path | None, data_dir: Path | None, dataset_name: str | None,
          csv_path: Path | None, out_dir: Path, device: str) -> None:
@@ -450,12 +453,15 @@ def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -
 
 @main.command()
 @click.option("--hidden", default="5", show_default=True, callback=_parse_hidden, help="Hidden layer sizes.")
-@click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu", show_default=True)
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu", show_default=True,
+              help="Activation of the hidden layers.")
 @click.option("--l2", type=_Finite(min=0), default=0.0, show_default=True, help="L2 strength lambda.")
 @click.option("--inputs", type=click.IntRange(min=1), default=8, show_default=True, help="Input units.")
 @click.option("--classes", type=click.IntRange(min=2), default=4, show_default=True, help="Output units (softmax).")
-@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Random samples (columns of X) the cost is averaged over.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seeds the random weights, inputs and labels.")
 def gradcheck(hidden: tuple[int, ...], activation: str, l2: float, inputs: int, classes: int, samples: int,
               seed: int) -> None:
     """Compare every analytic gradient with central differences in float64, each entry against the error that float64
@@ -476,7 +482,7 @@ def data() -> None:
 
 @data.command("fetch")
 @click.option("--dataset", "dataset_name", type=click.Choice(list(DATASETS)), default="mnist",
-              show_default=True)
+              show_default=True, help="Which data set to download.")
 def data_fetch(dataset_name: str) -> None:
     """Download a data set's four files (if not cached yet) and verify their published digests."""
     folder = fetch(DATASETS[dataset_name], progress=DownloadProgress())

@@ -23,9 +23,18 @@ def report(C: np.ndarray) -> dict[str, Any]:
     recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
     both = precision + recall
     f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(hits), where=both > 0)
+    support = actual.astype(np.float64)
+    weights = support / support.sum() if support.sum() else np.zeros_like(support)
+    averages = {
+        # as scikit-learn's classification_report: the plain mean over classes, and the mean weighted by support
+        name: {"precision": float(np.sum(w * precision)), "recall": float(np.sum(w * recall)),
+               "f1": float(np.sum(w * f1)), "support": int(C.sum())}
+        for name, w in (("macro avg", np.full(len(C), 1 / len(C))), ("weighted avg", weights))
+    }
     return {
         "samples": int(C.sum()),
         "accuracy": float(hits.sum() / max(C.sum(), 1)),
+        "averages": averages,
         "per_class": [
             {"class": k, "precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
              "support": int(actual[k])}
@@ -38,9 +47,11 @@ def report(C: np.ndarray) -> dict[str, Any]:
 def format_report(result: dict[str, Any]) -> str:
     """The report as text: a per-class table and the confusion matrix with its row and column labels."""
     lines = [f"accuracy: {result['accuracy']:.2%} on {result['samples']:,} digits", "",
-             "class  precision  recall     F1  support"]
-    for row in result["per_class"]:
-        lines.append(f"{row['class']:>5}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:.4f}  "
+             f"{'class':>12}  precision  recall      F1  support"]
+    rows = [(str(row["class"]), row) for row in result["per_class"]]
+    rows += [(name, row) for name, row in result.get("averages", {}).items()]
+    for label, row in rows:
+        lines.append(f"{label:>12}  {row['precision']:9.4f}  {row['recall']:6.4f}  {row['f1']:6.4f}  "
                      f"{row['support']:7,}")
     C = np.asarray(result["confusion_matrix"])
     width = max(5, len(f"{C.max():,}") + 1)

@@ -562,10 +562,13 @@ def _read_back(epochs: Epochs, backend: Backend, pending: list[tuple[int, Any, A
                lr: float) -> list[EpochStats]:
     """The pending epochs' reports, in one device-to-host transfer (which waits for the device). Raises
     TrainingDivergedError for the first epoch whose loss or weights are not finite, after reporting the ones before."""
-    rows = backend.to_numpy(epochs.metrics).astype(np.float64)
+    rows = backend.to_numpy(epochs.metrics)
     reports = []
     for epoch, start, end in pending:
-        loss, train_accuracy, val_loss, val_accuracy, finite = rows[(epoch - 1) % epochs.capacity]
+        # each figure as the shortest decimal its dtype holds (a NumPy scalar's str): 0.1084746 for a float32, not
+        # 0.10847457498311996
+        loss, train_accuracy, val_loss, val_accuracy, finite = (float(str(value))
+                                                                for value in rows[(epoch - 1) % epochs.capacity])
         if not math.isfinite(loss):
             raise TrainingDivergedError(epoch, "the loss", lr)
         if finite != 1.0:

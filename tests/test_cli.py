@@ -305,3 +305,49 @@ def test_gradcheck_exits_1_on_a_wrong_gradient(monkeypatch):
     result = run("gradcheck", "--hidden", "4")
     assert result.exit_code == 1
     assert "above the expected error" in result.output and result.output.splitlines()[-1].endswith("FAILED")
+
+
+def test_every_option_says_what_it_is_for():
+    import click
+
+    def options(command, path=()):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from options(sub, (*path, name))
+        else:
+            for param in command.params:
+                if isinstance(param, click.Option):
+                    yield " ".join(path), param
+
+    missing = [f"{path} {param.opts[0]}" for path, param in options(main) if not param.help]
+    assert missing == []
+
+
+def test_shell_completion_as_the_readme_shows_it():
+    import os
+    from pathlib import Path
+
+    gpunn = Path(sys.executable).parent / "gpunn"  # the installed command: completion is keyed on its name
+    if not gpunn.exists():
+        pytest.skip(f"the gpunn command is not installed beside {sys.executable}")
+    result = subprocess.run([gpunn], env={**os.environ, "_GPUNN_COMPLETE": "bash_source"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "complete -o nosort -F _gpunn_completion gpunn" in result.stdout
+    words = subprocess.run([gpunn], capture_output=True, text=True,
+                           env={**os.environ, "_GPUNN_COMPLETE": "bash_complete", "COMP_WORDS": "gpunn tr",
+                                "COMP_CWORD": "1"})
+    assert "plain,train" in words.stdout.splitlines()
+
+
+def test_metrics_files_carry_float32_figures_at_float32_precision(tmp_path):
+    import numpy as np
+
+    metrics = tmp_path / "m.jsonl"
+    assert run("train", "--device", "cpu", "--epochs", 3, "--quiet", "--out", tmp_path / "m.npz", "--metrics-out",
+               metrics).exit_code == 0
+    lines = metrics.read_text().splitlines()
+    for line in lines[:-1]:
+        record = json.loads(line)
+        for key in ("loss", "train_accuracy", "val_loss", "val_accuracy"):
+            text = line.split(f'"{key}": ', 1)[1].split(",", 1)[0]
+            assert text == str(np.float32(record[key])), (key, text)  # the shortest decimal of the float32

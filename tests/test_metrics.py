@@ -34,3 +34,19 @@ def test_format_report_is_a_readable_table():
     assert lines[0] == "accuracy: 99.12% on 1,252 digits"
     assert lines[-3].startswith("true\\pred")
     assert lines[-2].split() == ["0", "1,234", "5"] and lines[-1].split() == ["1", "6", "7"]
+
+
+def test_macro_and_weighted_averages_as_scikit_learn_computes_them():
+    C = np.array([[5, 1, 0], [2, 2, 0], [0, 0, 0]])  # class 2 neither present nor predicted
+    result = report(C)
+    per_class = result["per_class"]
+    macro, weighted = result["averages"]["macro avg"], result["averages"]["weighted avg"]
+    for key in ("precision", "recall", "f1"):
+        values = np.array([row[key] for row in per_class])
+        support = np.array([row["support"] for row in per_class])
+        assert macro[key] == pytest.approx(values.mean())
+        assert weighted[key] == pytest.approx((values * support).sum() / support.sum())
+    assert macro["support"] == weighted["support"] == 10
+    lines = [line.split() for line in format_report(result).splitlines()]
+    assert ["macro", "avg", "0.4603", "0.4444", "0.4469", "10"] in lines
+    assert ["weighted", "avg"] == lines[lines.index(["macro", "avg", "0.4603", "0.4444", "0.4469", "10"]) + 1][:2]
