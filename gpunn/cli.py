@@ -29,7 +29,7 @@ from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs, read
 from gpunn.diagnostics import out_of_memory_message
 from gpunn.download import DATASETS, cache_root, cached, fetch
 from gpunn.errors import BackendError, GpunnError, ModelError, SignalInterrupt
-from gpunn.files import atomic_write, check_directory, check_writable
+from gpunn.files import atomic_write, check_directory, check_writable, deferred_signals
 from gpunn.gradcheck import check_gradients, passed, random_problem
 from gpunn.gradcheck import format_report as gradient_report
 from gpunn.metrics import confusion_matrix, format_report, report
@@ -38,7 +38,7 @@ from gpunn.nn import ACTIVATIONS, DTYPES, INITS, Architecture
 from gpunn.optim import OPTIMIZERS, SCHEDULES
 from gpunn.progress import DownloadProgress, TrainingProgress
 # matplotlib itself is imported by gpunn.plots on first use, so `gpunn --help` does not pay for it
-from gpunn.plots import PlotError, confusion_heatmap, first_layer_weights, learning_curves, misclassified_grid, \
+from gpunn.plots import confusion_heatmap, first_layer_weights, learning_curves, misclassified_grid, read_metrics, \
     require_matplotlib
 from gpunn.train import NORMALIZATIONS, TrainConfig, TrainingInterrupted, describe_run, fit, predict_proba
 
@@ -257,9 +257,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     if resumed is None:
         config = TrainConfig(**settings)
     else:
-        saved = resumed.info.get("config")
-        if not isinstance(saved, dict):
-            raise ModelError(f"--resume {resume}: the file holds no training state; it was not saved by gpunn train")
+        saved, done = resumed.resume_state()  # ModelError, one line, for a file that holds no usable run
         # settings not given on this command line continue the checkpoint's run; --epochs is the new total
         source = click.get_current_context().get_parameter_source
         config = TrainConfig.resumed(saved, {name: value for name, value in settings.items()
@@ -277,9 +275,9 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     for line in describe_run(config, backend, parts, dataset.source):
         say(line)
     if resumed is not None:
-        say(f"resume:  {resume}, after epoch {resumed.info.get('epochs_done')}")
+        say(f"resume:  {resume}, after epoch {done}")
 
-    first = 1 if resumed is None else int(resumed.info["epochs_done"]) + 1
+    first = 1 if resumed is None else done + 1
     progress = TrainingProgress(config.epochs, first, enabled=not quiet)
     records: list[dict[str, Any]] = []
 
@@ -299,14 +297,16 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
                                                     "checkpoint (once more to stop at once)"))
     except TrainingInterrupted as interrupted:
         progress.close()  # end the progress line before the message
-        save_model(interrupted_path, with_data(interrupted.model), backend)
+        with deferred_signals():  # a second Ctrl-C must not cost the checkpoint being written
+            save_model(interrupted_path, with_data(interrupted.model), backend)
         _note(f"interrupted after epoch {interrupted.epoch}: checkpoint written to {interrupted_path}; "
               f"continue with the same command and --resume {interrupted_path}")
         raise SystemExit(128 + interrupted.signal) from None
     finally:
         progress.close()
     summary = {**result.summary(), "data": dataset.source}
-    save_model(out, with_data(result.model), backend)
+    with deferred_signals():  # a signal now would lose the whole run: it takes effect once the model is on disk
+        save_model(out, with_data(result.model), backend)
     if metrics_out is not None:
         with atomic_write(metrics_out, "w") as handle:
             for record in [*records, summary]:
@@ -403,12 +403,7 @@ def predict(model_path: Path, input_path: Path, output: Path, proba: bool, devic
 def plot(metrics: Path, model_path: Path | None, data_dir: Path | None, dataset_name: str | None,
          csv_path: Path | None, out_dir: Path, device: str) -> None:
     """Draw METRICS (a --metrics-out .jsonl file) and, with --model, what the model gets wrong, as PNG files."""
-    try:
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    except OSError as error:
-        raise PlotError(f"cannot read {metrics}: {error.strerror or error}") from error
-    except json.JSONDecodeError as error:
-        raise PlotError(f"{metrics} is not a JSON-lines metrics file ({error})") from error
+    records = read_metrics(metrics)
     model = images = labels = backend = None
     part = ""
     if model_path is not None:

@@ -7,16 +7,28 @@ turns it into floats (a quarter of the bytes cross the bus). Images are (m, 784)
 
 from __future__ import annotations
 
+import bz2
+import csv
 import gzip
 import hashlib
+import io
+import lzma
+import math
+import os
+import re
+import struct
+import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from gpunn.errors import DataError
+from gpunn.files import describe_bytes, open_input
 
 __all__ = ["Dataset", "Split", "load_bundled_sample", "load_idx_dir", "read_images", "read_idx", "read_kaggle_csv", "split"]
 
@@ -34,6 +46,12 @@ SAMPLE_FILES = {
 # IDX: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, then each dimension as a
 # big-endian uint32, then the data in row-major order.
 _IDX_UBYTE = 0x08
+# gpunn reads labels (1 dimension) and images (3); more would only be a damaged header
+_IDX_MAX_DIMS = 3
+GZIP_MAGIC = b"\x1f\x8b"
+# deflate's largest expansion is about 1032:1 (a stream of one repeated byte)
+_DEFLATE_RATIO = 1032
+_CHUNK = 1 << 20
 # The names under which the four files are published: LeCun's original, and the dotted variant of some mirrors.
 _IDX_NAMES = {
     "train_images": ("train-images-idx3-ubyte", "train-images.idx3-ubyte"),
@@ -75,38 +93,92 @@ class Split:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """The array stored in an IDX file, gzip-compressed or not (told apart by content, not by name)."""
-    path = Path(path)
+    """The array stored in an IDX file, gzip-compressed or not (told apart by content, not by name).
+
+    Any file that is not a well-formed IDX file of unsigned bytes raises DataError. The header's shape is checked
+    against the file's size before anything is allocated, so a header announcing terabytes costs nothing.
+    """
+    with open_input(path, DataError) as handle:  # before Path(): Path("") would be "."
+        return _read_idx_file(handle, Path(path))
+
+
+def _read_idx_file(handle: BinaryIO, path: Path) -> np.ndarray:
+    size = os.fstat(handle.fileno()).st_size
+    if handle.read(2) != GZIP_MAGIC:
+        handle.seek(0)
+        return _read_idx_stream(handle, path, limit=size, exact=True)
+    handle.seek(0)
     try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({error}); download the file again") from error
-    return _parse_idx(raw, path)
+        with gzip.GzipFile(fileobj=handle, mode="rb") as stream:
+            # deflate cannot expand data by more than ~1032:1, which bounds what an honest header may announce
+            return _read_idx_stream(stream, path, limit=_DEFLATE_RATIO * size + 1024, exact=False)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: corrupt or truncated gzip data ({_one_line(error)}); download the file "
+                        "again") from error
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _read_exactly(stream: BinaryIO, count: int) -> bytes:
+    """Up to ``count`` bytes; fewer only at the end of the stream (a gzip stream returns short reads)."""
+    parts, left = [], count
+    while left > 0:
+        chunk = stream.read(min(left, _CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _count_rest(stream: BinaryIO) -> int:
+    total = 0
+    while chunk := stream.read(_CHUNK):
+        total += len(chunk)
+    return total
+
+
+def _read_idx_stream(stream: BinaryIO, path: Path, *, limit: int, exact: bool) -> np.ndarray:
+    """Parse IDX from ``stream``. ``limit`` bounds the bytes the stream can hold: the file's size when ``exact``
+    (an uncompressed file), else an upper bound (a compressed one)."""
+    head = _read_exactly(stream, 4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        found = head.hex(" ") or "an empty file"
+        raise DataError(f"{path}: not an IDX file (expected magic bytes 00 00 08 0N, found {found}); MNIST's files "
+                        "are train-images-idx3-ubyte and the like, .gz or raw")
+    if head[2] != _IDX_UBYTE:
+        raise DataError(f"{path}: IDX data type 0x{head[2]:02x} is not supported; MNIST files hold unsigned bytes "
+                        "(0x08)")
+    ndim = head[3]
+    if not 1 <= ndim <= _IDX_MAX_DIMS:
+        raise DataError(f"{path}: IDX header announces {ndim} dimensions; MNIST files have 1 (labels) or 3 (images)")
+    dims = _read_exactly(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path}: IDX header is cut short (expected {ndim} dimensions, found "
+                        f"{len(head) + len(dims)} bytes in all); the file is truncated: download it again")
+    shape = struct.unpack(f">{ndim}I", dims)
+    if 0 in shape:
+        raise DataError(f"{path}: IDX header announces shape {shape}, which holds no data (a dimension is 0); "
+                        "use a file with at least one sample")
+    header = 4 + 4 * ndim
+    payload = math.prod(shape)  # Python integers: no overflow, whatever the header says
+    expected = header + payload
+    if expected > limit:
+        what = f"the file holds {limit:,}" if exact else "a gzip file of this size cannot hold that many"
+        raise DataError(f"{path}: IDX header announces shape {shape}, i.e. {expected:,} bytes, but {what}; the file "
+                        "is damaged or not an MNIST file")
+    data = _read_exactly(stream, payload)
+    extra = 0 if len(data) < payload else _count_rest(stream)
+    if len(data) < payload or extra:
+        raise DataError(f"{path}: IDX header announces shape {shape}, i.e. {expected:,} bytes, but the file holds "
+                        f"{header + len(data) + extra:,}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(
-            f"{path}: not an IDX file (expected magic bytes 00 00 08 0N, found {raw[:4].hex(' ') or 'an empty file'})"
-        )
-    if raw[2] != _IDX_UBYTE:
-        raise DataError(f"{path}: IDX data type 0x{raw[2]:02x} is not supported; MNIST files hold unsigned bytes (0x08)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise DataError(f"{path}: IDX header is cut short (expected {ndim} dimensions)")
-    shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape))
-    if len(raw) != expected:
-        raise DataError(
-            f"{path}: IDX header announces shape {shape}, i.e. {expected:,} bytes, but the file holds {len(raw):,}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return _read_idx_stream(io.BytesIO(raw), path, limit=len(raw), exact=True)
 
 
 def load_idx_dir(directory: str | Path) -> Dataset:
@@ -115,9 +187,15 @@ def load_idx_dir(directory: str | Path) -> Dataset:
     The training pair is required; the test pair is used when both of its files are present.
     """
     directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"--data-dir {directory}: no such directory")
-    found = {part: _find_idx(directory, names) for part, names in _IDX_NAMES.items()}
+    try:
+        found = {part: _find_idx(directory, names) for part, names in _IDX_NAMES.items()} \
+            if directory.is_dir() else None
+    except (OSError, ValueError) as error:  # a path too long, a NUL byte, a loop of links
+        raise DataError(f"--data-dir {directory}: {getattr(error, 'strerror', None) or error}; give the directory "
+                        "that holds MNIST's four IDX files") from error
+    if found is None:
+        what = "is not a directory" if os.path.lexists(directory) else "no such directory"
+        raise DataError(f"--data-dir {directory}: {what}; give the directory that holds MNIST's four IDX files")
     for part in ("train_images", "train_labels"):
         if found[part] is None:
             wanted = " or ".join(f"{name}[.gz]" for name in _IDX_NAMES[part])
@@ -130,11 +208,13 @@ def load_idx_dir(directory: str | Path) -> Dataset:
 
 
 def _find_idx(directory: Path, names: tuple[str, ...]) -> Path | None:
-    for name in names:
-        for candidate in (directory / name, directory / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
+    candidates = [directory / spelled for name in names for spelled in (name, f"{name}.gz")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    # something under the name that is not a regular file (a directory, a FIFO, a dangling link): return it, so
+    # that reading it says what it is instead of claiming the file is missing
+    return next((candidate for candidate in candidates if os.path.lexists(candidate)), None)
 
 
 def _images_and_labels(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -201,37 +281,146 @@ def read_kaggle_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Images (m, 784) uint8 and labels (m,) uint8, or None where the file has no ``label`` column.
 
     The layout is Kaggle's digit-recognizer: a header ``[label,]pixel0,...,pixel783`` and one digit per row,
-    integers 0-255 (labels 0-9). Anything else raises DataError naming the file, and the row and column at fault.
+    integers 0-255 (labels 0-9), as UTF-8 text, or compressed with gzip, bzip2, xz or zip (told apart by content:
+    pandas would guess from the name, and a plain file called ``train.csv.gz`` would fail). Anything else raises
+    DataError naming the file, and the row and column at fault.
     """
+    with open_input(path, DataError) as handle:  # before Path(): Path("") would be "."
+        return _read_csv_file(handle, Path(path))
+
+
+# Compressions pandas reads, by their first bytes. pandas infers compression from the file's suffix; gpunn tells it
+# what the content is, so that the name does not matter.
+_COMPRESSIONS = ((GZIP_MAGIC, "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"PK\x03\x04", "zip"))
+# what a decompressor raises on corrupt or truncated input (BadGzipFile and bz2's errors are OSErrors)
+_DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, NotImplementedError,
+                         RuntimeError)
+_CSV_EXPECTED = "expected Kaggle's digit-recognizer CSV (UTF-8 text with the header [label,]pixel0,...,pixel783)"
+
+
+def _csv_compression(handle: BinaryIO, path: Path) -> str | None:
+    """The compression of the CSV in ``handle`` (pandas' name for it), or None for plain text; DataError for
+    content that is certainly not a CSV (an .npz, an IDX file, an image, ...)."""
+    head = handle.read(512)
+    handle.seek(0)
+    for magic, name in _COMPRESSIONS:
+        if head.startswith(magic):
+            if name == "zip":
+                _check_zipped_csv(handle, path)
+            return name
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: the file is UTF-16 text; {_CSV_EXPECTED}: save it as UTF-8")
+    what = describe_bytes(head)
+    # binary data stays for the UTF-8 check to locate, unless it holds NUL bytes, which no text file does
+    if head and (not what.startswith(("a text file", "binary data")) or b"\0" in head):
+        raise DataError(f"{path}: {_CSV_EXPECTED}, found {what}")
+    return None
+
+
+def _check_zipped_csv(handle: BinaryIO, path: Path) -> None:
+    """A zipped CSV must be a readable zip archive of exactly one file, as pandas requires."""
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    except (*_DECOMPRESSION_ERRORS, ValueError) as error:
+        raise DataError(f"{path}: corrupt or truncated zip archive ({_one_line(error)}); {_CSV_EXPECTED}") from error
+    finally:
+        handle.seek(0)
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if names and all(name.endswith(".npy") for name in names):
+        raise DataError(f"{path}: {_CSV_EXPECTED}, found an .npz archive of NumPy arrays ({listed}), such as a gpunn "
+                        "model; give the digits' file")
+    if len(names) != 1:
+        raise DataError(f"{path}: a zip archive of {len(names)} files ({listed or 'none'}); a zipped CSV must hold "
+                        f"exactly one file, Kaggle's CSV")
+
+
+def _decompressed(handle: BinaryIO, compression: str | None) -> BinaryIO:
+    """The bytes of the CSV in ``handle`` as pandas sees them, decompressed."""
+    handle.seek(0)
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=handle, mode="rb")  # type: ignore[return-value]
+    if compression == "bz2":
+        return bz2.BZ2File(handle)  # type: ignore[return-value]
+    if compression == "xz":
+        return lzma.LZMAFile(handle)  # type: ignore[return-value]
+    if compression == "zip":
+        archive = zipfile.ZipFile(handle)
+        member = next(info for info in archive.infolist() if not info.is_dir())
+        return archive.open(member)  # type: ignore[return-value]
+    return handle
+
+
+def _not_utf8(handle: BinaryIO, compression: str | None) -> str:
+    """Where the text stops being UTF-8: pandas reports an offset within its own read buffer, not the file's."""
+    offset = lines = 0
+    carry = b""
+    try:
+        stream = _decompressed(handle, compression)
+        while True:
+            chunk = stream.read(_CHUNK)
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+                done = len(data)
+            except UnicodeDecodeError as error:
+                cut_short = error.reason == "unexpected end of data" and error.start >= len(data) - 3
+                if not (cut_short and chunk):  # a character split between two reads is fine; anything else is not
+                    line = lines + data.count(b"\n", 0, error.start) + 1
+                    return (f"the file is not UTF-8 text: byte 0x{data[error.start]:02x} on line {line:,} (byte "
+                            f"{offset + error.start:,} of the text) is not UTF-8; save the file as UTF-8")
+                done = error.start
+            lines += data.count(b"\n", 0, done)
+            offset += done
+            carry = data[done:]
+            if not chunk:
+                break
+    except (*_DECOMPRESSION_ERRORS, ValueError, StopIteration) as error:
+        return f"the file cannot be decoded ({_one_line(error)})"
+    return "the file is not UTF-8 text; save it as UTF-8"
+
+
+def _read_csv_file(handle: BinaryIO, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     import pandas as pd
 
-    path = Path(path)
-    try:
-        header = list(pd.read_csv(path, nrows=0).columns)
-    except FileNotFoundError as error:
-        raise DataError(f"{path}: no such file") from error
-    except (pd.errors.EmptyDataError, UnicodeDecodeError, pd.errors.ParserError) as error:
-        raise DataError(f"{path}: not a CSV file with a header row ({' '.join(str(error).split())})") from error
+    compression = _csv_compression(handle, path)
+    corrupt = f"corrupt or truncated {compression} data"
+    header = _csv_header(handle, compression, path)
     labelled = header[:1] == ["label"]
     expected = (["label"] if labelled else []) + PIXEL_COLUMNS
     if header != expected:
-        missing = [c for c in expected if c not in header]
-        extra = [c for c in header if c not in expected]
-        detail = "; ".join(
-            part for part in (f"missing {_few(missing)}" if missing else "", f"unexpected {_few(extra)}" if extra else "")
-            if part
-        ) or "columns out of order"
+        present, wanted = set(header), set(expected)  # sets: a hostile header may have 500,000 columns
+        missing = [c for c in expected if c not in present]
+        extra = [str(c) for c in header if c not in wanted]
+        twice = sorted({c for c in header if header.count(c) > 1}) if len(header) <= 2 * len(expected) else []
+        parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(extra)}" if extra else "",
+                 f"more than once {_few(twice)}" if twice else ""]
+        detail = "; ".join(part for part in parts if part) or "columns out of order"
         raise DataError(
             f"{path}: expected the columns [label,]pixel0,...,pixel783 of Kaggle's digit-recognizer CSV, found "
             f"{len(header)} columns: {detail}"
         )
+    handle.seek(0)
     try:
-        # explicit dtype: every cell must be an integer; an empty or non-numeric one fails here
-        frame = pd.read_csv(path, dtype="int64", engine="c")
-    except ValueError as error:  # ParserError and UnicodeDecodeError are ValueErrors too
-        raise DataError(f"{path}: {_first_bad_cell(path, expected, error)}") from error
+        with warnings.catch_warnings():
+            # index_col=False: a row with one cell too many would otherwise become the index, silently. pandas then
+            # warns and drops the extra cell instead; the warning, made an error, refuses the file.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)  # 'invalid value in cast' before the ValueError below
+            # explicit dtype: every cell must be an integer; an empty or non-numeric one fails here
+            frame = pd.read_csv(handle, dtype="int64", engine="c", compression=compression, encoding="utf-8",
+                                index_col=False)
+    except _DECOMPRESSION_ERRORS as error:
+        raise DataError(f"{path}: {corrupt} ({_one_line(error)}); get the file again") from error
+    except (ValueError, OverflowError, pd.errors.ParserWarning) as error:
+        # ValueError covers ParserError and UnicodeDecodeError; OverflowError is a cell beyond int64
+        handle.seek(0)
+        raise DataError(f"{path}: {_first_bad_cell(handle, compression, expected, error)}") from error
+    if list(frame.columns) != expected:  # pandas read the header otherwise than the check above: never trust it
+        raise DataError(f"{path}: pandas reads the header as {len(frame.columns)} columns, "
+                        f"{_few(list(map(str, frame.columns)))}; {_CSV_EXPECTED}")
     if frame.empty:
-        raise DataError(f"{path}: the file has a header but no rows")
+        raise DataError(f"{path}: the file has a header but no rows; {_CSV_EXPECTED}, one digit per row")
     values = frame.to_numpy()
     pixels = values[:, 1:] if labelled else values
     labels = values[:, 0] if labelled else None
@@ -241,32 +430,131 @@ def read_kaggle_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return pixels.astype(np.uint8), None if labels is None else labels.astype(np.uint8)
 
 
+# Kaggle's header is about 7 KB; the first line is read no further than this
+_HEADER_BYTES = 1 << 20
+
+
+def _csv_header(handle: BinaryIO, compression: str | None, path: Path) -> list[str]:
+    """The CSV's header row, parsed here rather than by pandas: pandas takes time quadratic in the number of columns
+    (minutes for a hostile line of a million), and the header is only compared with Kaggle's anyway."""
+    try:
+        head = _decompressed(handle, compression).read(_HEADER_BYTES)
+    except (*_DECOMPRESSION_ERRORS, ValueError, StopIteration) as error:
+        raise DataError(f"{path}: corrupt or truncated {compression} data ({_one_line(error)}); get the file again") \
+            from error
+    finally:
+        handle.seek(0)
+    try:
+        text, undecodable = head.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        # parse what decodes: a bad byte after the header is the rows' problem, reported with them
+        text, undecodable = head[: error.start].decode("utf-8"), error
+        if error.start >= len(head) - 3 and error.reason == "unexpected end of data":
+            undecodable = None  # only a character cut by the read's limit
+    rows = csv.reader(io.StringIO(text.removeprefix("\ufeff"), newline=""))
+    try:
+        # pandas skips blank lines before the header, and so does this
+        header = next((row for row in rows if row and any(cell.strip() for cell in row)), None)
+    except csv.Error as error:
+        raise DataError(f"{path}: not a CSV file with a header row ({_one_line(error)}); {_CSV_EXPECTED}") from error
+    try:
+        # the header ended inside what was read when the file is shorter than that, or a row follows it
+        complete = (len(head) < _HEADER_BYTES and undecodable is None) or next(rows, None) is not None
+    except csv.Error:
+        complete = True  # what follows the header is cut by the limit; the rows are pandas' to judge
+    if undecodable is not None and not complete:
+        raise DataError(f"{path}: not a CSV file with a header row: {_not_utf8(handle, compression)}") \
+            from undecodable
+    if header is None:
+        raise DataError(f"{path}: not a CSV file with a header row: the file holds no text; {_CSV_EXPECTED}")
+    if not complete:
+        raise DataError(f"{path}: the first line is longer than {_HEADER_BYTES:,} bytes, so it is not Kaggle's "
+                        f"header; {_CSV_EXPECTED}")
+    return header
+
+
 def _few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _first_bad_cell(path: Path, columns: list[str], error: Exception) -> str:
-    """Why the integer read failed, as precisely as the file allows: the first empty or non-integer cell
-    ('data row 12, column pixel40: ...'), rows of the wrong length, or text that is not UTF-8."""
+# the rows the diagnosis reads at a time, as strings: a whole Kaggle train.csv as Python strings would take GBs
+_DIAGNOSIS_ROWS = 2000
+
+
+def _first_bad_cell(handle: BinaryIO, compression: str | None, columns: list[str], error: BaseException) -> str:
+    """Why the integer read failed, as precisely as the file allows: the first empty, non-integer or out-of-range
+    cell ('data row 12, column pixel40: ...'), a row of the wrong length, or text that is not UTF-8."""
     import pandas as pd
 
+    if isinstance(error, UnicodeDecodeError):
+        return _not_utf8(handle, compression)
+    options = dict(index_col=False, compression=compression, encoding="utf-8", chunksize=_DIAGNOSIS_ROWS)
+    # First the rows that do convert, chunk by chunk at C speed: the search as strings below starts after them.
+    good = 0
     try:
-        if isinstance(error, UnicodeDecodeError):
-            raise error
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except UnicodeDecodeError as decode_error:
-        return f"the file is not UTF-8 text ({decode_error.reason} at byte {decode_error.start})"
-    except pd.errors.ParserError as parse_error:  # a row with more cells than the header, mostly
-        return f"rows of different lengths: {' '.join(str(parse_error).split())}"
-    for column in columns:
-        cells = frame[column]
-        bad = ~cells.str.fullmatch(r"\s*[-+]?\d+\s*")
-        if bad.any():
-            row = int(np.argmax(bad.to_numpy()))
-            value = cells.iloc[row]
-            what = "is empty" if value.strip() == "" else f"{value!r} is not an integer"
-            return f"data row {row + 1}, column {column}: the cell {what}"
-    return " ".join(str(error).split())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for chunk in pd.read_csv(handle, dtype="int64", **options):
+                good += len(chunk)
+    except (*_DECOMPRESSION_ERRORS, ValueError, OverflowError, pd.errors.ParserWarning):
+        pass
+    handle.seek(0)
+    row0 = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            for frame in pd.read_csv(handle, dtype=str, keep_default_na=False, **options):
+                if row0 + len(frame) > good:
+                    problem = _bad_cell_in(frame, columns, row0)
+                    if problem:
+                        return problem
+                row0 += len(frame)
+    except UnicodeDecodeError:
+        return _not_utf8(handle, compression)
+    except pd.errors.ParserWarning:
+        return (f"data row {row0 + 1} has more cells than the header's {len(columns)}; every row needs one cell per "
+                "column")
+    except pd.errors.ParserError as parse_error:  # a row with more cells than the header, a quote never closed
+        return (f"the rows cannot be parsed ({_one_line(parse_error)}); every row needs one cell per column of the "
+                "header, and every quote its closing quote")
+    except (*_DECOMPRESSION_ERRORS, ValueError) as other:
+        return f"unreadable CSV ({_one_line(other)})"
+    return f"{_one_line(error)}; {_CSV_EXPECTED}, integers only"
+
+
+def _bad_cell_in(frame: Any, columns: list[str], row0: int) -> str | None:
+    """The first bad cell of ``frame`` (cells as strings), its rows counted from ``row0``; all cells at once, as
+    one column of strings, since 785 columns one by one cost more than the cells themselves."""
+    import pandas as pd
+
+    values = frame[columns].to_numpy(dtype=object)
+    missing = pd.isna(values)  # cells past the end of a short row
+    if missing.any():
+        row = int(np.argmax(missing.any(axis=1)))
+        return (f"data row {row0 + row + 1} has {int((~missing[row]).sum())} cells, the header "
+                f"{len(columns)}; every row needs one cell per column")
+    cells = values.ravel()
+    # to_numeric parses in C; Python string methods on every cell would take seconds per chunk
+    with np.errstate(invalid="ignore"):
+        numbers = pd.to_numeric(pd.Series(cells, dtype=object), errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(numbers) | (numbers != np.round(numbers)) | (np.abs(numbers) >= 2.0**63)
+    if not bad.any():
+        return None
+    index = int(np.argmax(bad))
+    row, column = divmod(index, len(columns))
+    value = str(cells[index]).strip()
+    if value == "":
+        what = "is empty"
+    elif re.fullmatch(r"[-+]?\d+", value):
+        what = f"{_short(value)} is out of range"
+    else:
+        what = f"{_short(value)} is not an integer"
+    return f"data row {row0 + row + 1}, column {columns[column]}: the cell {what}"
+
+
+def _short(value: str) -> str:
+    return repr(value if len(value) <= 24 else value[:21] + "...")
 
 
 def _check_range(path: Path, values: np.ndarray, low: int, high: int, what: str, columns: list[str]) -> None:
@@ -279,19 +567,25 @@ def _check_range(path: Path, values: np.ndarray, low: int, high: int, what: str,
 
 
 def read_images(path: str | Path) -> np.ndarray:
-    """Unlabelled digits (m, 784) uint8 from an IDX image file (.gz or raw) or a Kaggle-layout CSV."""
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(2)
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
-    if head == b"\x1f\x8b" or head == b"\x00\x00":
-        images = read_idx(path)
-        if images.ndim != 3:
-            raise DataError(f"{path}: expected IDX images of shape (count, rows, cols), found shape {images.shape}")
-        return images.reshape(len(images), -1)
-    return read_kaggle_csv(path)[0]
+    """Unlabelled digits (m, 784) uint8 from an IDX image file (.gz or raw) or a Kaggle-layout CSV (plain or
+    compressed), told apart by content."""
+    with open_input(path, DataError) as handle:  # before Path(): Path("") would be "."
+        path = Path(path)
+        head = handle.read(2)
+        if head == GZIP_MAGIC:
+            handle.seek(0)
+            try:
+                head = gzip.GzipFile(fileobj=handle, mode="rb").read(2)  # an IDX file or a CSV, inside
+            except (OSError, EOFError, zlib.error) as error:
+                raise DataError(f"{path}: corrupt or truncated gzip data ({_one_line(error)}); get the file again") \
+                    from error
+        handle.seek(0)
+        if head != b"\x00\x00":
+            return _read_csv_file(handle, path)[0]
+        images = _read_idx_file(handle, path)
+    if images.ndim != 3:
+        raise DataError(f"{path}: expected IDX images of shape (count, rows, cols), found shape {images.shape}")
+    return images.reshape(len(images), -1)
 
 
 def load_kaggle_csvs(train_csv: str | Path, test_csv: str | Path | None = None) -> Dataset:

@@ -6,11 +6,20 @@ Each one says what was expected, what was found and how to fix it, in one line, 
 
 from __future__ import annotations
 
+# control characters (a newline in a file name, a NUL or a tab read from a damaged file) and Unicode's line
+# separators shown as escapes, so that a message stays one line whatever it quotes
+_ESCAPES = {code: chr(code).encode("unicode_escape").decode() for code in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029)}
+
 
 class GpunnError(Exception):
-    """Base class of gpunn's own errors; the CLI turns them into one line and a non-zero exit."""
+    """Base class of gpunn's own errors; the CLI turns them into one line and a non-zero exit.
+
+    ``str(error)`` is always one line: control characters in the message are shown as escapes (``\\n``)."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return super().__str__().translate(_ESCAPES)
 
 
 class BackendError(GpunnError):

@@ -47,7 +47,7 @@ def report(C: np.ndarray) -> dict[str, Any]:
 def format_report(result: dict[str, Any]) -> str:
     """The report as text: a per-class table and the confusion matrix with its row and column labels."""
     lines = [f"accuracy: {result['accuracy']:.2%} on {result['samples']:,} digits", "",
-             f"{'class':>12}  precision  recall      F1  support"]
+             f"{'class':>12}  precision  recall     F1  support"]
     rows = [(str(row["class"]), row) for row in result["per_class"]]
     rows += [(name, row) for name, row in result.get("averages", {}).items()]
     for label, row in rows:

@@ -3,13 +3,15 @@ matrix, misclassified digits and the first layer's weights. Everything here work
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gpunn.errors import GpunnError
-from gpunn.files import atomic_write
+from gpunn.errors import DataError, GpunnError
+from gpunn.files import atomic_write, describe_bytes, open_input
 
 
 class PlotError(GpunnError):
@@ -39,6 +41,72 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+_METRICS_EXPECTED = "expected the JSON lines that gpunn train --metrics-out writes, one object per epoch"
+# the fields each epoch record must have for the curves, and those that may be null (no validation split)
+_EPOCH_FIELDS = ("epoch", "loss", "train_accuracy")
+_OPTIONAL_FIELDS = ("val_loss", "val_accuracy")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``--metrics-out`` file: one JSON object per line, those of ``"type": "epoch"`` with the
+    numbers the learning curves need. Anything else raises DataError (exit 2) saying what was expected and what
+    the file looks like; a missing or unreadable file too."""
+    with open_input(path, DataError) as handle:  # before Path(): Path("") would be "."
+        path = Path(path)
+        head = handle.read(512)
+        if not head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{"):
+            # not JSON lines at all (a model .npz, an image, a data set): say what it looks like, without reading it
+            raise DataError(f"{path}: {_METRICS_EXPECTED}; the file looks like {describe_bytes(head)}")
+        text = (head + handle.read()).removeprefix(b"\xef\xbb\xbf")
+    try:
+        lines = text.decode("utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: {_METRICS_EXPECTED}; byte {error.start:,} is not UTF-8 text") from error
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as error:
+            raise DataError(f"{path}: line {number} is not JSON ({' '.join(str(error).split())[:80]}); "
+                            f"{_METRICS_EXPECTED}") from error
+        if not isinstance(record, dict) or not isinstance(record.get("type"), str):
+            raise DataError(f"{path}: line {number} is {_short_json(record)}, not a metrics record with a \"type\"; "
+                            f"{_METRICS_EXPECTED}")
+        if record["type"] == "epoch":
+            _check_epoch(record, path, number)
+        records.append(record)
+    if not any(record["type"] == "epoch" for record in records):
+        raise DataError(f"{path}: no epoch records (\"type\": \"epoch\") to plot; {_METRICS_EXPECTED}")
+    return records
+
+
+def _short_json(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_epoch(record: dict[str, Any], path: Path, number: int) -> None:
+    epoch = record.get("epoch")
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        raise DataError(f"{path}: line {number}: the epoch record's \"epoch\" is "
+                        f"{_short_json(epoch) if 'epoch' in record else 'missing'}, expected a whole number")
+    for field in _EPOCH_FIELDS[1:]:
+        if not _is_number(record.get(field)):
+            found = _short_json(record[field]) if field in record else "missing"
+            raise DataError(f"{path}: line {number}: the epoch record's \"{field}\" is {found}, expected a number; "
+                            f"{_METRICS_EXPECTED}")
+    for field in _OPTIONAL_FIELDS:
+        if record.get(field) is not None and not _is_number(record[field]):
+            raise DataError(f"{path}: line {number}: the epoch record's \"{field}\" is {_short_json(record[field])}, "
+                            "expected a number or null")
+
+
 def learning_curves(records: list[dict[str, Any]], path: Path) -> Path:
     """Loss and accuracy per epoch, training against validation, from ``--metrics-out`` records."""
     epochs = [r for r in records if r.get("type") == "epoch"]
@@ -51,7 +119,9 @@ def learning_curves(records: list[dict[str, Any]], path: Path) -> Path:
         train_key, val_key = ("loss", "val_loss") if key == "loss" else ("train_accuracy", "val_accuracy")
         axis.plot(x, [r[train_key] for r in epochs], label="training (before each epoch's update)")
         if any(r.get(val_key) is not None for r in epochs):
-            axis.plot(x, [r[val_key] for r in epochs], label="validation (after it)")
+            # a gap, not an error, where an epoch has no validation figure
+            axis.plot(x, [math.nan if r.get(val_key) is None else r[val_key] for r in epochs],
+                      label="validation (after it)")
         axis.set_xlabel("epoch")
         axis.set_title(title)
         axis.grid(True, alpha=0.3)

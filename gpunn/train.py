@@ -641,22 +641,20 @@ def _stop_signals(on_signal: Callable[[int], None] | None) -> Iterator[_StopRequ
 def check_resumable(model: Model, config: TrainConfig, data_sha256: str) -> int:
     """The number of epochs ``model`` has done, after checking that ``config`` and the data continue its run."""
     info = model.info
-    if "config" not in info or "epochs_done" not in info:
-        raise ModelError("the model to resume holds no training state; it was not saved by gpunn train")
-    saved = {key: value for key, value in info["config"].items() if key != "epochs"}
+    settings, done = model.resume_state()  # ModelError for a file that holds no usable run
+    saved = {key: value for key, value in settings.items() if key != "epochs"}
     wanted = {key: value for key, value in config.as_dict().items() if key != "epochs"}
     if saved != wanted:
         differ = ", ".join(f"{key} {saved.get(key)!r} there, {wanted.get(key)!r} here" for key in saved
                            if saved.get(key) != wanted.get(key))
         raise ModelError(f"cannot resume: the settings differ from the checkpoint's ({differ})")
-    if config.lr_schedule == "cosine" and info["config"].get("epochs") != config.epochs:
-        planned = info["config"].get("epochs")
+    if config.lr_schedule == "cosine" and settings["epochs"] != config.epochs:
+        planned = settings["epochs"]
         raise ModelError(f"cannot resume with --epochs {config.epochs}: the cosine schedule decays over the run's total "
                          f"of {planned} epochs, and another total would change every rate from here on; resume with "
                          f"--epochs {planned}, or train a new run")
     if info.get("data_sha256") != data_sha256:
         raise ModelError("cannot resume: the training data (or its shuffled split) differ from the checkpoint's")
-    done = int(info["epochs_done"])
     if done >= config.epochs:
         raise ModelError(f"nothing to resume: the checkpoint has done {done} epochs and --epochs is {config.epochs}; "
                          "--epochs counts all epochs, so raise it")

@@ -4,6 +4,7 @@ nothing half-written left behind."""
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import numpy as np
@@ -13,6 +14,9 @@ from click.testing import CliRunner
 from gpunn.cli import main
 
 from helpers import idx_bytes, write_idx, write_kaggle_csvs, write_mnist_dir
+from hostile import idx, idx_corpus
+
+IDX_CASES = idx_corpus()
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +167,114 @@ def case_val_size_too_large(good, tmp):
     return ["train", "--val-size", "5000"], "--val-size 5000 must be at least 0 and less than the 5,000 training"
 
 
+# --- from the hostile corpus (tests/hostile.py): the readers' and writers' refusals, through the commands ---------
+
+
+def case_idx_without_samples(good, tmp):
+    return ["train", "--data-dir", broken_dir(good, tmp, TRAIN_GZ, gzip.compress(idx((0, 28, 28))))], \
+        "which holds no data"
+
+
+def case_idx_dimensions_beyond_int64(good, tmp):
+    return ["train", "--data-dir", broken_dir(good, tmp, TRAIN_GZ, IDX_CASES["product beyond int64"][0])], \
+        "79,228,162,458,924,105,385,300,197,391 bytes"
+
+
+def case_idx_that_is_a_fifo(good, tmp):
+    folder = shutil.copytree(good / "mnist", tmp / "mnist")
+    (folder / TRAIN_GZ).unlink()
+    os.mkfifo(folder / TRAIN_GZ)
+    return ["train", "--data-dir", str(folder)], "it is a named pipe (FIFO)"
+
+
+def case_csv_cell_beyond_int64(good, tmp):
+    return ["train", "--train-csv", csv_with(tmp, HEADER + "\n" + ROW[:-1] + "99999999999999999999\n")], \
+        "column pixel783: the cell '99999999999999999999' is out of range"
+
+
+def case_csv_named_gz_but_plain(good, tmp):
+    path = tmp / "train.csv.gz"  # pandas alone would try to gunzip it
+    path.write_text(HEADER + "\n" + ROW[:-1] + "x\n")
+    return ["train", "--train-csv", str(path)], "column pixel783: the cell 'x' is not an integer"
+
+
+def case_csv_not_utf8(good, tmp):
+    path = tmp / "train.csv"
+    path.write_bytes((HEADER + "\n" + ROW[:-1]).encode() + b"\xe9\n")
+    return ["train", "--train-csv", str(path)], "byte 0xe9 on line 2"
+
+
+def case_csv_that_is_a_directory(good, tmp):
+    return ["train", "--train-csv", str(tmp)], "it is a directory, not a regular file"
+
+
+def case_csv_that_is_a_fifo(good, tmp):
+    os.mkfifo(tmp / "train.csv")
+    return ["train", "--train-csv", str(tmp / "train.csv")], "it is a named pipe (FIFO)"
+
+
+def case_predict_input_an_npz(good, tmp):
+    return ["predict", str(good / "model.npz"), str(good / "model.npz"), "-o", str(tmp / "out.csv")], \
+        "found an .npz archive of NumPy arrays (meta.npy, W1.npy, b1.npy and"
+
+
+def model_with(tmp, content):
+    (tmp / "model.npz").write_bytes(content)
+    return str(tmp / "model.npz")
+
+
+def case_model_with_nan_weights(good, tmp):
+    with np.load(good / "model.npz") as npz:
+        arrays = dict(npz)
+    arrays["W1"][0, :3] = np.nan
+    with open(tmp / "model.npz", "wb") as handle:
+        np.savez(handle, **arrays)
+    return ["evaluate", str(tmp / "model.npz")], "W1 holds 3 non-finite values (NaN or infinite)"
+
+
+def case_model_that_is_a_metrics_file(good, tmp):
+    return ["evaluate", model_with(tmp, b'{"type": "epoch", "epoch": 1, "loss": 2.3}\n')], \
+        "is not a gpunn model file (an .npz written by gpunn train): it looks like a text file"
+
+
+def case_model_meta_a_list(good, tmp):
+    with np.load(good / "model.npz") as npz:
+        arrays = dict(npz)
+    arrays["meta"] = np.asarray("[1, 2]")
+    with open(tmp / "model.npz", "wb") as handle:
+        np.savez(handle, **arrays)
+    return ["evaluate", str(tmp / "model.npz")], "its 'meta' entry is the JSON array [1, 2]"
+
+
+def case_model_of_objects(good, tmp):
+    with np.load(good / "model.npz") as npz:
+        arrays = dict(npz)
+    arrays["W1"] = arrays["W1"].astype(object)
+    with open(tmp / "model.npz", "wb") as handle:
+        np.savez(handle, **arrays)
+    return ["evaluate", str(tmp / "model.npz")], "the array W1 holds Python objects"
+
+
+def case_model_that_is_a_directory(good, tmp):
+    return ["evaluate", str(tmp)], "it is a directory, not a regular file"
+
+
+def case_output_is_dev_null(good, tmp):
+    return ["predict", str(good / "model.npz"), str(good / "csv" / "test.csv"), "-o", "/dev/null"], \
+        "exists and is a character device, not a regular file"
+
+
+def case_output_is_a_fifo(good, tmp):
+    os.mkfifo(tmp / "out.csv")
+    return ["predict", str(good / "model.npz"), str(good / "csv" / "test.csv"), "-o", str(tmp / "out.csv")], \
+        "exists and is a named pipe (FIFO), not a regular file"
+
+
+def case_output_name_too_long(good, tmp):
+    return ["predict", str(good / "model.npz"), str(good / "csv" / "test.csv"), "-o", str(tmp / ("x" * 300))], \
+        "the file name is 300 bytes long"
+
+
 CASES = [value for name, value in sorted(globals().items()) if name.startswith("case_")]
 
 
@@ -194,3 +306,96 @@ def test_out_of_host_memory_is_one_line(monkeypatch, tmp_path):
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1].startswith("Error: out of host memory: ")
     assert "584. GiB" in result.output and list(tmp_path.iterdir()) == []
+
+
+# --- the CLI driven by generated hostile files and options (hypothesis) ------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hostile import checkpoint_bytes, csv_corpus, metrics_corpus, model_corpus, resume_corpus  # noqa: E402
+
+_OPTION_VALUES = {
+    "--lr": ["0.1", "nan", "inf", "-1", "0", "1e400", "x"],
+    "--epochs": ["1", "0", "-5", "2.5", "99999999999999999999999"],
+    "--seed": ["0", "-1", "nan", str(2**70)],
+    "--hidden": ["8", "0", "8,x", "", ",", "-3"],
+    "--batch-size": ["full", "0", "64", "nan", "-1"],
+    "--val-size": ["0", "100", "5000", "-1"],
+    "--dropout": ["0", "0.5", "1", "nan"],
+    "--l2": ["0", "-0.1", "inf"],
+    "--eps": ["nan", "0", "1e-8"],
+    "--beta1": ["0.9", "1", "nan"],
+    "--dtype": ["float32", "float16", "int8"],
+    "--device": ["cpu", "gpu", "cuda:x", ""],
+    "--checkpoint-every": ["1", "0"],
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_files(good, tmp_path_factory):
+    """Files of every kind, valid and hostile, under one directory: models, metrics, CSVs."""
+    root = tmp_path_factory.mktemp("hostile")
+    from gpunn.backend import get_backend
+
+    model = checkpoint_bytes(root, get_backend("cpu"))  # the corpus' damage is aimed at this checkpoint
+    files = {"model: good": root / "good.npz"}
+    files["model: good"].write_bytes(model)
+    corpora = {"model": model_corpus(model), "resume": resume_corpus(model),
+               "metrics": metrics_corpus(b'{"type": "epoch", "epoch": 1, "loss": 2.3, "train_accuracy": 0.1}\n',
+                                         model),
+               "csv": csv_corpus()}
+    for kind, corpus in corpora.items():
+        for i, (content, _) in enumerate(corpus.values()):
+            path = root / f"{kind}-{i}.{'npz' if kind in ('model', 'resume') else 'csv' if kind == 'csv' else 'jsonl'}"
+            path.write_bytes(content)
+            files[f"{kind}: {i}"] = path
+    return files
+
+
+@st.composite
+def hostile_commands(draw, files):
+    names = sorted(files)
+    path = files[draw(st.sampled_from(names))]
+    command = draw(st.sampled_from(["train", "train-resume", "train-csv", "evaluate", "predict", "plot"]))
+    options = []
+    for option in draw(st.lists(st.sampled_from(sorted(_OPTION_VALUES)), max_size=3, unique=True)):
+        options += [option, draw(st.sampled_from(_OPTION_VALUES[option]))]
+    if command == "train":
+        return ["train", "--epochs", "1", *options]
+    if command == "train-resume":
+        return ["train", "--resume", str(path), "--epochs", "2", *options]
+    if command == "train-csv":
+        return ["train", "--train-csv", str(path), "--epochs", "1", *options]
+    if command == "evaluate":
+        return ["evaluate", str(path), "--device", "cpu"]
+    if command == "predict":
+        return ["predict", str(files["model: good"]), str(path), "--device", "cpu"]
+    return ["plot", str(path)]
+
+
+# HOSTILE_EXAMPLES=1000 searches longer (it found nothing at 400)
+@settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_no_hostile_command_line_breaks_a_promise(hostile_files, tmp_path_factory, data):
+    """Any command over any of the hostile files and option values: exit 0, 1 or 2, no traceback, at most one
+    `Error:` line (the last), and nothing left in the output directory but complete outputs of a success."""
+    argv = data.draw(hostile_commands(hostile_files))
+    out = tmp_path_factory.mktemp("out")
+    cwd = os.getcwd()
+    os.chdir(out)  # the default --out, --submission and plot directories land here
+    try:
+        result = CliRunner().invoke(main, argv)
+    finally:
+        os.chdir(cwd)
+    output = result.output
+    assert result.exit_code in (0, 1, 2), (argv, output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), (argv, repr(result.exception))
+    assert "Traceback" not in output, (argv, output)
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) <= 1 and (not errors or output.rstrip().splitlines()[-1] == errors[0]), (argv, output)
+    left = sorted(p.name for p in out.rglob("*"))
+    assert not any(name.endswith(".tmp") for name in left), (argv, left)
+    if result.exit_code != 0:
+        assert not [name for name in left if name.endswith((".npz", ".csv", ".jsonl"))], (argv, left, output)

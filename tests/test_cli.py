@@ -97,7 +97,7 @@ def test_train_and_evaluate_with_a_data_dir_report_test_accuracy(tmp_path):
     report = evaluated.output.splitlines()
     assert "(test set) [cpu]" in report[0]
     assert report[1] == f"accuracy: {line.split()[2]} on 200 digits"
-    assert len([row for row in report if row[:9].strip().isdigit()]) == 20  # 10 per-class rows, 10 matrix rows
+    assert len([row for row in report if row[:12].strip().isdigit()]) == 20  # 10 per-class rows, 10 matrix rows
 
 
 def test_evaluate_json(tmp_path):

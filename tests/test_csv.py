@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from gpunn.data import read_images, read_kaggle_csv
 from gpunn.errors import DataError
 
 from helpers import write_idx, write_kaggle_csvs
+from hostile import CSV_NAMES, LOADS, csv_corpus
 
 HEADER = "label," + ",".join(f"pixel{i}" for i in range(784))
 
@@ -141,3 +144,73 @@ def test_predict_errors_leave_no_output(tmp_path):
         assert result.exit_code == 2, result.output
         assert fragment in result.output and "Traceback" not in result.output
         assert not out.exists()
+
+
+# --- the hostile corpus (tests/hostile.py) ------------------------------------------------------------------------
+
+CSV_CASES = csv_corpus()
+
+
+def verdict(reader, path):
+    """What a reader makes of a file: the shapes it loaded, or its one-line DataError (any other exception fails)."""
+    try:
+        result = reader(path)
+    except DataError as error:
+        message = str(error)
+        assert len(message.splitlines()) == 1 and str(path) in message, message
+        return message.replace(str(path), "FILE")
+    arrays = result if isinstance(result, tuple) else (result,)
+    return [None if a is None else (a.shape, str(a.dtype)) for a in arrays]
+
+
+# "train.csv.gz": a plain file under a compressed name, or the reverse, must make no difference
+@pytest.mark.parametrize("name", ["train.csv", "train.csv.gz"])
+@pytest.mark.parametrize("case", CSV_CASES)
+def test_hostile_csv_files_load_or_raise_one_data_error_line(tmp_path, case, name):
+    content, fragment = CSV_CASES[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = verdict(read_kaggle_csv, path)
+    if fragment is LOADS:
+        assert result == [((1, 784), "uint8"), ((1,), "uint8")]
+    else:
+        assert isinstance(result, str) and fragment in result, result
+
+
+@pytest.mark.parametrize("case", ["valid gzip", "valid zip", "valid bzip2", "valid xz", "valid", "zstd", "tar",
+                                  "zip: two files", "gzip: truncated", "overflowing cell", "header only"])
+def test_the_file_name_never_changes_the_verdict(tmp_path, case):
+    content, _ = CSV_CASES[case]
+    verdicts = set()
+    for name in CSV_NAMES:
+        path = tmp_path / name
+        path.write_bytes(content)
+        kaggle, images = verdict(read_kaggle_csv, path), verdict(read_images, path)
+        verdicts.add(str(kaggle))
+        # read_images returns the images alone: the same verdict, without the labels
+        assert images == (kaggle if isinstance(kaggle, str) else kaggle[:1]), (name, images, kaggle)
+    assert len(verdicts) == 1, verdicts
+
+
+def test_a_gzipped_csv_reaches_predict_as_a_csv(tmp_path):
+    """read_images tells an IDX file from a CSV by content, inside the gzip too."""
+    path = tmp_path / "test.csv.gz"
+    path.write_bytes(gzip.compress(CSV_CASES["valid"][0].replace(b"label,", b"").replace(b"\n3,", b"\n")))
+    assert read_images(path).shape == (1, 784)
+
+
+@pytest.mark.parametrize("name", ["dir", "fifo", "absent.csv"])
+def test_a_csv_path_that_is_not_a_file(tmp_path, name):
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for reader in (read_kaggle_csv, read_images):
+        with pytest.raises(DataError, match=f"cannot read {tmp_path / name}: "):
+            reader(tmp_path / name)
+
+
+def test_a_row_with_one_cell_too_many_is_never_taken_for_an_index(tmp_path):
+    """pandas, left to itself, makes the first cell of such a row the index and shifts the rest: silently wrong."""
+    path = tmp_path / "test.csv"
+    path.write_text(",".join(f"pixel{i}" for i in range(784)) + "\n" + "9," + ",".join(["0"] * 784) + "\n")
+    with pytest.raises(DataError, match="data row 1 has more cells than the header's 784"):
+        read_images(path)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import numpy as np
 import pytest
 
 from gpunn import data
-from gpunn.data import load_bundled_sample, load_idx_dir, read_idx, split
+from gpunn.data import load_bundled_sample, load_idx_dir, read_idx, read_images, split
 from gpunn.errors import DataError
 
 from helpers import idx_bytes, write_idx, write_mnist_dir
+from hostile import LOADS, idx_corpus
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -123,3 +125,65 @@ def test_split_is_deterministic_per_seed():
 def test_split_rejects_impossible_validation_sizes(val_size):
     with pytest.raises(DataError, match=f"--val-size {val_size} must be at least 0 and less than the 5,000"):
         split(load_bundled_sample(), val_size=val_size, seed=0)
+
+
+# --- the hostile corpus (tests/hostile.py) ------------------------------------------------------------------------
+
+IDX_CASES = idx_corpus()
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])  # the name says nothing: content decides
+@pytest.mark.parametrize("case", IDX_CASES)
+def test_hostile_idx_files_load_or_raise_one_data_error_line(tmp_path, case, suffix):
+    content, fragment = IDX_CASES[case]
+    path = tmp_path / f"train-images-idx3-ubyte{suffix}"
+    path.write_bytes(content)
+    if fragment is LOADS:
+        assert read_idx(path).dtype == np.uint8
+        return
+    with pytest.raises(DataError) as caught:
+        read_idx(path)
+    message = str(caught.value)
+    assert fragment in message and message.startswith(str(path)) and len(message.splitlines()) == 1
+    with pytest.raises(DataError):  # and the reader of `gpunn predict` too, whatever it takes the file for
+        read_images(path)
+
+
+def test_an_idx_header_announcing_terabytes_allocates_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "huge-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + (60000).to_bytes(4, "big") + (2**20).to_bytes(4, "big") * 2))
+    read_exactly = data._read_exactly
+
+    def bounded(stream, count):
+        assert count <= 12, f"asked to read {count:,} bytes: the header, and nothing announced by it"
+        return read_exactly(stream, count)
+
+    monkeypatch.setattr(data, "_read_exactly", bounded)
+    with pytest.raises(DataError, match="i.e. 65,970,697,666,560,016 bytes, but a gzip file of this size cannot"):
+        read_idx(path)
+
+
+def test_the_data_dir_names_what_is_not_a_regular_file(tmp_path):
+    write_mnist_dir(tmp_path, n_train=20, n_test=0)
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    os.mkfifo(tmp_path / "train-images-idx3-ubyte")  # read naively, it would block for ever
+    with pytest.raises(DataError, match="train-images-idx3-ubyte: it is a named pipe"):
+        load_idx_dir(tmp_path)
+    os.unlink(tmp_path / "train-images-idx3-ubyte")
+    (tmp_path / "train-images-idx3-ubyte.gz").mkdir()
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: it is a directory"):
+        load_idx_dir(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: tmp / "absent", "no such directory"),
+        (lambda tmp: (tmp / "file").write_bytes(b"") or tmp / "file", "is not a directory"),
+        (lambda tmp: "/" + "/".join(["y" * 250] * 20), "File name too long"),
+        (lambda tmp: "a\0b", "no such directory"),
+    ],
+)
+def test_the_data_dir_itself(tmp_path, make, message):
+    with pytest.raises(DataError, match=f"--data-dir .*{message}"):
+        load_idx_dir(make(tmp_path))

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from gpunn.backend import get_backend
 from gpunn.errors import ModelError
 from gpunn.files import OutputError, atomic_write
-from gpunn.model import FORMAT_VERSION, Model, load_model, save_model
+from gpunn.model import FORMAT_VERSION, Model, Preprocessing, load_model, save_model
 from gpunn.nn import Architecture, Layer, init_params
+from gpunn.train import TrainConfig
+
+from hostile import checkpoint_bytes, model_corpus, model_variants_that_load, resume_corpus
 
 
 def make_model(backend, sizes=(784, 16, 10), dtype="float32"):
@@ -94,3 +101,90 @@ def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
 def test_atomic_write_into_a_missing_directory(tmp_path):
     with pytest.raises(OutputError, match="cannot write"), atomic_write(tmp_path / "no" / "file"):
         pass
+
+
+# --- the file validated as a schema: the hostile corpus (tests/hostile.py) ------------------------------------------
+
+
+def _checkpoint_at_collection() -> bytes:
+    # built when the module is collected: the corpus' cases are test parameters
+    with tempfile.TemporaryDirectory() as folder:
+        return checkpoint_bytes(Path(folder), get_backend("cpu"))
+
+
+CHECKPOINT = _checkpoint_at_collection()
+MODEL_CASES = model_corpus(CHECKPOINT)
+RESUME_CASES = resume_corpus(CHECKPOINT)
+
+
+@pytest.fixture
+def checkpoint() -> bytes:
+    return CHECKPOINT
+
+
+def test_the_valid_checkpoint_loads_and_resumes(tmp_path, cpu, checkpoint):
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(checkpoint)
+    model = load_model(path, cpu)
+    config, done = model.resume_state()
+    assert done == 3 and config == TrainConfig(hidden=(6,), optimizer="adam", normalize="standardize",
+                                               epochs=5).as_dict()
+    assert sorted(model.optimizer_state) == ["s", "v"] and model.preprocessing.kind == "standardize"
+    assert model.source == str(path)
+
+
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_hostile_model_files_raise_one_model_error_line(tmp_path, cpu, case):
+    content, fragment = MODEL_CASES[case]
+    path = tmp_path / "model.npz"
+    path.write_bytes(content)
+    with pytest.raises(ModelError) as caught:
+        load_model(path, cpu)
+    message = str(caught.value)
+    assert fragment in message, message
+    assert str(path) in message and len(message.splitlines()) == 1 and caught.value.exit_code == 2
+    assert "pickled (object) data" not in message or "Python objects" in message
+
+
+def test_unusual_but_valid_encodings_load_the_same_weights(tmp_path, cpu, checkpoint):
+    (tmp_path / "reference.npz").write_bytes(checkpoint)
+    reference = load_model(tmp_path / "reference.npz", cpu)
+    for name, content in model_variants_that_load(checkpoint).items():
+        path = tmp_path / "variant.npz"
+        path.write_bytes(content)
+        model = load_model(path, cpu)
+        assert model.params[0].W.dtype == np.float32, name
+        np.testing.assert_array_equal(model.params[0].W, reference.params[0].W, err_msg=name)
+        assert model.resume_state() == reference.resume_state(), name
+
+
+def test_a_model_path_that_is_not_a_file(tmp_path, cpu):
+    os.mkfifo(tmp_path / "fifo")
+    for name, message in [("fifo", "it is a named pipe"), (".", "it is a directory"), ("absent", "does not exist")]:
+        with pytest.raises(ModelError, match=message):
+            load_model(tmp_path / name, cpu)
+
+
+def test_a_nan_model_is_refused_before_it_can_evaluate(tmp_path, cpu):
+    model = make_model(cpu)
+    model.params[0].W[0, :3] = np.nan
+    save_model(tmp_path / "diverged.npz", model, cpu)
+    with pytest.raises(ModelError, match="W1 holds 3 non-finite values .*came from a diverged run"):
+        load_model(tmp_path / "diverged.npz", cpu)
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_a_damaged_resume_state_loads_for_prediction_but_cannot_resume(tmp_path, cpu, case):
+    content, fragment = RESUME_CASES[case]
+    path = tmp_path / "checkpoint.npz"
+    path.write_bytes(content)
+    model = load_model(path, cpu)  # the weights are fine: evaluate and predict may use them
+    with pytest.raises(ModelError) as caught:
+        model.resume_state()
+    message = str(caught.value)
+    assert fragment in message and str(path) in message and len(message.splitlines()) == 1, message
+
+
+def test_a_model_made_in_this_process_without_training_state(cpu):
+    with pytest.raises(ModelError, match="the model holds no training state to resume"):
+        make_model(cpu).resume_state()

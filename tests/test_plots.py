@@ -50,10 +50,11 @@ def test_plot_errors(tmp_path, monkeypatch):
     runner = CliRunner()
     (tmp_path / "bad.jsonl").write_text("not json\n")
     result = runner.invoke(main, ["plot", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "is not a JSON-lines metrics file" in result.output
+    # bad input: exit 2, as every other bad file (it was 1 before gpunn.plots.read_metrics)
+    assert result.exit_code == 2 and "expected the JSON lines that gpunn train --metrics-out writes" in result.output
     (tmp_path / "empty.jsonl").write_text('{"type": "summary"}\n')
     result = runner.invoke(main, ["plot", str(tmp_path / "empty.jsonl"), "-o", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "no epoch records to plot" in result.output
+    assert result.exit_code == 2 and "no epoch records" in result.output
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(main, ["train", "--device", "cpu", "--epochs", "1", "--plot-dir", "plots"])
