@@ -113,23 +113,45 @@ def learning_curves(records: list[dict[str, Any]], path: Path) -> Path:
     if not epochs:
         raise PlotError("no epoch records to plot: give the .jsonl file written by gpunn train --metrics-out")
     plt = _pyplot()
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, PercentFormatter
+
     x = [r["epoch"] for r in epochs]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, key, title in [(left, "loss", "cross-entropy"), (right, "accuracy", "accuracy")]:
-        train_key, val_key = ("loss", "val_loss") if key == "loss" else ("train_accuracy", "val_accuracy")
+    panels = [(left, "loss", "val_loss", "cross-entropy loss", "mean cross-entropy (nats per digit)"),
+              (right, "train_accuracy", "val_accuracy", "accuracy", "digits labelled correctly")]
+    for axis, train_key, val_key, title, ylabel in panels:
         axis.plot(x, [r[train_key] for r in epochs], label="training (before each epoch's update)")
         if any(r.get(val_key) is not None for r in epochs):
             # a gap, not an error, where an epoch has no validation figure
             axis.plot(x, [math.nan if r.get(val_key) is None else r[val_key] for r in epochs],
                       label="validation (after it)")
         axis.set_xlabel("epoch")
+        axis.set_ylabel(ylabel)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 2.5
         axis.set_title(title)
         axis.grid(True, alpha=0.3)
         axis.legend()
     left.set_yscale("log")
-    right.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    # a log axis whose labels are plain numbers (0.3, 0.5, 1, 2), not powers of ten, with ticks between the decades
+    losses = [r[key] for r in epochs for key in ("loss", "val_loss") if r.get(key) is not None and r[key] > 0]
+    if losses:
+        left.yaxis.set_major_locator(FixedLocator(_log_ticks(min(losses), max(losses))))
+    left.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    left.yaxis.set_minor_formatter(NullFormatter())
+    right.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=0))
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """Ticks for a log axis from ``low`` to ``high`` at round numbers, denser the fewer decades it spans: 1, 2, 5 per
+    decade over many, every digit over less than one (0.6, 0.7, 0.8, 0.9, 1, 1.5, 2)."""
+    decades = math.log10(high / low)
+    mantissas = ((1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9) if decades < 1 else (1, 2, 3, 5, 7) if decades < 2.5 else (1, 2, 5)
+                 if decades < 6 else (1,))
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    ticks = [float(f"{m * 10.0**k:.12g}") for k in range(first, last + 1) for m in mantissas]
+    return [t for t in ticks if low / 1.15 <= t <= high * 1.15]
 
 
 def confusion_heatmap(C: np.ndarray, path: Path, title: str = "confusion matrix") -> Path:
@@ -174,19 +196,23 @@ def misclassified_grid(images: np.ndarray, labels: np.ndarray, predicted: np.nda
 
 
 def first_layer_weights(W1: np.ndarray, path: Path, *, limit: int = 64) -> Path:
-    """Each hidden unit's incoming weights W1[k] as a 28×28 image: red pushes the unit up, blue down."""
+    """Each hidden unit's incoming weights W1[k] as a 28×28 image on one colour scale for all units, with its colour
+    bar: red pushes the unit up, blue down."""
     plt = _pyplot()
     units = W1[:limit]
     side = int(round(np.sqrt(units.shape[1])))
     columns = min(8, len(units))
     rows = -(-len(units) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns, 1.4 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.3 * columns + 0.9, 1.4 * rows + 0.4), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
+    # one symmetric colour scale shared by every unit, so that their images compare; a colour bar gives its values
+    bound = float(np.abs(units).max()) or 1.0
+    image = None
     for k, (axis, weights) in enumerate(zip(axes.flat, units)):
-        bound = float(np.abs(weights).max()) or 1.0  # each unit on its own symmetric scale
-        axis.imshow(weights.reshape(side, side), cmap="RdBu_r", vmin=-bound, vmax=bound)
+        image = axis.imshow(weights.reshape(side, side), cmap="RdBu_r", vmin=-bound, vmax=bound)
         axis.set_title(f"unit {k}", fontsize=8)
     fig.suptitle(f"first-layer weights, {len(units)} of {len(W1)} units (red +, blue −)", fontsize=10)
     fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.8, label="weight")
     return _save(fig, path)
