@@ -124,8 +124,11 @@ class Backend:
         """
         return _HostDrawn(np.random.default_rng(seed), self)
 
-    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
-        """How a run of ``arch`` in ``dtype`` with ``columns`` samples per step computes its steps.
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True
+             ) -> Step:
+        """How a run of ``arch`` in ``dtype`` with ``columns`` samples per step computes its steps. ``pixels``: the
+        run's inputs are the pixels / 255 and nothing more, so a step may take the raw uint8 pixels and fold the 1/255
+        in (not with standardized inputs).
 
         Here, and wherever a backend's fast path does not cover the run, it is the generic
         :func:`gpunn.nn.loss_and_gradients` and :meth:`gpunn.optim.Optimizer.step`, which the fast paths are
@@ -173,10 +176,11 @@ class NumpyBackend(Backend):
     def random(self, seed: int) -> Any:
         return np.random.default_rng(seed)
 
-    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True
+             ) -> Step:
         if not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
-            return super().step(arch, dtype=dtype, columns=columns, dropout=dropout)
-        if arch.depth == 2 and arch.sizes[1] <= self.SINGLE_PASS_MAX_HIDDEN:
+            return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
+        if pixels and arch.depth == 2 and arch.sizes[1] <= self.SINGLE_PASS_MAX_HIDDEN:
             # imported here: Numba takes a few tenths of a second to import, which `gpunn --help` need not pay
             from gpunn import numba_cpu
 
@@ -222,7 +226,8 @@ class CupyBackend(Backend):
         super().__init__(f"cuda:{index}", xp, device, reason, fast=fast)
         self._kernels: Any = None
 
-    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True
+             ) -> Step:
         # imported here: gpunn.fused_cuda builds on this module's Step, and only a CUDA run needs it
         from gpunn import fused_cuda
 
@@ -232,7 +237,7 @@ class CupyBackend(Backend):
             fused = fused_cuda.fused_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=self._kernels)
             if fused is not None:
                 return fused
-        generic = super().step(arch, dtype=dtype, columns=columns, dropout=dropout)
+        generic = super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
         if self.fast_asked is None and fused_cuda.supports(arch, dropout=dropout):
             return replace(generic, name=f"{generic.name} (the fused CUDA kernels are opt-in with --fast until "
                                          "measured on a GPU)")

@@ -40,7 +40,8 @@ from gpunn.progress import DownloadProgress, TrainingProgress
 # matplotlib itself is imported by gpunn.plots on first use, so `gpunn --help` does not pay for it
 from gpunn.plots import confusion_heatmap, first_layer_weights, learning_curves, misclassified_grid, read_metrics, \
     require_matplotlib
-from gpunn.train import NORMALIZATIONS, TrainConfig, TrainingInterrupted, describe_run, fit, predict_proba
+from gpunn.train import NORMALIZATIONS, TrainConfig, TrainingFailed, TrainingInterrupted, describe_run, fit, \
+    predict_proba
 
 DEVICE_HELP = "auto (the GPU if one answers, else the CPU), cpu, cuda, or cuda:N."
 
@@ -169,6 +170,10 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("--submission", type=click.Path(path_type=Path), default=Path("submission.csv"), show_default=True,
               help="Where predictions for an unlabelled --test-csv go, in Kaggle's ImageId,Label format.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--cluster", metavar="SPEC",
+              help="Train data-parallel on a Dask cluster, each worker on its shard of the training set (with "
+              "--device on each worker): local:N starts N worker processes here, local-cuda one worker per GPU "
+              "(dask-cuda), tcp://HOST:PORT joins a running scheduler. Needs gpunn[dask].")
 @click.option("--fast/--generic", "fast", default=None,
               help="--generic: the generic array-API math even where the device has a fast path (to compare, or to "
               "read). --fast: the device's fast path even where it is not the default yet (CUDA, until measured). "
@@ -231,7 +236,7 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | None, test_csv: Path | None,
           submission: Path, device: str, fast: bool | None, out: Path, metrics_out: Path | None, plot_dir: Path | None,
-          checkpoint: Path | None, checkpoint_every: int | None, resume: Path | None, quiet: bool,
+          checkpoint: Path | None, checkpoint_every: int | None, resume: Path | None, quiet: bool, cluster: str | None,
           **settings: Any) -> None:
     """Train the network and save it.
 
@@ -251,7 +256,14 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     if plot_dir is not None:
         check_directory(plot_dir, "--plot-dir")
         require_matplotlib()  # fail now, not after training
-    backend = get_backend(device, fast=fast)
+    if cluster is None:
+        backend = get_backend(device, fast=fast)
+    else:
+        # imported only when asked for: `gpunn --help` and single-process runs never load Dask. The cluster lives as
+        # long as the command (a local one is shut down with it).
+        from gpunn.cluster import connect
+
+        backend = click.get_current_context().with_resource(connect(cluster, device=device, fast=fast))
     settings["hidden"] = tuple(settings["hidden"])
     resumed = None if resume is None else load_model(resume, backend)
     if resumed is None:
@@ -302,6 +314,16 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         _note(f"interrupted after epoch {interrupted.epoch}: checkpoint written to {interrupted_path}; "
               f"continue with the same command and --resume {interrupted_path}")
         raise SystemExit(128 + interrupted.signal) from None
+    except TrainingFailed as failed:
+        if failed.model is None:
+            raise
+        # a cluster lost a worker: the last completed epoch is saved, and the error says where, in one line
+        progress.close()
+        with deferred_signals():
+            save_model(interrupted_path, with_data(failed.model), backend)
+        _error_line(f"{failed}; the checkpoint of epoch {failed.epoch} is in {interrupted_path}: continue with the "
+                    f"same command and --resume {interrupted_path}")
+        raise SystemExit(failed.exit_code) from None
     finally:
         progress.close()
     summary = {**result.summary(), "data": dataset.source}

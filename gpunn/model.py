@@ -32,9 +32,12 @@ from gpunn.optim import OPTIMIZERS, Optimizer
 
 FORMAT = "gpunn-model"
 FORMAT_VERSION = 1
-# input preparations: uint8 pixels divided by 255 (the seed notebook's), then optionally standardized per pixel
-# with the training split's mean and standard deviation (the seed notes' "normalizing inputs")
-PREPROCESSINGS = ("scale-255", "standardize")
+# input preparations, named as gpunn train's --normalize names them: uint8 pixels divided by 255 (the seed
+# notebook's), then optionally standardized per pixel with the training split's mean and standard deviation (the
+# seed notes' "normalizing inputs")
+PREPROCESSINGS = ("scale", "standardize")
+# what files written before the two names were one call "scale"
+_FORMER_NAMES = {"scale-255": "scale"}
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Preprocessing:
     The statistics come from the training split only and are stored with the model, so validation, test and
     prediction inputs are transformed exactly as the training inputs were."""
 
-    kind: str = "scale-255"
+    kind: str = "scale"
     mean: Any = None  # (n_0, 1) on the device, for "standardize"
     std: Any = None
 
@@ -53,7 +56,7 @@ class Preprocessing:
         """The preprocessing ``kind`` with its statistics taken from ``X_uint8`` (the training split, on the device)."""
         if kind not in PREPROCESSINGS:
             raise ValueError(f"unknown preprocessing {kind!r}; expected one of {PREPROCESSINGS}")
-        if kind == "scale-255":
+        if kind == "scale":
             return cls(kind)
         return cls(kind, *standardize_stats(scale_pixels(X_uint8, dtype)))
 
@@ -385,7 +388,8 @@ def _check_meta(meta: Any, path: Path) -> _Meta:
     for key, allowed in (("activation", ACTIVATIONS), ("output", OUTPUTS), ("dtype", DTYPES)):
         if not (isinstance(meta.get(key), str) and meta[key] in allowed):
             raise bad(key, f"one of {', '.join(allowed)}")
-    kind = meta.get("preprocessing", "scale-255")  # files from before standardization lack it
+    kind = meta.get("preprocessing", "scale")  # files from before standardization lack it
+    kind = _FORMER_NAMES.get(kind, kind) if isinstance(kind, str) else kind
     if not (isinstance(kind, str) and kind in PREPROCESSINGS):
         raise bad("preprocessing", f"one of {', '.join(PREPROCESSINGS)}")
     if not isinstance(meta.get("gpunn_version", ""), str):

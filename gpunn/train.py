@@ -28,8 +28,8 @@ from array_api_compat import array_namespace
 
 from gpunn.backend import Backend, GradientPass, Step, UpdateRule
 from gpunn.data import CLASSES, Split
-from gpunn.errors import ConfigError, ModelError, SignalInterrupt, TrainingDivergedError
-from gpunn.model import Model, Preprocessing
+from gpunn.errors import ConfigError, GpunnError, ModelError, SignalInterrupt, TrainingDivergedError
+from gpunn.model import PREPROCESSINGS, Model, Preprocessing
 from gpunn.nn import (
     ACTIVATIONS,
     DTYPES,
@@ -47,7 +47,7 @@ from gpunn.nn import (
 from gpunn.optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate
 
 #: input preparations a run may choose: pixels / 255, or then standardized per pixel with the training split's stats
-NORMALIZATIONS = ("scale", "standardize")
+NORMALIZATIONS = PREPROCESSINGS
 #: the host reads the epochs' metrics back from the device at most this often (and at checkpoints and the end)
 DRAIN_SECONDS = 0.25
 #: signals that stop training after the current epoch, with a checkpoint; a second one stops at once
@@ -253,6 +253,16 @@ class TrainingInterrupted(Exception):
         self.signal = signum
 
 
+class TrainingFailed(GpunnError):
+    """What runs the epochs broke down mid-run (a cluster lost a worker): one line and exit 1, as any gpunn error.
+    :func:`fit` attaches ``model``, the network after the last epoch read back (ready to save and resume, as
+    :class:`TrainingInterrupted` carries it), and ``epoch``, its number; both stay None where the failure came before
+    the loop."""
+
+    model: Model | None = None
+    epoch: int | None = None
+
+
 def fingerprint(split: Split) -> str:
     """SHA-256 of the training and validation data in their shuffled order: a resumed run must see the same."""
     digest = hashlib.sha256()
@@ -448,7 +458,7 @@ def fit(
     epochs_done = 0 if resume is None else check_resumable(resume, config, data_sha256)
     rule = config.rule
     step = backend.step(arch, dtype=config.dtype, columns=config.batch_columns(len(split.y_train)),
-                        dropout=config.dropout)
+                        dropout=config.dropout, pixels=config.normalize == "scale")
     preprocessing, train, val = _to_device(split, config, backend, raw_pixels=step.pixels)
     if resume is None:
         params = [Layer(backend.asarray(W), backend.asarray(b))
@@ -488,6 +498,11 @@ def fit(
             # last epoch read back is whole (a fast path that updates in place hands out copies), so it is saved
             raise TrainingInterrupted(snapshot(state), state.epoch,
                                       getattr(interrupt, "signal", signal.SIGINT)) from None
+        except TrainingFailed as failure:
+            # the runner lost part of itself (a cluster's worker): the last epoch read back is whole, so it leaves with
+            # the error, for the caller to save as a checkpoint
+            failure.model, failure.epoch = snapshot(state), state.epoch
+            raise
     if stopper.stopped:
         state = stopper.best
     model = snapshot(state)
@@ -506,7 +521,7 @@ def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixel
     """The preprocessing fitted on the training split, and the training and validation sets on the device."""
     X_train = backend.asarray(split.X_train)
     # statistics from the training split only, then applied unchanged to validation, test and prediction inputs
-    preprocessing = Preprocessing.fit("standardize" if config.normalize == "standardize" else "scale-255", X_train,
+    preprocessing = Preprocessing.fit(config.normalize, X_train,
                                       getattr(backend.xp, config.dtype))
     train = DeviceData.from_host(X_train, split.y_train, backend=backend, dtype=config.dtype,
                                  preprocessing=None if raw_pixels else preprocessing)
@@ -681,7 +696,8 @@ def describe_run(config: TrainConfig, backend: Backend, split: Split, source: st
                      f"{c.optimizer}" + ("" if c.optimizer == "gd" else
                                          f" (beta1 {c.beta1:g}, beta2 {c.beta2:g}, eps {c.eps:g})")
                      + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
-    step = backend.step(arch, dtype=c.dtype, columns=c.batch_columns(len(split.y_train)), dropout=c.dropout)
+    step = backend.step(arch, dtype=c.dtype, columns=c.batch_columns(len(split.y_train)), dropout=c.dropout,
+                        pixels=c.normalize == "scale")
     lines.append(f"step:    {step.name}")
     if step.notice:
         lines.append(f"         {step.notice}")

@@ -46,12 +46,12 @@ class EmulatedCudaBackend(Backend):
     def random(self, seed: int):
         return np.random.default_rng(seed)
 
-    def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0) -> Step:
+    def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True) -> Step:
         from gpunn import fused_cuda
 
         fused = self.fast and fused_cuda.fused_step(arch, dtype=dtype, columns=columns, dropout=dropout,
                                                     device=self.kernels)
-        return fused or super().step(arch, dtype=dtype, columns=columns, dropout=dropout)
+        return fused or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
 
 
 def emulated_cuda_or_skip() -> Backend:

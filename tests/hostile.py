@@ -273,7 +273,7 @@ def model_corpus(good: bytes) -> dict[str, tuple[bytes, str]]:
         "dtype a number": (with_meta(setting("dtype", 32)), "meta.dtype is 32"),
         "preprocessing unknown": (with_meta(setting("preprocessing", "whiten")), 'meta.preprocessing is "whiten"'),
         "preprocessing a number": (with_meta(setting("preprocessing", 1)), "meta.preprocessing is 1"),
-        "scale-255 with statistics": (with_meta(setting("preprocessing", "scale-255")),
+        "scale with statistics": (with_meta(setting("preprocessing", "scale")),
                                       "it holds input_mean, input_std, which a 784-6-10"),
         "info a list": (with_meta(setting("info", [1])), "meta.info is [1], expected an object"),
         "gpunn_version a number": (with_meta(setting("gpunn_version", 1)), "meta.gpunn_version is 1"),

@@ -49,7 +49,7 @@ def test_file_layout_is_plain_arrays_and_json(tmp_path, cpu):
         meta = json.loads(str(npz["meta"]))
     assert meta["format"] == "gpunn-model" and meta["format_version"] == FORMAT_VERSION
     assert meta["layer_sizes"] == [784, 16, 10] and meta["activation"] == "tanh" and meta["dtype"] == "float32"
-    assert meta["preprocessing"] == "scale-255"
+    assert meta["preprocessing"] == "scale"
 
 
 def write_npz(path, **arrays):
@@ -188,3 +188,17 @@ def test_a_damaged_resume_state_loads_for_prediction_but_cannot_resume(tmp_path,
 def test_a_model_made_in_this_process_without_training_state(cpu):
     with pytest.raises(ModelError, match="the model holds no training state to resume"):
         make_model(cpu).resume_state()
+
+
+def test_a_file_that_names_the_preprocessing_scale_255_still_loads(tmp_path, cpu):
+    """Files written before --normalize's name and the file's were one ("scale") say "scale-255"."""
+    path = tmp_path / "m.npz"
+    arch = Architecture((784, 4, 10))
+    save_model(path, Model(arch, [Layer(W, b) for W, b in init_params(arch, init="he", seed=0)]), cpu)
+    with np.load(path) as npz:
+        arrays = dict(npz)
+    meta = json.loads(str(arrays["meta"]))
+    meta["preprocessing"] = "scale-255"
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    np.savez(path, **arrays)
+    assert load_model(path, cpu).preprocessing.kind == "scale"

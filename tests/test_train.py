@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gpunn.backend import get_backend
 from gpunn.data import load_bundled_sample, load_idx_dir, split
 from gpunn.errors import ModelError, TrainingDivergedError
 from gpunn.train import TrainConfig, TrainingInterrupted, evaluate, fit
@@ -161,3 +162,15 @@ def test_standardize_uses_the_training_split_only_and_travels_with_the_model(sam
     np.testing.assert_array_equal(loaded.preprocessing.mean, pre.mean)
     accuracy = evaluate(loaded, sample_split.X_val, sample_split.y_val, backend=cpu)
     assert accuracy == pytest.approx(result.history[-1].val_accuracy)
+
+
+def test_standardized_inputs_take_a_step_that_sees_them(sample_split, cpu):
+    """A step over raw pixels folds in the 1/255 and nothing more: with --normalize standardize the CPU must choose
+    a step that takes the prepared floats, and train as the generic math does."""
+    config = TrainConfig(epochs=4, normalize="standardize", lr=0.05)
+    arch = config.architecture(784)
+    assert not cpu.step(arch, dtype="float32", columns=4500, pixels=False).pixels
+    fast, generic = fit(sample_split, config, backend=cpu), fit(sample_split, config, backend=get_backend("cpu",
+                                                                                                          fast=False))
+    assert not fast.model.info["step"].startswith("single pass")
+    np.testing.assert_allclose([s.loss for s in fast.history], [s.loss for s in generic.history], rtol=1e-5)
