@@ -109,7 +109,8 @@ def test_blas_runs_one_thread_per_chunk_while_entered_and_is_restored():
         assert blas_threads() == [1] * len(before)
     assert blas_threads() == before
     with FusedCpuPass(Architecture((784, 10, 10)), "float32", 100_000, workers=1):
-        assert blas_threads() == before  # one chunk: BLAS may use every core itself
+        assert blas_threads() == [1] * len(before)  # one chunk: one thread too, as the step's name says
+    assert blas_threads() == before
 
 
 def test_a_floating_point_error_is_raised_from_every_thread(sample, monkeypatch):
