@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers package be
 
 import gpunn  # noqa: E402
 from gpunn import diagnostics  # noqa: E402
-from gpunn.backend import Backend, get_backend  # noqa: E402
+from gpunn.backend import Backend, NumpyBackend, get_backend  # noqa: E402
 from gpunn.errors import BackendError  # noqa: E402
 from gpunn.model import Preprocessing  # noqa: E402
 from gpunn.nn import Architecture, Layer, cost, forward, init_params, one_hot  # noqa: E402
@@ -80,10 +80,18 @@ def gpunn_variants(device: str) -> list[tuple[str, Backend]]:
     A later one is timed only where its step differs from the first's (Backend.step(...).name), and it must agree
     with the first like a peer. One line per variant: a named backend that makes a different step decision.
     """
-    return [
-        ("gpunn", get_backend(device, fast=True)),  # the fast path even where it is not yet the default (CUDA)
-        ("gpunn-generic", get_backend(device, fast=False)),
-    ]
+    variants = [("gpunn", get_backend(device, fast=True))]  # the fast path even where not yet the default (CUDA)
+    if device == "cpu":
+        variants.append(("gpunn-fused-blas", _FusedBlasEverywhere(fast=True)))
+    variants.append(("gpunn-generic", get_backend(device, fast=False)))
+    return variants
+
+
+class _FusedBlasEverywhere(NumpyBackend):
+    """The CPU with the fused BLAS pass for every ReLU network: the single pass's rival, timed beside it (the
+    backend takes the single pass up to NumpyBackend.SINGLE_PASS_MAX_HIDDEN hidden units, measured here)."""
+
+    SINGLE_PASS_MAX_HIDDEN = 0
 
 
 @dataclass

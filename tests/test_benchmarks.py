@@ -26,10 +26,16 @@ HIDDEN = (10, 16)
 
 
 def gpunn_names(dtype: str, hidden: int, m: int) -> list[str]:
-    """gpunn, and gpunn-generic where the CPU backend has a fast path for the network (as the script decides)."""
+    """gpunn, and each variant whose step differs from gpunn's (as the script decides): the fused BLAS pass where
+    gpunn takes the single pass, and the generic math where gpunn has a fast path."""
     arch = bench.Architecture((784, hidden, 10))
-    fast = get_backend("cpu").step(arch, dtype=dtype, columns=m).name != GENERIC
-    return ["gpunn", "gpunn-generic"] if fast else ["gpunn"]
+    names, seen = [], set()
+    for name, backend in bench.gpunn_variants("cpu"):
+        step = backend.step(arch, dtype=dtype, columns=m).name
+        if step not in seen:
+            names.append(name)
+            seen.add(step)
+    return names
 
 
 def test_epoch_throughput_at_toy_size(tmp_path):
