@@ -13,7 +13,6 @@ import os
 import platform
 import signal
 import sys
-import time
 import traceback
 from importlib.metadata import version
 from pathlib import Path
@@ -25,7 +24,7 @@ from click.core import ParameterSource
 
 from gpunn import __version__
 from gpunn.backend import NumpyBackend, cuda_devices, get_backend
-from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs, read_images, split
+from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs, read_images, split, write_submission
 from gpunn.diagnostics import out_of_memory_message
 from gpunn.download import DATASETS, cache_root, cached, fetch
 from gpunn.errors import BackendError, GpunnError, ModelError, SignalInterrupt
@@ -38,8 +37,7 @@ from gpunn.nn import ACTIVATIONS, DTYPES, INITS, Architecture
 from gpunn.optim import OPTIMIZERS, SCHEDULES
 from gpunn.progress import DownloadProgress, TrainingProgress
 # matplotlib itself is imported by gpunn.plots on first use, so `gpunn --help` does not pay for it
-from gpunn.plots import confusion_heatmap, first_layer_weights, learning_curves, misclassified_grid, read_metrics, \
-    require_matplotlib
+from gpunn.plots import read_metrics, require_matplotlib, write_plots
 from gpunn.train import NORMALIZATIONS, TrainConfig, TrainingFailed, TrainingInterrupted, describe_run, fit, \
     predict_proba
 
@@ -352,10 +350,10 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
             images, labels, part = parts.X_test.T, parts.y_test, "test set"
         else:
             images, labels, part = parts.X_val.T, parts.y_val, "validation split"
-        written = _write_plots(plot_dir, [*records, summary], result.model, images, labels, part, backend)
+        written = write_plots(plot_dir, [*records, summary], result.model, images, labels, part, backend)
         say(f"plots ({part}) written to {plot_dir}: {', '.join(p.name for p in written)}")
     if unlabelled_test:
-        _write_submission(submission, predict_proba(result.model, dataset.test_images.T, backend=backend), False)
+        write_submission(submission, predict_proba(result.model, dataset.test_images.T, backend=backend))
         say(f"predictions for the {len(dataset.test_images):,} digits of {test_csv} written to {submission}")
 
 
@@ -407,7 +405,7 @@ def predict(model_path: Path, input_path: Path, output: Path, proba: bool, devic
     model = load_model(model_path, backend)
     images = read_images(input_path)
     probabilities = predict_proba(model, images.T, backend=backend)
-    _write_submission(output, probabilities, proba)
+    write_submission(output, probabilities, with_proba=proba)
     echo(f"{len(images):,} predictions for {input_path} written to {output} [{backend.name}]")
 
 
@@ -437,35 +435,8 @@ def plot(metrics: Path, model_path: Path | None, data_dir: Path | None, dataset_
             (dataset.train_images, dataset.train_labels)
         part = "test set" if labelled_test else "all digits of the data"
     check_directory(out_dir, "--out-dir")
-    written = _write_plots(out_dir, records, model, images, labels, part, backend)
+    written = write_plots(out_dir, records, model, images, labels, part, backend)
     echo(f"wrote {', '.join(str(p) for p in written)}")
-
-
-def _write_plots(folder: Path, records: list[dict[str, Any]], model: Any, images: Any, labels: Any, part: str,
-                 backend: Any) -> list[Path]:
-    """curves.png from the metrics; with a model and labelled digits (m, 784), also confusion.png,
-    misclassified.png and weights.png."""
-    folder.mkdir(exist_ok=True)
-    written = [learning_curves(records, folder / "curves.png")]
-    if model is not None:
-        predicted = predict_proba(model, images.T, backend=backend).argmax(axis=1)
-        labels = labels.astype(np.int64)
-        written.append(confusion_heatmap(confusion_matrix(labels, predicted), folder / "confusion.png",
-                                         f"confusion matrix, {part}"))
-        if (predicted != labels).any():
-            written.append(misclassified_grid(images, labels, predicted, folder / "misclassified.png"))
-        written.append(first_layer_weights(backend.to_numpy(model.params[0].W), folder / "weights.png"))
-    return written
-
-
-def _write_submission(path: Path, probabilities: np.ndarray, with_proba: bool) -> None:
-    """Kaggle's submission format: header ImageId,Label, ImageId counting from 1, rows in input order."""
-    labels = probabilities.argmax(axis=1)
-    with atomic_write(path, "w") as handle:
-        handle.write("ImageId,Label" + "".join(f",p{k}" for k in range(probabilities.shape[1])) * with_proba + "\n")
-        for i, label in enumerate(labels, start=1):
-            extra = "".join(f",{p:.6g}" for p in probabilities[i - 1]) if with_proba else ""
-            handle.write(f"{i},{label}{extra}\n")
 
 
 @main.command()

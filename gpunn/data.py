@@ -28,9 +28,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from gpunn.errors import DataError
-from gpunn.files import describe_bytes, open_input
+from gpunn.files import atomic_write, describe_bytes, open_input
 
-__all__ = ["Dataset", "Split", "load_bundled_sample", "load_idx_dir", "read_images", "read_idx", "read_kaggle_csv", "split"]
+__all__ = ["Dataset", "Split", "load_bundled_sample", "load_idx_dir", "read_images", "read_idx", "read_kaggle_csv", "split",
+           "write_submission"]
 
 CLASSES = 10
 PIXELS = 784
@@ -597,3 +598,14 @@ def load_kaggle_csvs(train_csv: str | Path, test_csv: str | Path | None = None) 
     test_images, test_labels = read_kaggle_csv(test_csv) if test_csv is not None else (None, None)
     source = f"Kaggle CSV {train_csv}" + (f" + {test_csv}" if test_csv is not None else "")
     return Dataset(source, images, labels, test_images, test_labels)
+
+
+def write_submission(path: str | Path, probabilities: np.ndarray, *, with_proba: bool = False) -> None:
+    """Predictions in Kaggle's submission format: header ``ImageId,Label``, ImageId counting from 1, one row per
+    digit in input order; ``with_proba`` adds the class probabilities as ``p0,...,p9``. probabilities: (m, classes)."""
+    labels = probabilities.argmax(axis=1)
+    with atomic_write(path, "w") as handle:
+        handle.write("ImageId,Label" + "".join(f",p{k}" for k in range(probabilities.shape[1])) * with_proba + "\n")
+        for i, label in enumerate(labels, start=1):
+            extra = "".join(f",{p:.6g}" for p in probabilities[i - 1]) if with_proba else ""
+            handle.write(f"{i},{label}{extra}\n")

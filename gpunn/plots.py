@@ -216,3 +216,24 @@ def first_layer_weights(W1: np.ndarray, path: Path, *, limit: int = 64) -> Path:
     fig.tight_layout()
     fig.colorbar(image, ax=axes, shrink=0.8, label="weight")
     return _save(fig, path)
+
+
+def write_plots(folder: Path, records: list[dict[str, Any]], model: Any = None, images: Any = None,
+                labels: Any = None, part: str = "", backend: Any = None) -> list[Path]:
+    """curves.png from a run's metrics records; with a model, labelled digits (images (m, n_0) uint8, labels (m,))
+    and its backend, also confusion.png, misclassified.png (where the model gets any wrong) and weights.png.
+    ``part`` names the digits in the confusion matrix's title. Returns the files written."""
+    from gpunn.metrics import confusion_matrix
+    from gpunn.train import predict_proba  # gpunn.train is a layer above the pictures; only this needs it
+
+    folder.mkdir(exist_ok=True)
+    written = [learning_curves(records, folder / "curves.png")]
+    if model is not None:
+        predicted = predict_proba(model, images.T, backend=backend).argmax(axis=1)
+        labels = labels.astype(np.int64)
+        written.append(confusion_heatmap(confusion_matrix(labels, predicted), folder / "confusion.png",
+                                         f"confusion matrix, {part}"))
+        if (predicted != labels).any():
+            written.append(misclassified_grid(images, labels, predicted, folder / "misclassified.png"))
+        written.append(first_layer_weights(backend.to_numpy(model.params[0].W), folder / "weights.png"))
+    return written

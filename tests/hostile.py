@@ -219,7 +219,6 @@ def model_corpus(good: bytes) -> dict[str, tuple[bytes, str]]:
     nan3 = W1.copy()
     nan3.flat[:3] = np.nan
     not_a_model = "is not a gpunn model file (an .npz written by gpunn train): it looks like"
-    damaged = "is a damaged gpunn model file"
     return {
         "empty file": (b"", f"{not_a_model} an empty file"),
         "metrics file": (b'{"type": "epoch", "epoch": 1, "loss": 2.3}\n',

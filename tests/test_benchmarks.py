@@ -19,7 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import epoch_throughput as bench  # noqa: E402
 from peers import naive_numpy  # noqa: E402
 
-from gpunn.backend import GENERIC, get_backend  # noqa: E402
+from gpunn.backend import GENERIC  # noqa: E402
 
 DTYPES = ("float32", "float64")
 HIDDEN = (10, 16)

@@ -13,7 +13,7 @@ import pytest
 from gpunn.backend import get_backend
 from gpunn.errors import ModelError
 from gpunn.files import OutputError, atomic_write
-from gpunn.model import FORMAT_VERSION, Model, Preprocessing, load_model, save_model
+from gpunn.model import FORMAT_VERSION, Model, load_model, save_model
 from gpunn.nn import Architecture, Layer, init_params
 from gpunn.train import TrainConfig
 
