@@ -209,9 +209,10 @@ class NumpyBackend(Backend):
 class CupyBackend(Backend):
     """One CUDA GPU through CuPy. Made by :func:`get_backend`, which checks first that the GPU answers.
 
-    Its fast path is :mod:`gpunn.fused_cuda`: ReLU networks with a softmax output, without dropout, on cuBLAS and a
-    few fused kernels, a full-batch epoch as one CUDA graph. It is off unless asked for (``fast=True``,
-    ``gpunn train --fast``) until it has been measured on a GPU."""
+    Its fast paths are in :mod:`gpunn.fused_cuda`, for ReLU networks with a softmax output, without dropout: one
+    kernel's single pass over the uint8 pixels per step for one hidden layer of up to 16 units, else cuBLAS and a few
+    fused kernels; a full-batch epoch as one CUDA graph. They are off unless asked for (``fast=True``,
+    ``gpunn train --fast``) until they have been measured on a GPU."""
 
     FAST_BY_DEFAULT = False  # no GPU has run the fused kernels yet: the generic math stays the default until one has
 
@@ -234,7 +235,8 @@ class CupyBackend(Backend):
         if self.fast:
             if self._kernels is None:
                 self._kernels = fused_cuda.CupyDevice(self.cupy)
-            fused = fused_cuda.fused_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=self._kernels)
+            fused = fused_cuda.cuda_step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
+                                         device=self._kernels)
             if fused is not None:
                 return fused
         generic = super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)

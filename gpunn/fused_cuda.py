@@ -501,6 +501,15 @@ class CupyDevice:
                 raise RuntimeError(f"{name} can run at most {limit} threads per block here, not "
                                    f"{self.config.block}; use a smaller LaunchConfig.block")
 
+    def resident_blocks(self, name: str, block: int) -> int:
+        """How many blocks of ``block`` threads of kernel ``name`` the GPU holds at once: its SM count times the
+        occupancy the driver computes from the kernel's registers and shared memory (0 when it cannot run at all).
+        Compiles and loads the kernel (call it outside a capture)."""
+        # RawModule.get_function gives a RawKernel; its CUfunction handle is .kernel.ptr (cupy/_core/raw.pyx)
+        handle = self._function(name).kernel.ptr
+        per_sm = self.cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(handle, block, 0)
+        return int(per_sm) * int(self.cupy.cuda.Device().attributes["MultiProcessorCount"])
+
     # GEMMs
     def _blas(self) -> Cublas | CupyBlas:
         if self._cublas is None:
@@ -948,3 +957,306 @@ def fused_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, 
 
     return Step(name, lambda: FusedCudaPass(arch, dtype, columns, device=device),
                 update=lambda rule: FusedCudaUpdate(rule, dtype, device=device), epochs=epochs)
+
+
+# --- the single pass: one kernel per step that reads the uint8 pixels once (gpunn/kernels/single_pass.cu) ----------
+#
+# For an n0-h-C network with one ReLU hidden layer (h <= 16) and a softmax output, the whole gradient pass is
+#   single_pass_prepare   W1T = W1 transposed, padded to hp4 columns (the pass reads one pixel's weights at once)
+#   single_pass_hHP       per block: its tiles of 32 samples, forward, loss, hits and every gradient's share, from
+#                         X as uint8 pixels with the 1/255 folded in; one row of partial sums per block
+#   single_pass_reduce    the rows added in a fixed order into G, the unnormalized sums in the flat layout
+# after which the fused path's own kernels take over: train_metrics reads the pass's loss and hit partials as it
+# reads softmax_xent's, and update (or scale_grads) reads G. X stays on the device as uint8 (Step.pixels): 47 MB
+# for MNIST's 60,000 training digits instead of 188 MB of float32, read once per epoch.
+
+_SP_DEFINE_RE = re.compile(r"^#define\s+SP_(\w+)\s+(\d+)\b", re.MULTILINE)
+
+
+@cache
+def single_pass_limits() -> dict[str, int]:
+    """single_pass.cu's numeric constants (``TILE``, ``MAX_INPUTS``, ``MAX_HIDDEN``, ``MAX_CLASSES``, ``OWNED``,
+    ``LEFTOVER``, ``PREFETCH``, ``SLICE``, ...), read from the source, so that the host's checks are the kernel's."""
+    return {name: int(value) for name, value in _SP_DEFINE_RE.findall((KERNEL_DIR / "single_pass.cu").read_text())}
+
+
+def single_pass_unsupported(arch: Architecture, *, dtype: str, dropout: float) -> str | None:
+    """Why the single pass cannot compute this step, or None when it can."""
+    limits = single_pass_limits()
+    if not supports(arch, dropout=dropout):
+        return "it needs ReLU hidden layers, a softmax output and no dropout"
+    if dtype not in SUFFIX:
+        return f"it runs float32 or float64, not {dtype}"
+    if len(arch.sizes) != 3:
+        return f"it computes networks with exactly one hidden layer, not {arch.depth - 1}"
+    n0, h, classes = arch.sizes
+    if n0 > limits["MAX_INPUTS"]:
+        return f"it takes at most {limits['MAX_INPUTS']} inputs (a 32-sample tile of them in 48 KB), not {n0}"
+    if h > limits["MAX_HIDDEN"]:
+        # each thread keeps 3 pixels x h units of dW1 in registers across the pass; see single_pass.cu
+        return f"it keeps dW1 in registers, which allows at most {limits['MAX_HIDDEN']} hidden units, not {h}"
+    if classes > limits["MAX_CLASSES"]:
+        return f"it computes at most {limits['MAX_CLASSES']} classes, not {classes}"
+    return None
+
+
+def single_pass_block(n0: int, config: LaunchConfig) -> int:
+    """Threads per block of the single pass: ``config.block`` (256 on a GPU), raised to the smallest power of two
+    the kernel needs for n0 inputs: one forward slice, 3 pixels of dW1 per thread plus 16 kept in shared memory,
+    and 7 prefetched 16-byte chunks per thread (a tile holds two per pixel)."""
+    limits = single_pass_limits()
+    need = max(limits["SLICE"], -(-(n0 - limits["LEFTOVER"]) // limits["OWNED"]), -(-2 * n0 // limits["PREFETCH"]))
+    block = max(config.block, 1 << (need - 1).bit_length())
+    if block > max_block():
+        raise ValueError(f"the single pass needs {block} threads per block for {n0} inputs; at most {max_block()}")
+    return block
+
+
+class _SinglePass:
+    """The single pass's buffers and launches for one network and at most ``columns`` samples per call.
+
+    Its grid: blocks that loop over the tiles, as many as the device holds at once (``resident_blocks``, from the
+    driver's occupancy, on a GPU; ``config.reduce_blocks`` elsewhere), then evened out so that every block gets the
+    same number of tiles give or take one: 1,875 tiles of 60,000 samples on 264 resident blocks (132 SMs x 2) are
+    8 rounds, so 235 blocks of 8 tiles do the same in the same time with fewer partial rows to add."""
+
+    def __init__(self, arch: Architecture, dtype: str, device: Device, columns: int) -> None:
+        reason = single_pass_unsupported(arch, dtype=dtype, dropout=0.0)
+        if reason is not None:
+            raise ValueError(f"the single pass cannot compute {arch}: {reason}")
+        if columns < 1:
+            raise ValueError(f"the single pass needs room for at least one sample, got columns={columns}")
+        limits = single_pass_limits()
+        self.device, self.dtype, self.suffix = device, np.dtype(dtype), SUFFIX[dtype]
+        self.n0, self.h, self.classes = arch.sizes
+        self.layout = FlatLayout(arch.sizes)
+        self.tile = limits["TILE"]
+        self.hp = self.h + (self.h & 1)  # the kernels come for even widths; an odd h runs with one zero unit
+        self.hp4 = -(-self.hp // 4) * 4
+        self.kernel = f"single_pass_h{self.hp}_{self.suffix}"
+        self.block = single_pass_block(self.n0, device.config)
+        resident = getattr(device, "resident_blocks", None)
+        self.resident = resident(self.kernel, self.block) if resident is not None else device.config.reduce_blocks
+        if self.resident < 1:
+            raise RuntimeError(f"{self.kernel} cannot run with {self.block} threads per block on {device.name}")
+        self.columns = columns
+        self.max_blocks = self.blocks_for(columns)
+        self.W1T = device.empty((self.n0 * self.hp4,), self.dtype)
+        self.part = device.empty((self.max_blocks * self.layout.n_total,), self.dtype)
+        self.losses = device.empty((2 * self.max_blocks,), np.float64)  # each block's loss sum, then its hits
+
+    def blocks_for(self, m: int) -> int:
+        tiles = -(-m // self.tile)
+        rounds = -(-tiles // self.resident)
+        return -(-tiles // rounds)
+
+    def kernels(self) -> list[str]:
+        return [f"single_pass_prepare_{self.suffix}", self.kernel, f"single_pass_reduce_{self.suffix}"]
+
+    def check_data(self, X: Array, y: Array, what: str) -> int:
+        m = int(y.shape[0])
+        if X.shape != (self.n0, m) or X.dtype != np.uint8 or not X.flags.c_contiguous:
+            raise ValueError(f"{what}: X must be the C-contiguous uint8 pixels, shape ({self.n0}, m), got {X.dtype} "
+                             f"{X.shape}")
+        if y.dtype != np.int64 or y.ndim != 1 or not y.flags.c_contiguous:
+            raise ValueError(f"{what}: y must be int64 labels of shape (m,), got {y.dtype} {y.shape}")
+        if not 1 <= m <= self.columns:
+            raise ValueError(f"{what}: made for 1 to {self.columns} columns, got {m}")
+        return m
+
+    def enqueue(self, P: Array, X: Array, y: Array, m: int, G: Array) -> int:
+        """G = the unnormalized gradient sums for the parameters P (flat) on the m samples X (uint8), y, and the
+        blocks' loss and hit sums in ``losses``. Returns the number of blocks (of partials)."""
+        device, config, layout = self.device, self.device.config, self.layout
+        blocks = self.blocks_for(m)
+        device.launch(f"single_pass_prepare_{self.suffix}", config.elementwise_grid(self.n0 * self.hp4), config.block,
+                      (P, np.int32(self.n0), np.int32(self.h), np.int32(self.hp4), self.W1T))
+        device.launch(self.kernel, blocks, self.block,
+                      (X, y, np.int32(self.n0), np.int32(m), np.int32(self.h), np.int32(self.classes), P, self.W1T,
+                       self.part, self.losses))
+        width = min(32, config.block)
+        device.launch(f"single_pass_reduce_{self.suffix}", max(1, min(-(-layout.n_total // width), config.blocks)),
+                      config.block, (self.part, np.int32(blocks), np.int64(layout.n_total),
+                                     np.int64(self.h * self.n0), G))
+        return blocks
+
+
+class SinglePassCudaPass:
+    """``loss_and_gradients`` on the single pass, for X as uint8 pixels: made once with the network and the largest
+    batch, called every step. Returns what :func:`gpunn.nn.loss_and_gradients` returns for X / 255 (new device
+    arrays: the loss and the accuracy 0-d, the gradients normalized by m with the L2 term), and never waits for the
+    device."""
+
+    def __init__(self, arch: Architecture, dtype: str, columns: int, *, device: Device) -> None:
+        self.sp = _SinglePass(arch, dtype, device, columns)
+        self.device, self.dtype = device, np.dtype(dtype)
+        layout = self.sp.layout
+        self.P = device.empty((layout.n_total,), self.dtype)  # the parameters of the call, copied in
+        self.params = layout.views(self.P)
+        self.G = device.empty((layout.n_total,), self.dtype)  # unnormalized sums
+        self.out = device.empty((layout.n_total,), self.dtype)  # normalized gradients
+        self.squares = device.empty((2 * device.config.reduce_blocks,), np.float64)
+        self.figures = device.empty((1, 5), self.dtype)  # a one-row metrics buffer: loss, accuracy
+        self.counter = device.zeros((1,), np.int64)  # a one-row buffer takes row 0 whatever the count
+
+    def __enter__(self) -> SinglePassCudaPass:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def __call__(self, params: Sequence[Layer], X: Array, Y: Array, y: Array, *, l2: float = 0.0,
+                 dropout: float = 0.0, rng: Any = None) -> tuple[Array, Array, list[Layer]]:
+        """The mean cross-entropy (with the L2 term), the accuracy and the gradients on X / 255. X: (n_0, m) uint8
+        pixels, m <= columns; Y: unused (the labels y say the same); y: (m,) int64. ``dropout`` must be 0."""
+        if dropout:
+            raise ValueError("the single pass has no dropout; the backend uses the generic code for it")
+        sp, device, config = self.sp, self.device, self.device.config
+        m = sp.check_data(X, y, "SinglePassCudaPass")
+        for (W, b), (W_flat, b_flat) in zip(params, self.params, strict=True):
+            device.copy(W_flat, W)
+            device.copy(b_flat, b)
+        layout, suffix = sp.layout, sp.suffix
+        square_parts = config.reduce_grid(layout.n_total)
+        device.launch(f"sum_squares_{suffix}", square_parts, config.block,
+                      (self.P, np.int64(layout.n_weights), np.int64(layout.n_total), self.squares))
+        parts = sp.enqueue(self.P, X, y, m, self.G)
+        device.launch(f"train_metrics_{suffix}", 1, config.block,
+                      (self.figures, np.int32(1), self.counter, sp.losses, np.int32(parts), self.squares,
+                       np.int32(square_parts), np.int32(m), np.float64(l2)))
+        device.launch(f"scale_grads_{suffix}", config.elementwise_grid(layout.n_total), config.block,
+                      (self.G, self.P, self.out, np.int64(layout.n_weights), np.int64(layout.n_total),
+                       self.dtype.type(1 / m), self.dtype.type(l2 / m)))
+        grads = [Layer(device.clone(dW), device.clone(db)) for dW, db in layout.views(self.out)]
+        return device.clone(self.figures[0, 0, ...]), device.clone(self.figures[0, 1, ...]), grads
+
+
+class SinglePassGraphStep(CudaGraphStep):
+    """:class:`CudaGraphStep` with the single pass in place of the layer-wise forward and backward: X is the uint8
+    pixels. Loading, running, the graph (or its fallback), the metrics ring and the state are CudaGraphStep's.
+
+    The validation pass stays on the layer-wise kernels (cuBLAS and softmax_xent) over float X_val: the training
+    loop prepares the validation set as floats whatever the step (gpunn.train.DeviceData), and at 1,000 samples
+    its 3 MB are 6 % of the epoch's bytes. What it costs is its four launches (two GEMMs, bias_relu,
+    softmax_xent); a forward-only single pass over uint8 X_val would make them one, if the loop kept X_val as
+    pixels too.
+    """
+
+    GRAPH_NAME = "single-pass CUDA kernel over uint8 pixels, one CUDA graph per epoch"
+    EAGER_NAME = "single-pass CUDA kernel over uint8 pixels, launched one by one per epoch"
+
+    def __init__(self, arch: Architecture, dtype: str, rule: Optimizer, l2: float, learning_rates: Sequence[float],
+                 train: tuple[Array, Array], val: tuple[Array, Array] | None, capacity: int, device: Device, *,
+                 graph: bool = True) -> None:
+        # The attributes CudaGraphStep's methods use, set here rather than by CudaGraphStep.__init__, which checks
+        # the training X as floats and sizes its activations for the training set; here only the validation
+        # pass has activations.
+        if not learning_rates:
+            raise ValueError("learning_rates must hold one rate per epoch, got none")
+        if capacity < 1:
+            raise ValueError(f"the metrics buffer needs at least one row, got capacity {capacity}")
+        X, y = train
+        m_val = 0 if val is None else int(val[1].shape[0])
+        self.sp = _SinglePass(arch, dtype, device, int(y.shape[0]))
+        self.m = self.sp.check_data(X, y, "training data")
+        self.net = _Network(arch, dtype, device, max(m_val, 1))
+        net = self.net
+        if val is not None:
+            net.check_data(*val, "validation data")
+        self.arch, self.rule, self.l2, self.device = arch, rule, float(l2), device
+        self.dtype = net.dtype
+        self.X, self.y, self.val, self.m_val = X, y, val, m_val
+        self.epochs = len(learning_rates)
+        self.capacity = capacity
+        layout = net.layout
+        self.P = device.empty((layout.n_total,), self.dtype)
+        self.state_flat = {name: device.zeros((layout.n_total,), self.dtype) for name in ("v", "s")}
+        self.metrics = device.upload(np.full((capacity, 5), np.nan, self.dtype))
+        self.lr_table = device.upload(np.asarray(learning_rates, self.dtype))
+        self.lr_now = device.zeros((1,), self.dtype)
+        self.counter = device.zeros((1,), np.int64)
+        self.squares = device.empty((2 * device.config.reduce_blocks,), np.float64)
+        self.val_partials = device.empty((2 * device.config.reduce_blocks,), np.float64)
+        self._graph: Any = None
+        self._next: int | None = None
+        reason = None if graph else "graphs turned off"
+        reason = reason or device.capture_unavailable()
+        self.name = self.GRAPH_NAME if reason is None else f"{self.EAGER_NAME} ({reason})"
+        self._want_graph = reason is None
+
+    def _capture(self) -> None:
+        net = self.net
+        # a dry run of the launches that a capture may not be the first to make (kernel loading, cuBLAS's choice
+        # of kernels for the validation pass): it writes only scratch buffers (W1T, partials, G, activations)
+        self.sp.enqueue(self.P, self.X, self.y, self.m, net.G)
+        if self.val is not None:
+            net.forward(net.layout.views(self.P), *self.val, self.m_val, self.val_partials, delta=False)
+        self.device.prepare(self.sp.kernels() + [net.kernel(name) for name in (
+            "advance_epoch", "train_metrics", "update", "sum_squares", "bias_relu", "softmax_xent", "val_metrics")])
+        try:
+            self._graph = self.device.capture(self._enqueue_epoch)
+        except Exception as error:  # noqa: BLE001 - any failure of the capture means: run without a graph
+            self._want_graph = False
+            self.name = f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
+
+    def _enqueue_epoch(self) -> None:
+        """One epoch's launches: CudaGraphStep's, with the single pass (3 launches) in place of the forward and
+        backward passes."""
+        device, net, config = self.device, self.net, self.device.config
+        layout = net.layout
+        params = layout.views(self.P)
+        block = config.block
+        device.launch(net.kernel("advance_epoch"), 1, 1,
+                      (self.counter, self.lr_table, np.int32(self.epochs), self.lr_now))
+        parts = self.sp.enqueue(self.P, self.X, self.y, self.m, net.G)
+        square_parts = config.reduce_grid(layout.n_total)
+        device.launch(net.kernel("train_metrics"), 1, block,
+                      (self.metrics, np.int32(self.capacity), self.counter, self.sp.losses, np.int32(parts),
+                       self.squares, np.int32(square_parts), np.int32(self.m), np.float64(self.l2)))
+        device.launch(net.kernel("update"), config.elementwise_grid(layout.n_total), block,
+                      (self.P, net.G, self.state_flat["v"], self.state_flat["s"], np.int64(layout.n_weights),
+                       np.int64(layout.n_total), self.dtype.type(1 / self.m), self.dtype.type(self.l2 / self.m),
+                       self.lr_now, self.counter, np.int32(RULES[self.rule.name]), np.float64(self.rule.beta1),
+                       np.float64(self.rule.beta2), np.float64(self.rule.eps)))
+        net.sum_squares(self.P, self.squares)
+        val_parts = 0
+        if self.val is not None:
+            val_parts = net.forward(params, *self.val, self.m_val, self.val_partials, delta=False)
+        device.launch(net.kernel("val_metrics"), 1, block,
+                      (self.metrics, np.int32(self.capacity), self.counter, self.val_partials, np.int32(val_parts),
+                       self.squares, np.int32(square_parts), np.int32(self.m_val)))
+
+
+def single_pass_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, device: Device) -> Step | None:
+    """The single pass as :meth:`gpunn.backend.Backend.step` hands it out, or None where it does not cover the run:
+    a :class:`Step` with ``pixels=True`` (the training loop keeps the training X as uint8 on the device), the
+    gradient pass :class:`SinglePassCudaPass`, the fused update, and for full-batch epochs a
+    :class:`SinglePassGraphStep`. It computes on X / 255: a backend hands it out only where
+    :meth:`gpunn.backend.Backend.step` is told ``pixels=True`` (not for standardized inputs)."""
+    if single_pass_unsupported(arch, dtype=dtype, dropout=dropout) is not None:
+        return None
+    unavailable = device.capture_unavailable()
+    name = "single-pass CUDA kernel over uint8 pixels" + (
+        ", a full-batch epoch as one CUDA graph" if unavailable is None else
+        f", launched one by one (no CUDA graphs: {unavailable})")
+
+    def epochs(config: Any, train: Any, val: Any, capacity: int) -> SinglePassGraphStep | None:
+        if config.batch_columns(train.m) != train.m:
+            return None  # mini-batches: SinglePassCudaPass and the fused update in gpunn.train's loop, no graph
+        rates = [config.lr_at(epoch) for epoch in range(1, config.epochs + 1)]
+        return SinglePassGraphStep(arch, dtype, config.rule, config.l2, rates, (train.X, train.y),
+                                   None if val is None else (val.X, val.y), capacity, device)
+
+    return Step(name, lambda: SinglePassCudaPass(arch, dtype, columns, device=device),
+                update=lambda rule: FusedCudaUpdate(rule, dtype, device=device), pixels=True, epochs=epochs)
+
+
+def cuda_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, pixels: bool, device: Device
+              ) -> Step | None:
+    """The CUDA fast path for a run, or None where neither covers it: the single pass over uint8 pixels for one small
+    hidden layer on plain pixels / 255 (``pixels``), else the layer-wise fused kernels."""
+    if pixels:
+        single = single_pass_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=device)
+        if single is not None:
+            return single
+    return fused_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=device)

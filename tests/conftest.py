@@ -49,8 +49,8 @@ class EmulatedCudaBackend(Backend):
     def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True) -> Step:
         from gpunn import fused_cuda
 
-        fused = self.fast and fused_cuda.fused_step(arch, dtype=dtype, columns=columns, dropout=dropout,
-                                                    device=self.kernels)
+        fused = self.fast and fused_cuda.cuda_step(arch, dtype=dtype, columns=columns, dropout=dropout,
+                                                   pixels=pixels, device=self.kernels)
         return fused or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
 
 

@@ -285,3 +285,22 @@ def test_the_cpu_chooses_its_fast_path_by_network(monkeypatch):
     assert step(784, 10, 10).notice.startswith("compiling the single-pass CPU kernel for float32 (once")
     monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype: False)
     assert step(784, 10, 10).notice == ""
+
+
+def test_cuda_chooses_its_fast_path_by_network():
+    """On CUDA (here its emulation): the single pass over uint8 pixels for one hidden ReLU layer of up to 16 units on
+    plain pixels / 255; the layer-wise fused kernels for the rest; the generic math where neither applies."""
+    from conftest import emulated_cuda_or_skip
+
+    from gpunn.nn import Architecture
+
+    cuda = emulated_cuda_or_skip()
+
+    def step(*sizes, pixels=True, dropout=0.0):
+        return cuda.step(Architecture(sizes), dtype="float32", columns=60_000, dropout=dropout, pixels=pixels)
+
+    assert step(784, 10, 10).name.startswith("single-pass CUDA kernel over uint8 pixels") and step(784, 10, 10).pixels
+    assert step(784, 16, 10).pixels
+    for fused in (step(784, 17, 10), step(784, 10, 10, pixels=False), step(784, 16, 16, 10)):
+        assert fused.name.startswith("fused CUDA kernels") and not fused.pixels
+    assert step(784, 10, 10, dropout=0.2).name == "the generic array-API math"

@@ -94,7 +94,7 @@ def test_each_kernel_comes_in_both_element_types_with_one_parameter_list():
             twin = kernels[name.removesuffix("_f32") + "_f64"]
             assert [p.name for p in twin.params] == [p.name for p in info.params]
             assert [p.ctype.replace("float", "double") for p in info.params] == [p.ctype for p in twin.params]
-    assert len(kernels) == 22
+    assert len(kernels) == 42
 
 
 # --- the same sources on CPU threads (and, marked gpu, on the GPU) ---------------------------------------------

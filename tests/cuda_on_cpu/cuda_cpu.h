@@ -51,6 +51,8 @@ inline dim3 gridDim;
 #define __host__
 #define __forceinline__ inline
 #define __noinline__
+// a hint to the GPU's register allocator: nothing to do on the CPU
+#define __launch_bounds__(...)
 // one block runs at a time, so one copy of a block's shared array serves every block in turn
 #define __shared__ static
 

@@ -15,6 +15,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+#: (library, source, name, options) -> (binary, log) of every successful compile in this process: the suite compiles
+#: the same sources for the same architectures in more than one test, and gpunn/kernels/single_pass.cu alone takes
+#: NVRTC 10-30 s per architecture on a 2-core machine
+_COMPILED: dict[tuple[str, str, str, tuple[str, ...]], tuple[bytes, str]] = {}
+
 # relative to a site-packages directory: the CUDA 13 wheel's layout first, then the CUDA 12 wheels'
 _WHEEL_PATHS = ("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cuda_nvrtc/lib/libnvrtc.so.12")
 _SYSTEM_DIRS = ("lib64", "lib", "targets/x86_64-linux/lib")
@@ -56,7 +61,14 @@ class Nvrtc:
 
     def compile(self, source: str, name: str, options: tuple[str, ...]) -> tuple[bytes, str]:
         """Compiles ``source`` with ``options``: the PTX (``-arch=compute_XY``) or cubin (``-arch=sm_XY``), and
-        NVRTC's log (its warnings). Raises NvrtcCompileError with the log when the compilation fails."""
+        NVRTC's log (its warnings). Raises NvrtcCompileError with the log when the compilation fails. The same
+        compile asked again in this process returns the first one's result."""
+        key = (self.path, source, name, tuple(options))
+        if key not in _COMPILED:
+            _COMPILED[key] = self._compile(source, name, tuple(options))
+        return _COMPILED[key]
+
+    def _compile(self, source: str, name: str, options: tuple[str, ...]) -> tuple[bytes, str]:
         lib = self.lib
         program = ctypes.c_void_p()
         self._check(lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0, None, None),
