@@ -245,6 +245,11 @@ class CupyBackend(Backend):
                                          "measured on a GPU)")
         return generic
 
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        # row-major on the GPU whatever the host's layout (a split's X is a transposed view): the fused kernels read
+        # rows, and the copy to the device is made anyway
+        return self.cupy.ascontiguousarray(super().asarray(a, dtype))
+
     def to_numpy(self, a: Any) -> np.ndarray:
         return self.cupy.asnumpy(a)
 

@@ -281,8 +281,11 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
     if unlabelled_test:
         check_writable(submission, "--submission")
     parts = split(dataset, val_size=config.val_size, seed=config.seed)
+    # the split holds its own shuffled copy: the file's training images (47 MB for MNIST) can go before training
+    source, unlabelled_images = dataset.source, dataset.test_images if unlabelled_test else None
+    del dataset
     say = (lambda text: None) if quiet else echo
-    for line in describe_run(config, backend, parts, dataset.source):
+    for line in describe_run(config, backend, parts, source):
         say(line)
     if resumed is not None:
         say(f"resume:  {resume}, after epoch {done}")
@@ -324,7 +327,7 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         raise SystemExit(failed.exit_code) from None
     finally:
         progress.close()
-    summary = {**result.summary(), "data": dataset.source}
+    summary = {**result.summary(), "data": source}
     with deferred_signals():  # a signal now would lose the whole run: it takes effect once the model is on disk
         save_model(out, with_data(result.model), backend)
     if metrics_out is not None:
@@ -353,8 +356,8 @@ def train(data_dir: Path | None, dataset_name: str | None, train_csv: Path | Non
         written = write_plots(plot_dir, [*records, summary], result.model, images, labels, part, backend)
         say(f"plots ({part}) written to {plot_dir}: {', '.join(p.name for p in written)}")
     if unlabelled_test:
-        write_submission(submission, predict_proba(result.model, dataset.test_images.T, backend=backend))
-        say(f"predictions for the {len(dataset.test_images):,} digits of {test_csv} written to {submission}")
+        write_submission(submission, predict_proba(result.model, unlabelled_images.T, backend=backend))
+        say(f"predictions for the {len(unlabelled_images):,} digits of {test_csv} written to {submission}")
 
 
 @main.command()

@@ -248,7 +248,8 @@ def load_bundled_sample() -> Dataset:
 
 
 def split(dataset: Dataset, *, val_size: int, seed: int) -> Split:
-    """Shuffle the training digits with ``seed``, hold out ``val_size`` of them, and transpose to (784, m)."""
+    """Shuffle the training digits with ``seed``, hold out ``val_size`` of them, and show them as (784, m): one sample
+    per column (a transposed view of the shuffled (m, 784) rows)."""
     m = len(dataset.train_labels)
     if not 0 <= val_size < m:
         raise DataError(
@@ -259,8 +260,11 @@ def split(dataset: Dataset, *, val_size: int, seed: int) -> Split:
     val, train = order[:val_size], order[val_size:]
 
     def columns(images: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
-        # one sample per column, contiguous, so that W @ X streams through memory
-        return np.ascontiguousarray(images[rows].T)
+        # One sample per column, each sample's pixels still contiguous, as the file stores them: the transposed view
+        # of the shuffled rows, not a transposed copy. The shuffle is the one copy of the images; the single pass
+        # reads samples in this layout, the products of the other steps take it as it is (BLAS reads a transposed
+        # operand in place), and a GPU backend lays it out for its kernels as it copies it over.
+        return np.asarray(images[rows]).T
 
     def labels(values: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
         return values[rows].astype(np.int64)

@@ -898,11 +898,17 @@ def build_index(X: np.ndarray) -> PixelIndex:
     padded = np.zeros((groups * GROUP, mask.shape[1]), np.uint64)
     padded[:m] = mask
     union = np.bitwise_or.reduce(padded.reshape(groups, GROUP, -1), axis=1)
-    bits = np.unpackbits(union.view(np.uint8), axis=1, bitorder="little")[:, :n0]
-    group, lists = np.nonzero(bits)
+    # the lists in blocks of groups: np.nonzero's int64 indices for all of MNIST at once would take 40 MB for a moment
+    counts, pieces = np.zeros(groups, np.int64), []
+    for first in range(0, groups, 1024):
+        bits = np.unpackbits(union[first : first + 1024].view(np.uint8), axis=1, bitorder="little")[:, :n0]
+        group, pixels = np.nonzero(bits)
+        counts[first : first + len(bits)] = np.bincount(group, minlength=len(bits))
+        pieces.append(pixels.astype(np.uint16))
     list_start = np.zeros(groups + 1, np.int64)
-    np.cumsum(np.bincount(group, minlength=groups), out=list_start[1:])
-    return PixelIndex(X, rows, mask, np.arange(m, dtype=np.int64), lists.astype(np.uint16), list_start)
+    np.cumsum(counts, out=list_start[1:])
+    lists = np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
+    return PixelIndex(X, rows, mask, np.arange(m, dtype=np.int64), lists, list_start)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

@@ -267,7 +267,9 @@ def fingerprint(split: Split) -> str:
     """SHA-256 of the training and validation data in their shuffled order: a resumed run must see the same."""
     digest = hashlib.sha256()
     for array in (split.X_train, split.y_train, split.X_val, split.y_val):
-        digest.update(np.ascontiguousarray(array).data)
+        # the bytes in row-major order, a row at a time: the same digest whatever the layout, with no copy of X
+        for row in np.atleast_2d(array):
+            digest.update(np.ascontiguousarray(row).data)
     return digest.hexdigest()
 
 
@@ -704,16 +706,24 @@ def describe_run(config: TrainConfig, backend: Backend, split: Split, source: st
     return lines
 
 
+#: digits per forward pass in evaluation and prediction: the floats of a whole test set need not exist at once
+EVALUATION_COLUMNS = 8192
+
+
 def evaluate(model: Model, X_uint8: Any, y: Any, *, backend: Backend) -> float:
     """The fraction of the digits X (n_0, m) uint8 on the host that ``model`` labels correctly."""
-    A_L = model.probabilities(backend.asarray(_fits(model, X_uint8)))
-    return float(backend.to_numpy(accuracy(A_L, backend.asarray(y))))
+    predicted = predict_proba(model, X_uint8, backend=backend).argmax(axis=1)
+    return float(np.mean(predicted == np.asarray(y)))
 
 
 def predict_proba(model: Model, X_uint8: Any, *, backend: Backend) -> np.ndarray:
-    """Class probabilities (m, classes) on the host for the digits X (n_0, m) uint8 on the host."""
-    A_L = model.probabilities(backend.asarray(_fits(model, X_uint8)))
-    return backend.to_numpy(A_L).T
+    """Class probabilities (m, classes) on the host for the digits X (n_0, m) uint8 on the host, computed
+    :data:`EVALUATION_COLUMNS` digits at a time."""
+    X_uint8 = _fits(model, X_uint8)
+    parts = [backend.to_numpy(model.probabilities(backend.asarray(X_uint8[:, first:first + EVALUATION_COLUMNS])))
+             for first in range(0, X_uint8.shape[1], EVALUATION_COLUMNS)]
+    classes = model.arch.sizes[-1]
+    return np.concatenate(parts, axis=1).T if parts else np.empty((0, classes), np.dtype(model.dtype))
 
 
 def _fits(model: Model, X_uint8: Any) -> Any:

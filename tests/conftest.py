@@ -43,6 +43,9 @@ class EmulatedCudaBackend(Backend):
         super().__init__("cuda-emulated", xp, "cpu", fast=True)
         self.kernels = EmulatedDevice()
 
+    def asarray(self, a, dtype=None):
+        return np.ascontiguousarray(super().asarray(a, dtype))  # row-major, as CupyBackend lays out what it copies
+
     def random(self, seed: int):
         return np.random.default_rng(seed)
 

@@ -101,7 +101,8 @@ def test_split_shuffles_holds_out_and_transposes():
     sample = load_bundled_sample()
     parts = split(sample, val_size=1000, seed=0)
     assert parts.X_train.shape == (784, 4000) and parts.X_val.shape == (784, 1000)
-    assert parts.X_train.flags.c_contiguous and parts.X_train.dtype == np.uint8
+    # a transposed view of the shuffled (m, 784) rows: one sample per column, its pixels contiguous, no second copy
+    assert parts.X_train.T.flags.c_contiguous and parts.X_train.dtype == np.uint8
     assert parts.y_train.dtype == np.int64 and parts.X_test is None
     assert parts.sizes() == "4,000 train / 1,000 validation / 0 test"
     # every digit lands in exactly one part, with its own label
