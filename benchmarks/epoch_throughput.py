@@ -70,7 +70,7 @@ PEERS = {
     "torch-graph": Peer("peers.torch_step", "make_graphed", ("cuda",)),
 }
 #: implementations with a fixed colour in every figure; others get one from their name's hash
-KNOWN = ("gpunn", "gpunn-generic", *PEERS)
+KNOWN = ("gpunn", "gpunn-generic", *PEERS, "gpunn-fused-blas")
 
 
 def gpunn_variants(device: str) -> list[tuple[str, Backend]]:
