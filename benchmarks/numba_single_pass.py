@@ -69,8 +69,8 @@ def numpy_step(W1, b1, W2, b2, X, Y):
 
 class Runner:
     """One implementation's weights and its step; step() = gradients + the shared update. A pass object (context)
-    is entered around each step only: FusedCpuPass holds BLAS to one thread while entered, which must not reach the
-    NumPy and generic steps, and SinglePassCpu sets Numba's thread count."""
+    is entered around each step only, outside the timed region: the passes hold BLAS to one thread while entered,
+    which must not reach the NumPy and generic steps, and SinglePassCpu sets Numba's thread count."""
 
     def __init__(self, name: str, gradients: Callable[[list[Layer]], tuple[Any, list[Layer]]],
                  params: list[Layer], context: Any = None) -> None:
@@ -80,8 +80,9 @@ class Runner:
         self.context = context if context is not None else contextlib.nullcontext()
 
     def step(self) -> float:
-        with self.context:
-            loss, grads = self.gradients(self.params)
+        """One step; the caller has entered ``context`` (entering it is not part of a step's time: it sets thread
+        counts, which a training run does once)."""
+        loss, grads = self.gradients(self.params)
         for (W, b), (dW, db) in zip(self.params, grads):
             W -= LR * dW
             b -= LR * db
@@ -129,15 +130,20 @@ def interleaved(runners: list[Runner], rounds: int, pause: float) -> dict[str, l
         k = round_ % len(runners)
         for runner in runners[k:] + runners[:k]:
             time.sleep(pause)
-            start = time.perf_counter()
-            runner.step()
-            times[runner.name].append((time.perf_counter() - start) * 1e3)
+            with runner.context:
+                start = time.perf_counter()
+                runner.step()
+                times[runner.name].append((time.perf_counter() - start) * 1e3)
     return times
 
 
 def check_same_step(runners: list[Runner]) -> dict[str, float]:
     """Each implementation's first loss (untimed; also its warm-up), which must match the generic math's."""
-    return {r.name: r.step() for r in runners}
+    losses = {}
+    for runner in runners:
+        with runner.context:
+            losses[runner.name] = runner.step()
+    return losses
 
 
 def measure(images, labels, hidden: list[int], dtypes: list[str], rounds: int, threads: int | None,

@@ -946,9 +946,11 @@ class SinglePassCpu:
     for measurements and tests. ``threads``: at most this many (default: every usable core); :attr:`threads` is what
     a full step of ``columns`` samples uses, and smaller steps use fewer (see :func:`threads_for`).
 
-    Measured on MNIST (m = 60,000, float32, 2 cores shared with other work; benchmarks/numba_single_pass.py, results
-    in benchmarks/results/intel-xeon-numba-single-pass*.md): 1.6-2.2x faster than the dense kernel, 2-4x the NumPy
-    program and FusedCpuPass at h = 10, 64 and 256. A cold compile takes about 8 s per dtype, a cached one 0.2 s.
+    Measured on MNIST (m = 60,000, float32, the 2-core development machine): a 784-10-10 step 11.9 ms against 20.5 ms
+    for the dense kernel (steps back to back); in the epoch benchmark's interleaved run
+    (benchmarks/results/intel-xeon-cpu.md) 3.3x faster than FusedCpuPass and 3.5x the NumPy program at h = 10, 2.0x
+    and 2.5x at h = 256; benchmarks/numba_single_pass.py puts the dense kernel at about 2x at h = 256 to 1024. A cold
+    compile takes about 8 s per dtype, a cached one 0.2 s.
     """
 
     pixels = True  # takes X as raw uint8 pixels, not floats
