@@ -681,6 +681,18 @@ class _Network:
         return m
 
 
+def _call_buffers(owner: Any, layout: FlatLayout, dtype: np.dtype, device: Device) -> None:
+    """What a gradient pass called like loss_and_gradients keeps between calls: the call's parameters copied into
+    one flat buffer (``P``, with per-layer views ``params``), the normalized gradients (``out``), the partial sums of
+    squares for L2, a one-row metrics buffer (``figures``: loss, accuracy) and its row counter."""
+    owner.P = device.empty((layout.n_total,), dtype)
+    owner.params = layout.views(owner.P)
+    owner.out = device.empty((layout.n_total,), dtype)
+    owner.squares = device.empty((2 * device.config.reduce_blocks,), np.float64)
+    owner.figures = device.empty((1, 5), dtype)
+    owner.counter = device.zeros((1,), np.int64)  # a one-row buffer takes row 0 whatever the count
+
+
 class FusedCudaPass:
     """``loss_and_gradients`` on the CUDA kernels for one run: made once with the network and the largest batch,
     called every step. Returns what :func:`gpunn.nn.loss_and_gradients` returns (new device arrays: the loss and
@@ -689,13 +701,7 @@ class FusedCudaPass:
     def __init__(self, arch: Architecture, dtype: str, columns: int, *, device: Device) -> None:
         self.net = _Network(arch, dtype, device, columns)
         self.device = device
-        layout = self.net.layout
-        self.P = device.empty((layout.n_total,), self.net.dtype)  # the parameters of the call, copied in
-        self.params = layout.views(self.P)
-        self.out = device.empty((layout.n_total,), self.net.dtype)  # normalized gradients
-        self.squares = device.empty((2 * device.config.reduce_blocks,), np.float64)
-        self.figures = device.empty((1, 5), self.net.dtype)  # a one-row metrics buffer: loss, accuracy
-        self.counter = device.zeros((1,), np.int64)  # a one-row buffer takes row 0 whatever the count
+        _call_buffers(self, self.net.layout, self.net.dtype, device)
 
     def __enter__(self) -> FusedCudaPass:
         return self
@@ -806,20 +812,29 @@ class CudaGraphStep:
     def __init__(self, arch: Architecture, dtype: str, rule: Optimizer, l2: float, learning_rates: Sequence[float],
                  train: tuple[Array, Array], val: tuple[Array, Array] | None, capacity: int, device: Device, *,
                  graph: bool = True) -> None:
+        X, y = train
+        m_val = 0 if val is None else int(val[1].shape[0])
+        # the layer-wise kernels' activations, for the training set and the validation set alike
+        net = _Network(arch, dtype, device, max(int(y.shape[0]), m_val))
+        self._setup(arch, net, net.check_data(X, y, "training data"), rule, l2, learning_rates, train, val, capacity,
+                    device, graph)
+
+    def _setup(self, arch: Architecture, net: _Network, m: int, rule: Optimizer, l2: float,
+               learning_rates: Sequence[float], train: tuple[Array, Array], val: tuple[Array, Array] | None,
+               capacity: int, device: Device, graph: bool) -> None:
+        """The state every epoch runner keeps (``m``: the checked number of training samples): the flat
+        parameters and averages, the metrics ring, the learning rates and counters, and whether to capture."""
         if not learning_rates:
             raise ValueError("learning_rates must hold one rate per epoch, got none")
         if capacity < 1:
             raise ValueError(f"the metrics buffer needs at least one row, got capacity {capacity}")
-        X, y = train
-        m_val = 0 if val is None else int(val[1].shape[0])
-        self.net = _Network(arch, dtype, device, max(int(y.shape[0]), m_val))
-        net = self.net
-        self.m = net.check_data(X, y, "training data")
         if val is not None:
             net.check_data(*val, "validation data")
+        self.net, self.m = net, m
         self.arch, self.rule, self.l2, self.device = arch, rule, float(l2), device
         self.dtype = net.dtype
-        self.X, self.y, self.val, self.m_val = X, y, val, m_val
+        self.X, self.y = train
+        self.val, self.m_val = val, 0 if val is None else int(val[1].shape[0])
         self.epochs = len(learning_rates)
         self.capacity = capacity
         layout = net.layout
@@ -890,11 +905,10 @@ class CudaGraphStep:
         block = config.block
         device.launch(net.kernel("advance_epoch"), 1, 1,
                       (self.counter, self.lr_table, np.int32(self.epochs), self.lr_now))
-        parts = net.forward(params, self.X, self.y, self.m, net.partials, delta=True)
-        net.backward(params, self.X, self.m)
+        parts, partials = self._enqueue_gradients(params)
         square_parts = config.reduce_grid(layout.n_total)
         device.launch(net.kernel("train_metrics"), 1, block,
-                      (self.metrics, np.int32(self.capacity), self.counter, net.partials, np.int32(parts),
+                      (self.metrics, np.int32(self.capacity), self.counter, partials, np.int32(parts),
                        self.squares, np.int32(square_parts), np.int32(self.m), np.float64(self.l2)))
         device.launch(net.kernel("update"), config.elementwise_grid(layout.n_total), block,
                       (self.P, net.G, self.state_flat["v"], self.state_flat["s"], np.int64(layout.n_weights),
@@ -908,6 +922,13 @@ class CudaGraphStep:
         device.launch(net.kernel("val_metrics"), 1, block,
                       (self.metrics, np.int32(self.capacity), self.counter, self.val_partials, np.int32(val_parts),
                        self.squares, np.int32(square_parts), np.int32(self.m_val)))
+
+    def _enqueue_gradients(self, params: list[Layer]) -> tuple[int, Array]:
+        """The step's forward and backward passes, the gradient sums left in ``net.G``: returns how many partial sums
+        of the loss and hits there are, and the buffer that holds them."""
+        parts = self.net.forward(params, self.X, self.y, self.m, self.net.partials, delta=True)
+        self.net.backward(params, self.X, self.m)
+        return parts, self.net.partials
 
     def run(self, epoch: int) -> None:
         """Enqueue epoch ``epoch`` (1-based, consecutive): its step, its validation pass and the write of row
@@ -1090,14 +1111,8 @@ class SinglePassCudaPass:
     def __init__(self, arch: Architecture, dtype: str, columns: int, *, device: Device) -> None:
         self.sp = _SinglePass(arch, dtype, device, columns)
         self.device, self.dtype = device, np.dtype(dtype)
-        layout = self.sp.layout
-        self.P = device.empty((layout.n_total,), self.dtype)  # the parameters of the call, copied in
-        self.params = layout.views(self.P)
-        self.G = device.empty((layout.n_total,), self.dtype)  # unnormalized sums
-        self.out = device.empty((layout.n_total,), self.dtype)  # normalized gradients
-        self.squares = device.empty((2 * device.config.reduce_blocks,), np.float64)
-        self.figures = device.empty((1, 5), self.dtype)  # a one-row metrics buffer: loss, accuracy
-        self.counter = device.zeros((1,), np.int64)  # a one-row buffer takes row 0 whatever the count
+        _call_buffers(self, self.sp.layout, self.dtype, device)
+        self.G = device.empty((self.sp.layout.n_total,), self.dtype)  # unnormalized sums
 
     def __enter__(self) -> SinglePassCudaPass:
         return self
@@ -1148,41 +1163,14 @@ class SinglePassGraphStep(CudaGraphStep):
     def __init__(self, arch: Architecture, dtype: str, rule: Optimizer, l2: float, learning_rates: Sequence[float],
                  train: tuple[Array, Array], val: tuple[Array, Array] | None, capacity: int, device: Device, *,
                  graph: bool = True) -> None:
-        # The attributes CudaGraphStep's methods use, set here rather than by CudaGraphStep.__init__, which checks
-        # the training X as floats and sizes its activations for the training set; here only the validation
-        # pass has activations.
-        if not learning_rates:
-            raise ValueError("learning_rates must hold one rate per epoch, got none")
-        if capacity < 1:
-            raise ValueError(f"the metrics buffer needs at least one row, got capacity {capacity}")
+        # not CudaGraphStep.__init__, which checks the training X as floats and sizes the layer-wise activations for
+        # the training set: here only the validation pass has activations
         X, y = train
         m_val = 0 if val is None else int(val[1].shape[0])
         self.sp = _SinglePass(arch, dtype, device, int(y.shape[0]))
-        self.m = self.sp.check_data(X, y, "training data")
-        self.net = _Network(arch, dtype, device, max(m_val, 1))
-        net = self.net
-        if val is not None:
-            net.check_data(*val, "validation data")
-        self.arch, self.rule, self.l2, self.device = arch, rule, float(l2), device
-        self.dtype = net.dtype
-        self.X, self.y, self.val, self.m_val = X, y, val, m_val
-        self.epochs = len(learning_rates)
-        self.capacity = capacity
-        layout = net.layout
-        self.P = device.empty((layout.n_total,), self.dtype)
-        self.state_flat = {name: device.zeros((layout.n_total,), self.dtype) for name in ("v", "s")}
-        self.metrics = device.upload(np.full((capacity, 5), np.nan, self.dtype))
-        self.lr_table = device.upload(np.asarray(learning_rates, self.dtype))
-        self.lr_now = device.zeros((1,), self.dtype)
-        self.counter = device.zeros((1,), np.int64)
-        self.squares = device.empty((2 * device.config.reduce_blocks,), np.float64)
-        self.val_partials = device.empty((2 * device.config.reduce_blocks,), np.float64)
-        self._graph: Any = None
-        self._next: int | None = None
-        reason = None if graph else "graphs turned off"
-        reason = reason or device.capture_unavailable()
-        self.name = self.GRAPH_NAME if reason is None else f"{self.EAGER_NAME} ({reason})"
-        self._want_graph = reason is None
+        m = self.sp.check_data(X, y, "training data")
+        self._setup(arch, _Network(arch, dtype, device, max(m_val, 1)), m, rule, l2, learning_rates, train, val,
+                    capacity, device, graph)
 
     def _capture(self) -> None:
         net = self.net
@@ -1199,32 +1187,9 @@ class SinglePassGraphStep(CudaGraphStep):
             self._want_graph = False
             self.name = f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
 
-    def _enqueue_epoch(self) -> None:
-        """One epoch's launches: CudaGraphStep's, with the single pass (3 launches) in place of the forward and
-        backward passes."""
-        device, net, config = self.device, self.net, self.device.config
-        layout = net.layout
-        params = layout.views(self.P)
-        block = config.block
-        device.launch(net.kernel("advance_epoch"), 1, 1,
-                      (self.counter, self.lr_table, np.int32(self.epochs), self.lr_now))
-        parts = self.sp.enqueue(self.P, self.X, self.y, self.m, net.G)
-        square_parts = config.reduce_grid(layout.n_total)
-        device.launch(net.kernel("train_metrics"), 1, block,
-                      (self.metrics, np.int32(self.capacity), self.counter, self.sp.losses, np.int32(parts),
-                       self.squares, np.int32(square_parts), np.int32(self.m), np.float64(self.l2)))
-        device.launch(net.kernel("update"), config.elementwise_grid(layout.n_total), block,
-                      (self.P, net.G, self.state_flat["v"], self.state_flat["s"], np.int64(layout.n_weights),
-                       np.int64(layout.n_total), self.dtype.type(1 / self.m), self.dtype.type(self.l2 / self.m),
-                       self.lr_now, self.counter, np.int32(RULES[self.rule.name]), np.float64(self.rule.beta1),
-                       np.float64(self.rule.beta2), np.float64(self.rule.eps)))
-        net.sum_squares(self.P, self.squares)
-        val_parts = 0
-        if self.val is not None:
-            val_parts = net.forward(params, *self.val, self.m_val, self.val_partials, delta=False)
-        device.launch(net.kernel("val_metrics"), 1, block,
-                      (self.metrics, np.int32(self.capacity), self.counter, self.val_partials, np.int32(val_parts),
-                       self.squares, np.int32(square_parts), np.int32(self.m_val)))
+    def _enqueue_gradients(self, params: list[Layer]) -> tuple[int, Array]:
+        """The single pass (3 launches) in place of CudaGraphStep's layer-wise forward and backward passes."""
+        return self.sp.enqueue(self.P, self.X, self.y, self.m, self.net.G), self.sp.losses
 
 
 def single_pass_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, device: Device) -> Step | None:
