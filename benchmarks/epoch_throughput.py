@@ -486,13 +486,6 @@ def load_average() -> float | None:
         return None
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks outside Linux
-        return os.cpu_count() or 1
-
-
 def machine(backends: list[Backend], torch_used: bool) -> dict[str, Any]:
     """What the numbers were measured on: CPU, cores, the BLAS libraries loaded (threadpoolctl), versions, GPUs."""
     from threadpoolctl import threadpool_info
@@ -504,7 +497,7 @@ def machine(backends: list[Backend], torch_used: bool) -> dict[str, Any]:
     env: dict[str, Any] = {
         "cpu": diagnostics.cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": usable_cores(),
+        "usable_cores": diagnostics.usable_cores(),
         "blas": [lib for lib in libraries if lib["user_api"] == "blas"],
         "openmp": [lib for lib in libraries if lib["user_api"] == "openmp"],
         "python": platform.python_version(),

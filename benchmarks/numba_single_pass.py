@@ -40,7 +40,7 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from gpunn import numba_cpu
+from gpunn import diagnostics, numba_cpu
 from gpunn.fused_cpu import FusedCpuPass
 from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
 from gpunn.numba_cpu import SinglePassCpu
@@ -314,13 +314,7 @@ def load(data_dir: Path | None, m: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def environment(threads: int) -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": numba_cpu.usable_cores(), "python": platform.python_version(),
+    return {"cpu": diagnostics.cpu_model(), "cores": diagnostics.usable_cores(), "python": platform.python_version(),
             "numpy": np.__version__, "numba": __import__("numba").__version__,
             "threading_layer": numba_cpu.threading_layer(), "threads": threads,
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}

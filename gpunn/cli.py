@@ -28,7 +28,7 @@ from gpunn.data import load_bundled_sample, load_idx_dir, load_kaggle_csvs, read
 from gpunn.diagnostics import out_of_memory_message
 from gpunn.download import DATASETS, cache_root, cached, fetch
 from gpunn.errors import BackendError, GpunnError, ModelError, SignalInterrupt
-from gpunn.files import atomic_write, check_directory, check_writable, deferred_signals
+from gpunn.files import HELD_SIGNALS, atomic_write, check_directory, check_writable, deferred_signals
 from gpunn.gradcheck import check_gradients, passed, random_problem
 from gpunn.gradcheck import format_report as gradient_report
 from gpunn.metrics import confusion_matrix, format_report, report
@@ -76,8 +76,8 @@ class GpunnGroup(click.Group):
                 signal.signal(signum, handler)
 
 
-# SIGINT already raises KeyboardInterrupt; training turns all three into "stop after this epoch" (gpunn.train.fit)
-_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# SIGINT already raises KeyboardInterrupt; training turns all of them into "stop after this epoch" (gpunn.train.fit)
+_ENDING_SIGNALS = tuple(signum for signum in HELD_SIGNALS if signum != signal.SIGINT)
 
 
 def _raise_signal(signum: int, frame: Any) -> None:

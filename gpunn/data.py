@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from gpunn.errors import DataError
+from gpunn.errors import DataError, flat
 from gpunn.files import atomic_write, describe_bytes, open_input
 
 __all__ = ["Dataset", "Split", "load_bundled_sample", "load_idx_dir", "read_images", "read_idx", "read_kaggle_csv", "split",
@@ -114,12 +114,9 @@ def _read_idx_file(handle: BinaryIO, path: Path) -> np.ndarray:
             # deflate cannot expand data by more than ~1032:1, which bounds what an honest header may announce
             return _read_idx_stream(stream, path, limit=_DEFLATE_RATIO * size + 1024, exact=False)
     except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({_one_line(error)}); download the file "
+        raise DataError(f"{path}: corrupt or truncated gzip data ({flat(error)}); download the file "
                         "again") from error
 
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _read_exactly(stream: BinaryIO, count: int) -> bytes:
@@ -328,7 +325,7 @@ def _check_zipped_csv(handle: BinaryIO, path: Path) -> None:
         with zipfile.ZipFile(handle) as archive:
             names = [info.filename for info in archive.infolist() if not info.is_dir()]
     except (*_DECOMPRESSION_ERRORS, ValueError) as error:
-        raise DataError(f"{path}: corrupt or truncated zip archive ({_one_line(error)}); {_CSV_EXPECTED}") from error
+        raise DataError(f"{path}: corrupt or truncated zip archive ({flat(error)}); {_CSV_EXPECTED}") from error
     finally:
         handle.seek(0)
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -381,7 +378,7 @@ def _not_utf8(handle: BinaryIO, compression: str | None) -> str:
             if not chunk:
                 break
     except (*_DECOMPRESSION_ERRORS, ValueError, StopIteration) as error:
-        return f"the file cannot be decoded ({_one_line(error)})"
+        return f"the file cannot be decoded ({flat(error)})"
     return "the file is not UTF-8 text; save it as UTF-8"
 
 
@@ -416,7 +413,7 @@ def _read_csv_file(handle: BinaryIO, path: Path) -> tuple[np.ndarray, np.ndarray
             frame = pd.read_csv(handle, dtype="int64", engine="c", compression=compression, encoding="utf-8",
                                 index_col=False)
     except _DECOMPRESSION_ERRORS as error:
-        raise DataError(f"{path}: {corrupt} ({_one_line(error)}); get the file again") from error
+        raise DataError(f"{path}: {corrupt} ({flat(error)}); get the file again") from error
     except (ValueError, OverflowError, pd.errors.ParserWarning) as error:
         # ValueError covers ParserError and UnicodeDecodeError; OverflowError is a cell beyond int64
         handle.seek(0)
@@ -445,7 +442,7 @@ def _csv_header(handle: BinaryIO, compression: str | None, path: Path) -> list[s
     try:
         head = _decompressed(handle, compression).read(_HEADER_BYTES)
     except (*_DECOMPRESSION_ERRORS, ValueError, StopIteration) as error:
-        raise DataError(f"{path}: corrupt or truncated {compression} data ({_one_line(error)}); get the file again") \
+        raise DataError(f"{path}: corrupt or truncated {compression} data ({flat(error)}); get the file again") \
             from error
     finally:
         handle.seek(0)
@@ -461,7 +458,7 @@ def _csv_header(handle: BinaryIO, compression: str | None, path: Path) -> list[s
         # pandas skips blank lines before the header, and so does this
         header = next((row for row in rows if row and any(cell.strip() for cell in row)), None)
     except csv.Error as error:
-        raise DataError(f"{path}: not a CSV file with a header row ({_one_line(error)}); {_CSV_EXPECTED}") from error
+        raise DataError(f"{path}: not a CSV file with a header row ({flat(error)}); {_CSV_EXPECTED}") from error
     try:
         # the header ended inside what was read when the file is shorter than that, or a row follows it
         complete = (len(head) < _HEADER_BYTES and undecodable is None) or next(rows, None) is not None
@@ -521,11 +518,11 @@ def _first_bad_cell(handle: BinaryIO, compression: str | None, columns: list[str
         return (f"data row {row0 + 1} has more cells than the header's {len(columns)}; every row needs one cell per "
                 "column")
     except pd.errors.ParserError as parse_error:  # a row with more cells than the header, a quote never closed
-        return (f"the rows cannot be parsed ({_one_line(parse_error)}); every row needs one cell per column of the "
+        return (f"the rows cannot be parsed ({flat(parse_error)}); every row needs one cell per column of the "
                 "header, and every quote its closing quote")
     except (*_DECOMPRESSION_ERRORS, ValueError) as other:
-        return f"unreadable CSV ({_one_line(other)})"
-    return f"{_one_line(error)}; {_CSV_EXPECTED}, integers only"
+        return f"unreadable CSV ({flat(other)})"
+    return f"{flat(error)}; {_CSV_EXPECTED}, integers only"
 
 
 def _bad_cell_in(frame: Any, columns: list[str], row0: int) -> str | None:
@@ -582,7 +579,7 @@ def read_images(path: str | Path) -> np.ndarray:
             try:
                 head = gzip.GzipFile(fileobj=handle, mode="rb").read(2)  # an IDX file or a CSV, inside
             except (OSError, EOFError, zlib.error) as error:
-                raise DataError(f"{path}: corrupt or truncated gzip data ({_one_line(error)}); get the file again") \
+                raise DataError(f"{path}: corrupt or truncated gzip data ({flat(error)}); get the file again") \
                     from error
         handle.seek(0)
         if head != b"\x00\x00":

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import platform
 import re
 from types import ModuleType
 
 import numpy as np
 
-from gpunn.errors import BackendError
+from gpunn.errors import BackendError, flat
 
 CUDA_EXTRAS_HINT = (
     "install the extra that matches your NVIDIA driver: pip install 'gpunn[cuda12]' or 'gpunn[cuda13]' "
@@ -124,6 +125,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, as under taskset or a cgroup)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
 def numpy_blas() -> str:
     """The BLAS NumPy was built with, as ``"BLAS scipy-openblas 0.3.29"``."""
     try:
@@ -144,5 +153,5 @@ def decode(name: bytes | str) -> str:
 
 def one_line(error: BaseException) -> str:
     """An exception's message on one line, led by its type unless the message names it already."""
-    text = " ".join(str(error).split()) or type(error).__name__
+    text = flat(error)
     return f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text

@@ -11,6 +11,13 @@ from __future__ import annotations
 _ESCAPES = {code: chr(code).encode("unicode_escape").decode() for code in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029)}
 
 
+def flat(error: BaseException, limit: int = 200) -> str:
+    """Another library's exception message, quoted inside one of gpunn's: on one line, at most ``limit``
+    characters, and never empty (its type's name when it has no message)."""
+    text = " ".join(str(error).split())
+    return (text[:limit] + " ..." if len(text) > limit else text) or type(error).__name__
+
+
 class GpunnError(Exception):
     """Base class of gpunn's own errors; the CLI turns them into one line and a non-zero exit.
 

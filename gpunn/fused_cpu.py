@@ -22,7 +22,6 @@ step 5-40 % slower than whole chunks. Tiles are therefore used only to bound mem
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from gpunn.diagnostics import usable_cores
 from gpunn.nn import Architecture, Layer
 
 #: below this many columns per chunk the threads' hand-off and the one-thread BLAS cost more than the second core
@@ -38,14 +38,6 @@ from gpunn.nn import Architecture, Layer
 MIN_CHUNK = 4096
 #: all scratch buffers of one run together, in bytes (per chunk: the activations and deltas of one tile)
 DEFAULT_BUDGET = 64 * 2**20
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask where the OS has one, as under taskset or a cgroup)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity mask
-        return os.cpu_count() or 1
 
 
 def threads_for(columns: int, cores: int | None = None) -> int:

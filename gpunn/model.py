@@ -25,7 +25,7 @@ from array_api_compat import array_namespace
 
 from gpunn import __version__
 from gpunn.backend import Backend
-from gpunn.errors import ModelError
+from gpunn.errors import ModelError, flat
 from gpunn.files import atomic_write, describe_bytes, open_input
 from gpunn.nn import ACTIVATIONS, DTYPES, OUTPUTS, Architecture, Layer, forward, scale_pixels, standardize_stats
 from gpunn.optim import OPTIMIZERS, Optimizer
@@ -132,7 +132,7 @@ class Model:
                 ("hidden layers", list(config.hidden), list(self.arch.sizes[1:-1])),
                 ("activation", config.activation, self.arch.activation),
                 ("dtype", config.dtype, self.dtype),
-                ("inputs", config.normalize, "standardize" if self.preprocessing.kind == "standardize" else "scale"),
+                ("inputs", config.normalize, self.preprocessing.kind),
                 ("optimizer state", sorted(config.rule.state_names), sorted(self.optimizer_state)),
             )
             if theirs != ours
@@ -197,7 +197,7 @@ def load_model(path: str | Path, backend: Backend) -> Model:
                 arrays, state_names = _read_arrays(archive, members, meta, path)
         except _ZIP_ERRORS as error:
             raise ModelError(f"{path} is not a gpunn model file: the archive is damaged or truncated "
-                             f"({_one_line(error)}); save the model again") from error
+                             f"({flat(error)}); save the model again") from error
 
     def place(name: str) -> Any:
         return backend.asarray(arrays[name])
@@ -230,9 +230,6 @@ _STATE_NAMES = frozenset(name for rule in OPTIMIZERS for name in Optimizer(rule)
 _DTYPE_WORDS = {"i": "integers", "u": "unsigned integers", "b": "booleans", "c": "complex numbers",
                 "U": "strings", "S": "bytes", "V": "raw records", "M": "dates", "m": "time spans", "O": "objects"}
 
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -335,7 +332,7 @@ def _read_meta(archive: zipfile.ZipFile, members: dict[str, _Member], path: Path
         return json.loads(text)
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ModelError(f"{path} is not a gpunn model file: its 'meta' entry is missing or not JSON "
-                         f"({_one_line(error)})") from error
+                         f"({flat(error)})") from error
 
 
 def _few(names: list[str]) -> str:

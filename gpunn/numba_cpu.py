@@ -59,6 +59,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 from threadpoolctl import threadpool_limits
 
+from gpunn.diagnostics import usable_cores
 from gpunn.nn import Architecture, Layer
 
 LANES = 16  #: lanes of the kernel's vectors: hidden units per vector, and the most classes the pass handles
@@ -92,14 +93,6 @@ def _choose_threading_layer() -> None:
         numba.threading_layer()  # raises ValueError until a layer has been launched
     except ValueError:
         numba.config.THREADING_LAYER = "workqueue"
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask where the OS has one, as under taskset or a cgroup)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity mask
-        return os.cpu_count() or 1
 
 
 def threads_for(samples: int, hidden: int = LANES, cores: int | None = None) -> int:

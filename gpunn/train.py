@@ -29,6 +29,7 @@ from array_api_compat import array_namespace
 from gpunn.backend import Backend, GradientPass, Step, UpdateRule
 from gpunn.data import CLASSES, Split
 from gpunn.errors import ConfigError, GpunnError, ModelError, SignalInterrupt, TrainingDivergedError
+from gpunn.files import HELD_SIGNALS
 from gpunn.model import PREPROCESSINGS, Model, Preprocessing
 from gpunn.nn import (
     ACTIVATIONS,
@@ -50,8 +51,9 @@ from gpunn.optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate
 NORMALIZATIONS = PREPROCESSINGS
 #: the host reads the epochs' metrics back from the device at most this often (and at checkpoints and the end)
 DRAIN_SECONDS = 0.25
-#: signals that stop training after the current epoch, with a checkpoint; a second one stops at once
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+#: signals that stop training after the current epoch, with a checkpoint (a second one stops at once): those a save
+#: holds back too
+STOP_SIGNALS = HELD_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -467,7 +469,8 @@ def fit(
                   for W, b in init_params(arch, init=config.weight_init, seed=config.seed, dtype=config.dtype)]
         optimizer_state = rule.init(params)
     else:
-        params, optimizer_state = resume.params, _resumed_optimizer_state(resume, rule, config)
+        # check_resumable (Model.resume_state) has matched its optimizer state to this rule's
+        params, optimizer_state = resume.params, resume.optimizer_state
 
     def snapshot(state: TrainState) -> Model:
         return make_model(arch, state, config, split, data_sha256, backend, preprocessing)
@@ -544,13 +547,6 @@ def _open_epochs(step: Step, arch: Architecture, config: TrainConfig, train: Dev
         return
     with step.gradients() as gradients, step.update(config.rule) as update:
         yield Epochs(arch, config, train, val, backend, gradients, update, on_step=on_step)
-
-
-def _resumed_optimizer_state(resume: Model, rule: Optimizer, config: TrainConfig) -> dict[str, list[Layer]]:
-    if set(resume.optimizer_state) != set(rule.state_names):
-        raise ModelError(f"cannot resume: the checkpoint holds optimizer state {sorted(resume.optimizer_state)}, "
-                         f"{config.optimizer} needs {sorted(rule.state_names)}")
-    return resume.optimizer_state
 
 
 def _run(epochs: Epochs, config: TrainConfig, backend: Backend, m: int, has_val: bool, epochs_done: int,
