@@ -304,6 +304,18 @@ def cublas_arguments(C: tuple[int, int], A: tuple[int, int], B: tuple[int, int],
     return int(trans_b), int(trans_a), N, M, K, B[1], A[1], N  # CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
 
 
+def _gemm_call(dtype: np.dtype, C: tuple[int, tuple[int, int]], A: tuple[int, tuple[int, int]],
+               B: tuple[int, tuple[int, int]], trans_a: bool, trans_b: bool, alpha: float, beta: float
+               ) -> tuple[bool, tuple[int, ...], tuple[Any, Any], tuple[int, int, int]]:
+    """What a row-major GEMM's cuBLAS call takes: whether it is float32 (sgemm), the column-major arguments
+    (:func:`cublas_arguments`), alpha and beta as C scalars of the dtype, and the pointers of A, B and C."""
+    (c_ptr, c_shape), (a_ptr, a_shape), (b_ptr, b_shape) = C, A, B
+    single = np.dtype(dtype) == np.float32
+    scalar = ctypes.c_float if single else ctypes.c_double
+    return (single, cublas_arguments(c_shape, a_shape, b_shape, trans_a, trans_b), (scalar(alpha), scalar(beta)),
+            (a_ptr, b_ptr, c_ptr))
+
+
 class Cublas:
     """One cuBLAS handle of our own, called through ctypes, for row-major GEMMs on a chosen stream.
 
@@ -361,11 +373,8 @@ class Cublas:
     def gemm(self, dtype: np.dtype, C: tuple[int, tuple[int, int]], A: tuple[int, tuple[int, int]],
              B: tuple[int, tuple[int, int]], trans_a: bool, trans_b: bool, alpha: float, beta: float) -> None:
         """Row-major C (M, N) = alpha op(A) @ op(B) + beta C, each operand given as (pointer, shape)."""
-        (c_ptr, c_shape), (a_ptr, a_shape), (b_ptr, b_shape) = C, A, B
-        transa, transb, m, n, k, lda, ldb, ldc = cublas_arguments(c_shape, a_shape, b_shape, trans_a, trans_b)
-        single = np.dtype(dtype) == np.float32
-        scalar = ctypes.c_float if single else ctypes.c_double
-        alpha_c, beta_c = scalar(alpha), scalar(beta)
+        single, (transa, transb, m, n, k, lda, ldb, ldc), (alpha_c, beta_c), (a_ptr, b_ptr, c_ptr) = \
+            _gemm_call(dtype, C, A, B, trans_a, trans_b, alpha, beta)
         status = self.fn["cublasSgemm_v2" if single else "cublasDgemm_v2"](
             self.handle, transa, transb, m, n, k, ctypes.byref(alpha_c), ctypes.c_void_p(b_ptr), lda,
             ctypes.c_void_p(a_ptr), ldb, ctypes.byref(beta_c), ctypes.c_void_p(c_ptr), ldc)
@@ -390,11 +399,8 @@ class CupyBlas:
 
     def gemm(self, dtype: np.dtype, C: tuple[int, tuple[int, int]], A: tuple[int, tuple[int, int]],
              B: tuple[int, tuple[int, int]], trans_a: bool, trans_b: bool, alpha: float, beta: float) -> None:
-        (c_ptr, c_shape), (a_ptr, a_shape), (b_ptr, b_shape) = C, A, B
-        transa, transb, m, n, k, lda, ldb, ldc = cublas_arguments(c_shape, a_shape, b_shape, trans_a, trans_b)
-        single = np.dtype(dtype) == np.float32
-        scalar = ctypes.c_float if single else ctypes.c_double
-        alpha_c, beta_c = scalar(alpha), scalar(beta)
+        single, (transa, transb, m, n, k, lda, ldb, ldc), (alpha_c, beta_c), (a_ptr, b_ptr, c_ptr) = \
+            _gemm_call(dtype, C, A, B, trans_a, trans_b, alpha, beta)
         handle = self.cupy.cuda.device.get_cublas_handle()
         mode = self.cublas.getPointerMode(handle)
         self.cublas.setPointerMode(handle, 0)  # alpha and beta are host scalars
