@@ -48,7 +48,7 @@ from gpunn.backend import Backend, GradientPass, Step, get_backend, parse_device
 from gpunn.errors import ConfigError, GpunnError
 from gpunn.model import Preprocessing
 from gpunn.nn import Architecture, Layer, accuracy, cost, forward
-from gpunn.train import DeviceData, TrainConfig, TrainingFailed
+from gpunn.train import DeviceData, TrainConfig, TrainingFailed, batch_gradients
 
 __all__ = ["ClusterBackend", "ClusterEpochs", "ClusterError", "ClusterSpecError", "ShardWorker", "WorkerLost",
            "connect", "parse_cluster", "shard_bounds", "tree_levels", "tree_sum"]
@@ -757,17 +757,17 @@ class ShardWorker:
             if not isinstance(positions, tuple):
                 positions = backend.asarray(positions)
             rng = _BatchColumns(self._rng, batch, positions, backend.xp)
-        part = self.data if index is None else self.data.take(backend.asarray(index))
+        columns = None if index is None else backend.asarray(index)
+        m = self.data.m if columns is None else int(columns.shape[0])
         sums = None
-        if part.m == 0:
+        if m == 0:
             if rng is not None:  # draw this step's masks all the same: the generator must stay in step
                 for n in arch.sizes[1:-1]:
                     rng.random((n, 0), self._float_dtype)
         else:
             params_here = [Layer(backend.asarray(W), backend.asarray(b)) for W, b in params]
-            loss, hit_rate, grads = self._gradient_pass()(params_here, part.X, part.Y, part.y, l2=0.0,
-                                                          dropout=self.spec.dropout, rng=rng)
-            m = part.m
+            loss, hit_rate, grads = batch_gradients(self._gradient_pass(), params_here, self.data, columns, l2=0.0,
+                                                    dropout=self.spec.dropout, rng=rng)
             # the pass's means times the shard's m: sums, to be added across shards and divided by the batch's m once
             sums = Sums([Layer(backend.to_numpy(dW) * m, backend.to_numpy(db) * m) for dW, db in grads],
                         float(backend.to_numpy(loss)) * m, round(float(backend.to_numpy(hit_rate)) * m))

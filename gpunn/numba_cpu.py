@@ -2,7 +2,7 @@
 
 For a network n0-h-C with one ReLU hidden layer and a softmax output (MNIST: 784-h-10), one call of the kernel
 computes what :func:`gpunn.nn.loss_and_gradients` computes (loss, accuracy, dW1, db1, dW2, db2) from the raw pixels,
-tile by tile: for each tile of 16 samples, the pixels are read once and converted to floats, then the forward pass,
+tile by tile: for each tile of 8 samples, the pixels are read once and converted to floats, then the forward pass,
 the softmax, the loss and hits, the deltas, and the tile's contributions to every gradient, while the tile is in
 cache. The 1/255 is folded into the arithmetic: the products with X use the integer pixel values, Z1 is scaled once
 per (unit, sample) and dW1 once per weight at the end.
@@ -20,14 +20,19 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   partial sums per sample was 12 % faster at h = 10 but 30 % slower at h = 256, and needs a 29 MB index.
 - **Zero blocks are skipped, exactly.** 81 % of MNIST's pixel values are 0, and 54 % of its (pixel, 8-sample) blocks
   are all zero. The sparse kernel visits, for each group, only the pixels that are nonzero in one of its eight
-  samples (from per-sample bit masks, and for a full-batch step from lists made once per training set by
-  :func:`build_index`); the dense kernel visits every pixel, in the same order. A left-out term is x * w with
-  x = 0, and adding it to a running sum never changes the sum (the sums start at +0 and never become -0), so the
-  two give the same bits for finite weights and deltas. Both are one compiled function.
-- **Sample-major pixels.** A tile is read as 16 rows of n0 contiguous bytes, so the kernel wants X as the
-  transposed view of an (m, n0) C-ordered array: strides (1, n0) for the (n0, m) array, which is the IDX files' own
-  layout, and indexed samples (a mini-batch) are read in place. An (n0, m) C-ordered X, as gpunn keeps it today, is
-  copied once into that layout by :func:`build_index`.
+  samples (for a full-batch step from lists made once per training set by :func:`full_batch`, for a mini-batch from
+  per-sample bit masks, :func:`samples_of`); the dense kernel visits every pixel, in the same order. A left-out term
+  is x * w with x = 0, and adding it to a running sum never changes the sum (the sums start at +0 and never become
+  -0), so the two give the same bits for finite weights and deltas. Both are one compiled function.
+- **A full batch is summed in the order that leaves out most.** Its samples are sorted once, by where their ink
+  lies (:func:`support_order`), and copied in that order, so that the eight samples of a group are alike: 32 % of
+  the blocks are then not all zero, against 46 % in the files' order, and a 784-10-10 step takes 10.2 instead of
+  12 ms. The copy is what makes it pay: read through the sorted order in place, the rows come from all over memory
+  and the step was slower than unsorted (12.9 ms).
+- **Sample-major pixels.** A tile is read as 8 rows of n0 contiguous bytes, so the kernel wants the samples as
+  C-ordered rows (m, n0): the sorted copy for a full batch; for a mini-batch, X's own rows where X is the transposed
+  view of an (m, n0) C-ordered array (strides (1, n0), the IDX files' own layout), read in place at the batch's
+  sample numbers (gpunn's training loop hands a mini-batch over as such an index: ``reads_in_place``).
 - **Explicit 512-bit vectors.** LLVM's auto-vectorizer on this host uses 256-bit registers (the CPU model prefers
   them) and did not keep sums in registers across the pixel loop (7 GFLOP/s). The kernel is written with a small
   vector type (16 lanes of float32 or float64, one LLVM vector value) and intrinsics (load, store, fma, exp, ...)
@@ -63,7 +68,7 @@ from gpunn.diagnostics import usable_cores
 from gpunn.nn import Architecture, Layer
 
 LANES = 16  #: lanes of the kernel's vectors: hidden units per vector, and the most classes the pass handles
-TILE = 16  #: samples per tile: the activations and deltas of one tile stay in L1
+TILE = 8  #: samples per tile: its pixels as floats (25 KB for MNIST), activations and deltas stay in L1
 GROUP = 8  #: samples whose terms meet each row of W1T and dW1T together (eight independent sums per row)
 #: the least work worth a thread, in samples times hidden vectors (16 units): measured on 2 cores with random
 #: mini-batches, a second thread started to pay at about 2,048 samples for h = 10 and 512 for h = 100 (the launch and
@@ -861,37 +866,74 @@ def supports(arch: Architecture, *, dropout: float = 0.0, dtype: str = "float32"
     return refusal(arch, dropout=dropout, dtype=dtype) is None
 
 
+#: pixels per run in the coarse masks that order a full batch's samples (support_order)
+SEGMENT = 16
+
+
+def support_order(rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """The samples of rows (m, n0) uint8 in the order a full-batch step sums them: sorted by their coarse masks, which
+    say for each run of SEGMENT consecutive pixels whether one of them is nonzero, compared as binary numbers from
+    the first run to the last (ties keep their order).
+
+    A sum over samples may run in any order. This one puts samples whose ink lies in the same places side by side,
+    so that more of the (pixel, 8-sample) blocks the kernel visits are all zero and left out: on MNIST 32 % of them
+    are not all zero in this order, against 46 % in the files' order (35 % when sorted by the digits' bounding
+    boxes, which would need the images' shape)."""
+    m, n0 = rows.shape
+    runs = -(-n0 // SEGMENT)
+    keys = np.zeros((m, -(-runs // 8)), np.uint8)
+    for start in range(0, m, block):
+        part = rows[start : start + block]
+        nonzero = np.zeros((len(part), runs * SEGMENT), bool)
+        nonzero[:, :n0] = part != 0
+        keys[start : start + block] = np.packbits(nonzero.reshape(len(part), runs, SEGMENT).any(axis=2), axis=1)
+    return np.lexsort(keys.T[::-1])  # lexsort's last key decides first: the first byte, whose top bit is run 0
+
+
 @dataclass(frozen=True, eq=False)
-class PixelIndex:
-    """What the single pass precomputes once per training set X (n0, m) of uint8 pixels."""
+class FullBatch:
+    """What a full-batch step over a training set X (n0, m) of uint8 pixels reads; made once per X."""
 
     X: np.ndarray  # the array it was built from, to recognise it
-    rows: np.ndarray  # (m, n0) uint8, C-contiguous: X.T itself when X is a transposed (m, n0) array, else a copy
-    mask: np.ndarray  # (m, ceil(n0 / 64)) uint64: each sample's nonzero pixels as bits (pixel_masks)
-    order: np.ndarray  # (m,) int64: 0 .. m - 1, the samples of a full-batch step
-    lists: np.ndarray  # uint16: for each group of GROUP consecutive samples, its nonzero pixels, ascending
+    order: np.ndarray  # (m,) int64: X's samples in the order the step sums them (support_order)
+    rows: np.ndarray  # (m, n0) uint8, C-contiguous: those samples' pixels in that order (a copy)
+    positions: np.ndarray  # (m,) int64: 0 .. m - 1, the rows the step reads, in order
+    lists: np.ndarray  # uint16: for each group of GROUP consecutive rows, its nonzero pixels, ascending
     list_start: np.ndarray  # (ceil(m / GROUP) + 1,) int64: group k's pixels are lists[list_start[k] : ...[k + 1]]
 
     @property
     def nonzero_blocks(self) -> float:
-        """The fraction of (pixel, GROUP-sample) blocks of a full-batch step that are not all zero."""
+        """The fraction of (pixel, GROUP-sample) blocks of the step that are not all zero."""
         return len(self.lists) / max(1, len(self.list_start) - 1) / self.rows.shape[1]
 
 
-def build_index(X: np.ndarray) -> PixelIndex:
-    """The per-training-set index of X (n0, m) uint8: its samples as rows, their nonzero pixels as bits, and, for a
-    full-batch step, the nonzero pixels of each group of GROUP consecutive samples (the (pixel, 8-sample) blocks that
-    are not all zero: 46 % on MNIST). X's fast layout is the transposed view of an (m, n0) C-ordered array (strides
-    (1, n0)), used as is; an (n0, m) C-ordered X is copied once into rows."""
+@dataclass(frozen=True, eq=False)
+class Samples:
+    """What a step over chosen samples of X (n0, m) uint8 (a mini-batch) reads; made once per X."""
+
+    X: np.ndarray  # the array it was built from, to recognise it
+    rows: np.ndarray  # (m, n0) uint8, C-contiguous: X.T itself when X is a transposed (m, n0) array, else a copy
+    mask: np.ndarray  # (m, ceil(n0 / 64)) uint64: each sample's nonzero pixels as bits (pixel_masks)
+
+
+def _check_pixels(X: np.ndarray) -> None:
     if X.ndim != 2 or X.dtype != np.uint8:
         raise ValueError(f"the single CPU pass takes X as (n0, m) uint8 pixels, got {X.dtype} {X.shape}")
-    rows = np.ascontiguousarray(X.T)  # X.T itself when it is C-contiguous
+
+
+def full_batch(X: np.ndarray) -> FullBatch:
+    """The full-batch index of X (n0, m) uint8: its samples in support_order, copied into rows in that order, and the
+    nonzero pixels of each group of GROUP consecutive rows (the (pixel, 8-sample) blocks that are not all zero)."""
+    _check_pixels(X)
+    samples = X.T  # (m, n0): each sample's pixels contiguous when X is the transposed view of the IDX rows
+    order = support_order(samples)
+    rows = samples[order]
     m, n0 = rows.shape
-    mask = pixel_masks(rows)
     groups = -(-m // GROUP)
-    padded = np.zeros((groups * GROUP, mask.shape[1]), np.uint64)
-    padded[:m] = mask
-    union = np.bitwise_or.reduce(padded.reshape(groups, GROUP, -1), axis=1)
+    mask = np.zeros((groups * GROUP, -(-n0 // 64)), np.uint64)
+    mask[:m] = pixel_masks(rows)
+    union = np.bitwise_or.reduce(mask.reshape(groups, GROUP, -1), axis=1)
+    del mask
     # the lists in blocks of groups: np.nonzero's int64 indices for all of MNIST at once would take 40 MB for a moment
     counts, pieces = np.zeros(groups, np.int64), []
     for first in range(0, groups, 1024):
@@ -902,7 +944,16 @@ def build_index(X: np.ndarray) -> PixelIndex:
     list_start = np.zeros(groups + 1, np.int64)
     np.cumsum(counts, out=list_start[1:])
     lists = np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
-    return PixelIndex(X, rows, mask, np.arange(m, dtype=np.int64), lists, list_start)
+    return FullBatch(X, order, rows, np.arange(m, dtype=np.int64), lists, list_start)
+
+
+def samples_of(X: np.ndarray) -> Samples:
+    """The mini-batch index of X (n0, m) uint8: its samples as rows, their nonzero pixels as bits. X's fast layout is
+    the transposed view of an (m, n0) C-ordered array (strides (1, n0)), used as is; an (n0, m) C-ordered X is
+    copied once into rows."""
+    _check_pixels(X)
+    rows = np.ascontiguousarray(X.T)  # X.T itself when it is C-contiguous
+    return Samples(X, rows, pixel_masks(rows))
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -931,22 +982,25 @@ class SinglePassCpu:
     :class:`gpunn.fused_cpu.FusedCpuPass`, but with X as the uint8 pixels (n0, m) (``pixels = True``); Y (one-hot)
     is accepted and not used; y: (m,) integer labels. With ``index`` (an integer array of sample numbers), the step is
     over those columns of X and y: a mini-batch, read in place (measured 10-30 % faster than gathering the batch into
-    a new array and indexing that). :meth:`prepare` builds the per-training-set index once; a call with another X
-    builds it for that X.
+    a new array and indexing that; gpunn's training loop hands mini-batches over this way, see ``reads_in_place``).
+    :meth:`prepare` builds what the steps over a training set read, once per X: for full-batch steps a copy of its
+    pixels in the order the step sums them (support_order) and each group's nonzero pixels (full_batch); for
+    mini-batches, its samples' bit masks (samples_of).
 
-    Fast layout: X.strides == (1, n0), the transposed view of the (m, n0) IDX rows; any other X is copied once, in
-    :meth:`prepare`. ``sparse=False`` runs the dense kernel (every pixel, the same order of sums, the same bits),
-    for measurements and tests. ``threads``: at most this many (default: every usable core); :attr:`threads` is what
-    a full step of ``columns`` samples uses, and smaller steps use fewer (see :func:`threads_for`).
+    Mini-batches are read fastest from X.strides == (1, n0), the transposed view of the (m, n0) IDX rows, which is
+    how gpunn's data split holds the training set; any other X is copied once. ``sparse=False`` runs the dense
+    kernel (every pixel, the same order of sums, the same bits), for measurements and tests. ``threads``: at most
+    this many (default: every usable core); :attr:`threads` is what a full step of ``columns`` samples uses, and
+    smaller steps use fewer (see :func:`threads_for`).
 
-    Measured on MNIST (m = 60,000, float32, the 2-core development machine): a 784-10-10 step 11.9 ms against 20.5 ms
-    for the dense kernel (steps back to back); in the epoch benchmark's interleaved run
-    (benchmarks/results/intel-xeon-cpu.md) 3.3x faster than FusedCpuPass and 3.5x the NumPy program at h = 10, 2.0x
-    and 2.5x at h = 256; benchmarks/numba_single_pass.py puts the dense kernel at about 2x at h = 256 to 1024. A cold
-    compile takes about 8 s per dtype, a cached one 0.2 s.
+    Measured on MNIST (m = 60,000, float32, the 2-core development machine, steps back to back): a 784-10-10 step
+    10.2 ms (12 ms before the full batch was sorted, 20.5 ms for the dense kernel); in the epoch benchmark's
+    interleaved runs (benchmarks/results/intel-xeon-cpu.md) against FusedCpuPass, the NumPy program and PyTorch. A
+    cold compile takes about 8 s per dtype, a cached one 0.2 s.
     """
 
     pixels = True  # takes X as raw uint8 pixels, not floats
+    reads_in_place = True  # takes a mini-batch as ``index=`` into the whole X (gpunn.train.batch_gradients)
 
     def __init__(self, arch: Architecture, dtype: str, columns: int, *, threads: int | None = None,
                  sparse: bool = True) -> None:
@@ -982,18 +1036,31 @@ class SinglePassCpu:
         self._db2 = _aligned_zeros((chunks, LANES), dt)
         self._loss = np.zeros(chunks, np.float64)
         self._hits = np.zeros(chunks, np.int64)
-        self._index: PixelIndex | None = None
+        self._full: FullBatch | None = None
+        self._samples: Samples | None = None
+        self._no_mask = np.zeros((0, 1), np.uint64)  # a full-batch step reads no masks
         self._checked_labels: np.ndarray | None = None
+        self._ordered_labels: tuple[np.ndarray, FullBatch, np.ndarray] | None = None
         self._saved_threads: int | None = None
         self._blas: Any = None
 
-    def prepare(self, X: np.ndarray) -> PixelIndex:
-        """Build (once per training set X) and keep X's index."""
-        if self._index is None or self._index.X is not X:
-            if X.ndim != 2 or X.shape[0] != self.arch.sizes[0]:
-                raise ValueError(f"X is {X.shape}; the network {self.arch} takes ({self.arch.sizes[0]}, m) pixels")
-            self._index = build_index(X)
-        return self._index
+    def prepare(self, X: np.ndarray, *, batches: bool = False) -> FullBatch | Samples:
+        """Build (once per training set X) and keep what full-batch steps over X read, or with ``batches`` what steps
+        over chosen samples of X read."""
+        self._check_pixels(X)
+        if batches:
+            if self._samples is None or self._samples.X is not X:
+                self._samples = samples_of(X)
+            return self._samples
+        if self._full is None or self._full.X is not X:
+            self._full = None  # the old index goes before the new one is made
+            self._full = full_batch(X)
+        return self._full
+
+    def _check_pixels(self, X: np.ndarray) -> None:
+        _check_pixels(X)
+        if X.shape[0] != self.arch.sizes[0]:
+            raise ValueError(f"X is {X.shape}; the network {self.arch} takes ({self.arch.sizes[0]}, m) pixels")
 
     def __enter__(self) -> SinglePassCpu:
         self._saved_threads = numba.get_num_threads()
@@ -1019,34 +1086,51 @@ class SinglePassCpu:
         :func:`gpunn.nn.loss_and_gradients` returns for X / 255."""
         if dropout:
             raise ValueError("the single CPU pass has no dropout; the backend uses the generic code for it")
-        prepared = self.prepare(X)
-        order = prepared.order if index is None else np.ascontiguousarray(index, dtype=np.int64)
-        m = order.shape[0]
+        self._check_pixels(X)
+        m = X.shape[1] if index is None else len(index)
         if m > self.columns:
             raise ValueError(f"this pass was made for at most {self.columns} samples per step, got {m}")
         if m == 0:
             raise ValueError("a step needs at least one sample")
         # the kernel reads without bounds checks: what it indexes with is checked here (labels once per array)
-        if index is not None and (order.min() < 0 or order.max() >= X.shape[1]):
-            raise ValueError(f"sample numbers must lie in 0..{X.shape[1] - 1}, got {order.min()}..{order.max()}")
         if y is not self._checked_labels:
             classes = self.arch.sizes[-1]
             if y.shape != (X.shape[1],) or len(y) and (y.min() < 0 or y.max() >= classes):
                 raise ValueError(f"y must hold one label in 0..{classes - 1} per column of X ({X.shape[1]}), got "
                                  f"{y.shape} {y.dtype}")
             self._checked_labels = y
+        if index is None:
+            full = self.prepare(X)
+            lists, list_start = (full.lists, full.list_start) if self.sparse else (self._all_pixels, np.zeros(1, np.int64))
+            batch = (full.positions, self._labels_in(full, y), full.rows, self._no_mask, lists, list_start)
+        else:
+            order = np.ascontiguousarray(index, dtype=np.int64)
+            if order.min() < 0 or order.max() >= X.shape[1]:
+                raise ValueError(f"sample numbers must lie in 0..{X.shape[1] - 1}, got {order.min()}..{order.max()}")
+            samples = self.prepare(X, batches=True)
+            # the dense kernel lists every pixel; the sparse one finds each group's from the masks
+            list_start = np.zeros(1 if not self.sparse else 0, np.int64)
+            batch = (order, y, samples.rows, samples.mask, self._all_pixels, list_start)
         expected = [(n_out, n_in) for n_in, n_out in zip(self.arch.sizes[:-1], self.arch.sizes[1:])]
         if [W.shape for W, _ in params] != expected or [b.shape for _, b in params] != [(n, 1) for n, _ in expected]:
             raise ValueError(f"the weights' shapes {[(W.shape, b.shape) for W, b in params]} are not {self.arch}'s")
-        args, outputs = self._arguments(params, prepared, order, y, l2)
+        args, outputs = self._arguments(params, *batch, l2)
         loss, accuracy = _step(*args)
         dW1, db1, dW2, db2 = outputs
         return (np.asarray(loss, self.dtype), np.asarray(accuracy, self.dtype),
                 [Layer(dW1, db1), Layer(dW2, db2)])
 
-    def _arguments(self, params: Sequence[Layer], prepared: PixelIndex, order: np.ndarray, y: np.ndarray,
-                   l2: float) -> tuple[tuple[Any, ...], tuple[np.ndarray, ...]]:
-        """The kernel's arguments, each of a type fixed by the dtype alone (so that a run compiles one variant)."""
+    def _labels_in(self, full: FullBatch, y: np.ndarray) -> np.ndarray:
+        """y in the order of the full batch's rows (made once per labels and index)."""
+        if self._ordered_labels is None or self._ordered_labels[0] is not y or self._ordered_labels[1] is not full:
+            self._ordered_labels = (y, full, np.ascontiguousarray(y[full.order], np.int64))
+        return self._ordered_labels[2]
+
+    def _arguments(self, params: Sequence[Layer], order: np.ndarray, y: np.ndarray, rows: np.ndarray,
+                   mask: np.ndarray, lists: np.ndarray, list_start: np.ndarray, l2: float
+                   ) -> tuple[tuple[Any, ...], tuple[np.ndarray, ...]]:
+        """The kernel's arguments (see _chunk for lists and list_start), each of a type fixed by the dtype alone, so
+        that a run compiles one variant."""
         (W1, b1), (W2, b2) = params
         dt = self.dtype
         W1, b1, W2, b2 = (_read_only(np.ascontiguousarray(a, dt)) for a in (W1, b1, W2, b2))
@@ -1057,14 +1141,8 @@ class SinglePassCpu:
         outputs = (np.empty_like(W1), np.empty_like(b1), np.empty_like(W2), np.empty_like(b2))
         scratch = (self._W1T, self._W2p, self._W2T, self._b1p, self._b2p, self._D, self._A1, self._dZ1, self._P,
                    self._pixels, self._dW1T, self._dW2T, self._db1, self._db2, self._loss, self._hits)
-        if not self.sparse:
-            lists, list_start = self._all_pixels, np.zeros(1, np.int64)
-        elif order is prepared.order:
-            lists, list_start = prepared.lists, prepared.list_start
-        else:
-            lists, list_start = self._all_pixels, np.zeros(0, np.int64)
         # order and rows may be the caller's arrays (read-only ones included); the index arrays are this module's
-        inputs = (_read_only(order), labels, _read_only(prepared.rows), prepared.mask, lists, list_start)
+        inputs = (_read_only(order), labels, _read_only(rows), mask, lists, np.asarray(list_start, np.int64))
         return (*inputs, W1, b1, W2, b2, float(l2), scales, chunks, *scratch, *outputs), outputs
 
 
@@ -1075,8 +1153,9 @@ def _signature(dtype: str) -> tuple[Any, ...]:
     tiny = SinglePassCpu(arch, dtype, 4, threads=1)
     params = [Layer(np.zeros((n_out, n_in), dtype), np.zeros((n_out, 1), dtype))
               for n_in, n_out in ((4, 3), (3, 2))]
-    args, _ = tiny._arguments(params, tiny.prepare(np.zeros((4, 4), np.uint8)), np.arange(4), np.zeros(4, np.int64),
-                              0.0)
+    full = tiny.prepare(np.zeros((4, 4), np.uint8))
+    args, _ = tiny._arguments(params, full.positions, np.zeros(4, np.int64), full.rows, tiny._no_mask, full.lists,
+                              full.list_start, 0.0)
     return tuple(numba.typeof(a) for a in args)
 
 

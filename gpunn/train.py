@@ -325,6 +325,17 @@ class DeviceData:
                           xp.take(self.Y, columns, axis=1))
 
 
+def batch_gradients(gradients: GradientPass, params: list[Layer], data: DeviceData, columns: Any = None,
+                    **options: Any) -> tuple[Any, Any, list[Layer]]:
+    """``gradients`` (a gradient pass) over the samples ``columns`` of ``data`` (a device index array; None: all of
+    them). A pass that reads a batch in place (its ``reads_in_place`` is true: it takes ``index=``) is handed all
+    of ``data`` and the index; any other gets the samples gathered into arrays of their own."""
+    if columns is not None and getattr(gradients, "reads_in_place", False):
+        return gradients(params, data.X, data.Y, data.y, index=columns, **options)
+    part = data if columns is None else data.take(columns)
+    return gradients(params, part.X, part.Y, part.y, **options)
+
+
 def train_step(
     params: list[Layer],
     optimizer_state: dict[str, list[Layer]],
@@ -339,8 +350,10 @@ def train_step(
     rng: Any = None,
     gradients: GradientPass | None = None,
     update: UpdateRule | None = None,
+    columns: Any = None,
 ) -> tuple[list[Layer], dict[str, list[Layer]], Any, Any]:
-    """One gradient step on ``data`` (all of it, or a mini-batch): forward, cost, backward, update rule.
+    """One gradient step on ``data`` (all of it, or the mini-batch of its samples ``columns``, a device index
+    array): forward, cost, backward, update rule.
 
     Returns the new parameters and optimizer state, and the cost (L2 term included) and the accuracy, both 0-d device
     arrays measured before the update. ``t`` is the 1-based step count (Adam's bias correction uses it). With
@@ -350,7 +363,7 @@ def train_step(
     ``rule.step`` when None.
     """
     gradients = gradients or partial(loss_and_gradients, arch=arch)
-    loss, batch_accuracy, grads = gradients(params, data.X, data.Y, data.y, l2=l2, dropout=dropout, rng=rng)
+    loss, batch_accuracy, grads = batch_gradients(gradients, params, data, columns, l2=l2, dropout=dropout, rng=rng)
     params, optimizer_state = (update or rule.step)(params, grads, optimizer_state, lr, t)
     return params, optimizer_state, loss, batch_accuracy
 
@@ -400,22 +413,23 @@ class Epochs:
             if config.dropout else None
         params, optimizer_state = self.params, self.optimizer_state
         if batch == train.m:
-            batches: Iterator[DeviceData] = iter([train])  # full batch: no shuffling, the step sees every sample
+            batches: Iterator[Any] = iter([None])  # full batch: no shuffling, the step sees every sample
         else:
             # Reshuffled every epoch from (seed, epoch), so a resumed run draws the same batches. Only this
-            # permutation crosses to the device; the batches are gathered there.
+            # permutation crosses to the device; the batches are read or gathered there.
             order = self.backend.asarray(np.random.default_rng([config.seed, epoch]).permutation(train.m))
-            batches = (train.take(order[first : first + batch]) for first in range(0, train.m, batch))
+            batches = (order[first : first + batch] for first in range(0, train.m, batch))
         loss = train_accuracy = 0.0
         steps = -(-train.m // batch)
-        for done, part in enumerate(batches, start=1):
+        for done, columns in enumerate(batches, start=1):
             t += 1
             params, optimizer_state, batch_loss, batch_accuracy = train_step(
-                params, optimizer_state, part, self.arch, lr=lr, t=t, rule=config.rule, l2=config.l2,
-                dropout=config.dropout, rng=rng, gradients=self.gradients, update=self.update)
+                params, optimizer_state, train, self.arch, lr=lr, t=t, rule=config.rule, l2=config.l2,
+                dropout=config.dropout, rng=rng, gradients=self.gradients, update=self.update, columns=columns)
             # the epoch's figures: the mean over samples of the figures each batch had before its own update
-            loss = loss + batch_loss * (part.m / train.m)
-            train_accuracy = train_accuracy + batch_accuracy * (part.m / train.m)
+            share = 1.0 if columns is None else int(columns.shape[0]) / train.m
+            loss = loss + batch_loss * share
+            train_accuracy = train_accuracy + batch_accuracy * share
             if self.on_step is not None:
                 self.on_step(done, steps)  # the host's view: the step is queued, not necessarily done
         val_loss = val_accuracy = self._nan

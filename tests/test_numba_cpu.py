@@ -24,7 +24,8 @@ import pytest
 from gpunn import numba_cpu
 from gpunn.data import load_bundled_sample
 from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
-from gpunn.numba_cpu import SinglePassCpu, build_index, needs_compile, supports, threads_for
+from gpunn.numba_cpu import (SinglePassCpu, full_batch, needs_compile, samples_of, support_order, supports,
+                             threads_for)
 
 TOLERANCE = {"float32": {"rtol": 2e-4, "atol": 1e-6}, "float64": {"rtol": 1e-10, "atol": 1e-13}}
 
@@ -117,10 +118,10 @@ def test_a_mini_batch_is_read_in_place(sample):
     arch, params = weights((784, 40, 10), dtype)
     batch = np.random.default_rng(5).choice(pixels.shape[1], size=333, replace=False)
     with SinglePassCpu(arch, dtype, 512) as single:
-        single.prepare(pixels)
-        prepared = single.prepare(pixels)
-        assert prepared is single.prepare(pixels)  # built once per training set
+        prepared = single.prepare(pixels, batches=True)
         result = single(params, pixels, None, labels, index=batch)
+        assert single.prepare(pixels, batches=True) is prepared  # built once per training set
+        assert prepared.rows.base is pixels.base  # the IDX rows themselves, not a copy
     assert_same_step(result, reference(params, pixels[:, batch], labels[batch], arch, dtype), dtype)
 
 
@@ -143,22 +144,55 @@ def test_pixel_major_and_sample_major_x_give_the_same_step(sample):
         assert same_bits(single(params, rows.T, None, labels), single(params, pixel_major, None, labels))
 
 
-def test_the_index_holds_each_samples_and_each_groups_nonzero_pixels():
-    rng = np.random.default_rng(0)
-    rows = ((rng.random((43, 70)) < 0.1) * rng.integers(1, 256, (43, 70))).astype(np.uint8)
-    rows[8:16] = 0  # a group with no nonzero pixel
+def _sparse_rows(m, n0, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = ((rng.random((m, n0)) < 0.1) * rng.integers(1, 256, (m, n0))).astype(np.uint8)
+    rows[8:16] = 0  # samples with no nonzero pixel
+    return rows
+
+
+def test_a_full_batch_is_summed_in_the_order_of_the_samples_coarse_masks():
+    rows = _sparse_rows(43, 70)
+    order = support_order(rows)
+    assert sorted(order) == list(range(43))
+    # each sample's coarse mask: for each run of 16 pixels (the last one of 6), is one of them nonzero
+    coarse = [tuple(bool(rows[s, k : k + 16].any()) for k in range(0, 70, 16)) for s in order]
+    assert coarse == sorted(coarse)  # ascending, run 0 first
+    assert list(order[:8]) == list(range(8, 16))  # the empty samples first, ties in their own order
+    # the same masks on an MNIST digit: the order depends on where the ink lies, not on its values
+    digits = load_bundled_sample().train_images[:300]
+    assert np.array_equal(support_order(digits), support_order((digits != 0).astype(np.uint8) * 7))
+
+
+def test_the_full_batch_index_holds_the_rows_in_order_and_each_groups_nonzero_pixels():
+    rows = _sparse_rows(43, 70)
     for X in (rows.T, np.ascontiguousarray(rows.T)):  # the sample-major view, and pixel-major C order
-        index = build_index(X)
-        assert index.rows.flags.c_contiguous and np.array_equal(index.rows, rows)
-        assert np.shares_memory(index.rows, rows) == (X.base is rows)  # the transposed view is used in place
-        bits = np.unpackbits(index.mask.view(np.uint8), axis=1, bitorder="little")[:, :70]
+        full = full_batch(X)
+        assert full.X is X and np.array_equal(full.order, support_order(rows))
+        assert full.rows.flags.c_contiguous and np.array_equal(full.rows, rows[full.order])
+        assert np.array_equal(full.positions, np.arange(43)) and len(full.list_start) == 6 + 1
+        for k in range(6):  # groups of 8 rows, the last one of 3
+            listed = full.lists[full.list_start[k] : full.list_start[k + 1]]
+            assert list(listed) == list(np.flatnonzero(full.rows[8 * k : 8 * k + 8].any(axis=0)))
+        assert full.list_start[1] == 0  # the 8 empty samples come first: a group with nothing to visit
+        assert full.nonzero_blocks == pytest.approx(len(full.lists) / (6 * 70))
+
+
+def test_the_mini_batch_index_holds_each_samples_nonzero_pixels():
+    rows = _sparse_rows(43, 70, seed=1)
+    for X in (rows.T, np.ascontiguousarray(rows.T)):
+        samples = samples_of(X)
+        assert samples.rows.flags.c_contiguous and np.array_equal(samples.rows, rows)
+        assert np.shares_memory(samples.rows, rows) == (X.base is rows)  # the transposed view is used in place
+        bits = np.unpackbits(samples.mask.view(np.uint8), axis=1, bitorder="little")[:, :70]
         assert np.array_equal(bits, rows != 0)
-        assert np.array_equal(index.order, np.arange(43)) and len(index.list_start) == 6 + 1
-        for k in range(6):  # groups of 8 samples, the last one of 3
-            listed = index.lists[index.list_start[k] : index.list_start[k + 1]]
-            assert list(listed) == list(np.flatnonzero(rows[8 * k : 8 * k + 8].any(axis=0)))
-        assert index.list_start[2] == index.list_start[1]
-        assert index.nonzero_blocks == pytest.approx(len(index.lists) / (6 * 70))
+
+
+def test_sorting_the_full_batch_leaves_out_more_blocks_on_mnist(sample):
+    # the digits in a random order, as a training split holds them (the bundled sample's file is sorted by label)
+    pixels = sample[0][:, np.random.default_rng(0).permutation(sample[0].shape[1])]
+    shuffled = np.mean([pixels[:, k : k + 8].any(axis=1).mean() for k in range(0, pixels.shape[1] - 7, 8)])
+    assert full_batch(pixels).nonzero_blocks < 0.8 * shuffled
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,8 @@ def test_mini_batches_use_the_last_partial_batch(sample_split, cpu, monkeypatch)
     real_step = gpunn.train.train_step
 
     def recording_step(params, state, data, arch, **kwargs):
-        seen.append((kwargs["t"], data.m, np.asarray(data.y).copy()))
+        labels = np.asarray(data.y)[np.asarray(kwargs["columns"])]  # the step's samples: columns of all the data
+        seen.append((kwargs["t"], len(labels), labels))
         return real_step(params, state, data, arch, **kwargs)
 
     monkeypatch.setattr(gpunn.train, "train_step", recording_step)

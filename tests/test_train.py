@@ -1,4 +1,5 @@
-"""Full-batch training: it learns, it is deterministic, it stops on divergence, and it never leaves the device."""
+"""Training: it learns, it is deterministic, it stops on divergence, it never leaves the device, and mini-batches reach
+a pass that reads them in place as an index into the data."""
 
 from __future__ import annotations
 
@@ -174,3 +175,70 @@ def test_standardized_inputs_take_a_step_that_sees_them(sample_split, cpu):
                                                                                                           fast=False))
     assert not fast.model.info["step"].startswith("single pass")
     np.testing.assert_allclose([s.loss for s in fast.history], [s.loss for s in generic.history], rtol=1e-5)
+
+
+class _Recording:
+    """A gradient pass (the generic math) that records what each call was given."""
+
+    def __init__(self, arch, reads_in_place):
+        from gpunn.nn import loss_and_gradients
+
+        self.arch, self.reads_in_place, self.calls = arch, reads_in_place, []
+        self._generic = loss_and_gradients
+
+    def __call__(self, params, X, Y, y, *, index=None, **options):
+        self.calls.append((X, index))
+        if index is not None:
+            X, Y, y = X[:, index], Y[:, index], y[index]
+        return self._generic(params, X, Y, y, self.arch, **options)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["reads-in-place", "gathered"])
+def test_a_mini_batch_reaches_the_pass_as_an_index_into_the_data_when_it_reads_in_place(in_place):
+    from gpunn.nn import Architecture, init_params
+    from gpunn.optim import Optimizer
+    from gpunn.train import DeviceData, train_step
+
+    cpu = get_backend("cpu", fast=False)
+    data = load_bundled_sample()
+    train = DeviceData.from_host(data.train_images[:300].T, data.train_labels[:300].astype(np.int64), backend=cpu,
+                                 dtype="float64")
+    arch = Architecture((784, 8, 10))
+    params = init_params(arch, init="he", seed=0, dtype="float64")
+    columns = np.random.default_rng(1).permutation(300)[:77]
+    recording = _Recording(arch, in_place)
+
+    stepped = train_step(params, {}, train, arch, lr=0.1, t=1, rule=Optimizer("gd"), gradients=recording,
+                         columns=columns)
+    expected = train_step(params, {}, train.take(columns), arch, lr=0.1, t=1, rule=Optimizer("gd"))
+    (X, index), = recording.calls
+    if in_place:
+        assert X is train.X and index is columns  # nothing gathered
+    else:
+        assert index is None and np.array_equal(X, train.X[:, columns])
+    for (W, b), (W_expected, b_expected) in zip(stepped[0], expected[0]):
+        np.testing.assert_array_equal(W, W_expected)
+        np.testing.assert_array_equal(b, b_expected)
+
+
+def test_mini_batches_on_the_single_pass_read_the_training_pixels_in_place(sample_split, cpu, monkeypatch):
+    """The CPU's single pass takes each mini-batch as an index into the uint8 training pixels (no batch is gathered,
+    no index is made per batch), and trains as the generic math does."""
+    from gpunn import numba_cpu
+    from gpunn.train import DeviceData
+
+    config = TrainConfig(hidden=(16,), epochs=2, lr=0.3, batch_size=600, optimizer="momentum", l2=0.01)
+    assert cpu.step(config.architecture(784), dtype="float32", columns=600).pixels
+    gathered = []
+    monkeypatch.setattr(DeviceData, "take", lambda self, columns: gathered.append(columns))
+    built = []
+    real_samples_of = numba_cpu.samples_of
+    monkeypatch.setattr(numba_cpu, "samples_of", lambda X: built.append(X) or real_samples_of(X))
+    fast = fit(sample_split, config, backend=cpu)
+    monkeypatch.undo()
+    assert gathered == [] and len(built) == 1 and built[0].shape == (784, len(sample_split.y_train))
+    generic = fit(sample_split, config, backend=get_backend("cpu", fast=False))
+    for ours, reference in zip(fast.history, generic.history, strict=True):
+        assert ours.train_accuracy == pytest.approx(reference.train_accuracy, abs=5 / 4500)  # a few digits at most
+    for a, b in zip(fast.model.params, generic.model.params):
+        np.testing.assert_allclose(a.W, b.W, rtol=1e-3, atol=1e-5)
