@@ -41,6 +41,10 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   chunk has its own gradient sums, added in chunk order at the end. The result depends on the number of chunks, not
   on which thread runs which. The one prange loop is the only parallel region: the rest are explicit loops (an
   array expression in a parallel function would be a parallel region of its own).
+- **One function for the whole chunk.** The helpers a chunk calls per group and per sample are inlined into it
+  (Numba's ``inline="always"``) and no array view is made inside its loops: a call passes every array as a dozen
+  words, and each view counts a reference atomically on a count both threads share (-0.5 to -0.75 ms per
+  784-10-10 step of 10.9).
 - **Float accumulation in the training dtype**, as the generic math does; the loss is summed in float64.
 - **Compiled once per dtype, on first use, cached on disk** (about 8 s cold, 0.2 s from the cache); see
   :func:`needs_compile` and :func:`cache_dir`.
@@ -469,11 +473,11 @@ def _clear(A):
         flat[i] = 0
 
 
-@njit
-def _group_pixels(order, first, count, mask, pixels):
-    """Fill pixels (ascending) with the pixels that are nonzero in one of the samples order[first : first + count];
-    return how many."""
-    total = 0
+@njit(inline='always')
+def _group_pixels(order, first, count, mask, pixels, start):
+    """Fill pixels[start:] (ascending) with the pixels that are nonzero in one of the samples
+    order[first : first + count]; return how many."""
+    total = start
     for word in range(mask.shape[1]):
         bits = np.uint64(0)
         for k in range(count):
@@ -482,10 +486,10 @@ def _group_pixels(order, first, count, mask, pixels):
             pixels[total] = word * 64 + _cttz(bits)
             total += 1
             bits &= bits - np.uint64(1)
-    return total
+    return total - start
 
 
-@njit
+@njit(inline='always')
 def _relu_rows(j0, v, a0, a1, a2, a3, a4, a5, a6, a7, A1, b1p, inv255):
     """A1[j0 + k, v : v + 16] = relu(a_k / 255 + b1[v : v + 16]) for the eight samples."""
     hp = A1.shape[1]
@@ -509,7 +513,7 @@ def _relu_rows(j0, v, a0, a1, a2, a3, a4, a5, a6, a7, A1, b1p, inv255):
     vstore(A1, a + 7 * hp, vpositive(z, z))
 
 
-@njit
+@njit(inline='always')
 def _forward_group(j0, pixels, first, count, D, W1T, b1p, A1, inv255):
     """A1[j] = relu(W1 x_j / 255 + b1) for the eight samples j0 .. j0 + 7 of the tile: for each listed pixel p, the
     row W1T[p] meets the eight samples' values D[j, p]. Each (sample, hidden vector) sum runs over the listed pixels
@@ -590,7 +594,7 @@ def _forward_group(j0, pixels, first, count, D, W1T, b1p, A1, inv255):
         _relu_rows(j0, v, a0, a1, a2, a3, a4, a5, a6, a7, A1, b1p, inv255)
 
 
-@njit
+@njit(inline='always')
 def _head(j, label, A1, dZ1, P, W2p, W2T, b2p, dW2T, db1, db2, h, C):
     """Sample j of the tile, from its hidden activations A1[j] to dZ1[j]: Z2, softmax, loss and hit, dZ2 = P - Y,
     and its terms of dW2T, db2 and db1. Returns (its cross-entropy, 1 if predicted correctly else 0)."""
@@ -632,7 +636,7 @@ def _head(j, label, A1, dZ1, P, W2p, W2T, b2p, dW2T, db1, db2, h, C):
     return loss, hit
 
 
-@njit
+@njit(inline='always')
 def _backward_group(j0, pixels, first, count, D, dZ1, dW1T):
     """dW1T[p] += sum_j D[j, p] * dZ1[j] over the samples j0 .. j0 + 7, for the listed pixels: each row of dW1T is
     read and written once per group, and its eight terms are added in sample order. Two hidden vectors at a time
@@ -731,9 +735,10 @@ def _chunk(order, lo, hi, y, rows, mask, lists, list_start, W1T, b1p, W2p, W2T, 
     groups = TILE // GROUP
     first = np.zeros(groups, np.int64)
     count = np.zeros(groups, np.int64)
+    source = pixels.reshape(-1) if list_start.shape[0] == 0 else lists  # the pixel lists the groups read
     for t0 in range(lo, hi, TILE):
         n = min(TILE, hi - t0)
-        # the tile's pixels as floats, read once. Rows n .. 15 keep finite values (earlier tiles', or zeros): a
+        # the tile's pixels as floats, read once. Rows n .. TILE - 1 keep finite values (earlier tiles', or zeros): a
         # short group computes them into rows of A1 that are not used, and adds them times zero rows of dZ1
         for j in range(n):
             s = order[t0 + j]
@@ -750,9 +755,8 @@ def _chunk(order, lo, hi, y, rows, mask, lists, list_start, W1T, b1p, W2p, W2T, 
                 count[g] = list_start[k + 1] - first[g]
             else:
                 first[g] = g * n0
-                count[g] = _group_pixels(order, t0 + g * GROUP, min(GROUP, n - g * GROUP), mask, pixels[g])
+                count[g] = _group_pixels(order, t0 + g * GROUP, min(GROUP, n - g * GROUP), mask, source, g * n0)
         for g in range((n + GROUP - 1) // GROUP):
-            source = pixels.reshape(-1) if list_start.shape[0] == 0 else lists
             _forward_group(g * GROUP, source, first[g], count[g], D, W1T, b1p, A1, inv255)
         for j in range(n):
             l, k = _head(j, y[order[t0 + j]], A1, dZ1, P, W2p, W2T, b2p, dW2T, db1, db2, h, C)
@@ -762,7 +766,6 @@ def _chunk(order, lo, hi, y, rows, mask, lists, list_start, W1T, b1p, W2p, W2T, 
             for v in range(0, hp, LANES):
                 vstore(dZ1, j * hp + v, vzero(dZ1))
         for g in range((n + GROUP - 1) // GROUP):
-            source = pixels.reshape(-1) if list_start.shape[0] == 0 else lists
             _backward_group(g * GROUP, source, first[g], count[g], D, dZ1, dW1T)
     return loss, hits
 
