@@ -10,7 +10,8 @@ One step = the loss, accuracy and gradients of 784-h-10 (ReLU, softmax) on all m
 gradient-descent update W -= 0.1 dW for every implementation (so one step is one full-batch epoch). Implementations:
 
 - numba-sparse: SinglePassCpu, skipping zero pixels (the default); numba-dense: the same kernel without skipping
-  (same order of sums, same bits);
+  (same order of sums, same bits); numba-unsorted: skipping, with the full batch summed in the files' order instead
+  of sorted by where the samples' ink lies (numba_cpu.support_order);
 - fused-cpu: gpunn's BLAS fast path (FusedCpuPass) on float X (n0, m) as gpunn keeps it;
 - generic: gpunn.nn.loss_and_gradients on the same float X;
 - numpy: the seed notes' plain NumPy program, kept in the dtype (X = pixels.T / 255 in float32 stays float32).
@@ -99,10 +100,10 @@ def make_runners(images: np.ndarray, labels: np.ndarray, h: int, dtype: str, thr
     X /= 255
     Y = one_hot(labels, 10, getattr(np, dtype))
     runners = []
-    for sparse in (True, False):
-        name = "numba-sparse" if sparse else "numba-dense"
+    for name, sparse, sort in (("numba-sparse", True, True), ("numba-dense", False, True),
+                               ("numba-unsorted", True, False)):
         if name in only:
-            single = SinglePassCpu(arch, dtype, m, threads=threads, sparse=sparse)
+            single = SinglePassCpu(arch, dtype, m, threads=threads, sparse=sparse, sort=sort)
             single.prepare(pixels)
             runners.append(Runner(name, lambda p, s=single: _drop_accuracy(s(p, pixels, None, labels)), params,
                                   single))
@@ -177,7 +178,7 @@ def summary(row: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    names = ["numba-sparse", "numba-dense", "fused-cpu", "generic", "numpy"]
+    names = ["numba-sparse", "numba-dense", "numba-unsorted", "fused-cpu", "generic", "numpy"]
     lines = [
         f"# The Numba single pass, interleaved: {result['name']}",
         "",
@@ -329,7 +330,7 @@ def environment(threads: int) -> dict[str, Any]:
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for the parallel implementations.")
 @click.option("--pause", type=click.FloatRange(min=0), default=0.25, show_default=True,
               help="Seconds of rest before each step (lets other implementations' spinning threads sleep).")
-@click.option("--only", default="numba-sparse,numba-dense,fused-cpu,generic,numpy", show_default=True)
+@click.option("--only", default="numba-sparse,numba-dense,numba-unsorted,fused-cpu,generic,numpy", show_default=True)
 @click.option("--compile-times", is_flag=True, help="Measure cold compile and cache load instead.")
 @click.option("--contention", is_flag=True, help="Compare threading layers with and without a busy process.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)

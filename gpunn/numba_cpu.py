@@ -26,9 +26,10 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   -0), so the two give the same bits for finite weights and deltas. Both are one compiled function.
 - **A full batch is summed in the order that leaves out most.** Its samples are sorted once, by where their ink
   lies (:func:`support_order`), and copied in that order, so that the eight samples of a group are alike: 32 % of
-  the blocks are then not all zero, against 46 % in the files' order, and a 784-10-10 step takes 10.2 instead of
-  12 ms. The copy is what makes it pay: read through the sorted order in place, the rows come from all over memory
-  and the step was slower than unsorted (12.9 ms).
+  the blocks are then not all zero, against 46 % in the files' order. In one interleaved run
+  (benchmarks/results/intel-xeon-numba-single-pass.md) the same kernel summing in the files' order was 1.03x slower
+  at h = 10 and 1.28x at h = 256. The copy is what makes it pay: read in place through the sorted order, the rows
+  come from all over memory, and while building it that was slower than not sorting at all.
 - **Sample-major pixels.** A tile is read as 8 rows of n0 contiguous bytes, so the kernel wants the samples as
   C-ordered rows (m, n0): the sorted copy for a full batch; for a mini-batch, X's own rows where X is the transposed
   view of an (m, n0) C-ordered array (strides (1, n0), the IDX files' own layout), read in place at the batch's
@@ -43,8 +44,8 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   array expression in a parallel function would be a parallel region of its own).
 - **One function for the whole chunk.** The helpers a chunk calls per group and per sample are inlined into it
   (Numba's ``inline="always"``) and no array view is made inside its loops: a call passes every array as a dozen
-  words, and each view counts a reference atomically on a count both threads share (-0.5 to -0.75 ms per
-  784-10-10 step of 10.9).
+  words, and each view counts a reference atomically on a count both threads share (measured while building it:
+  about 5 % of a 784-10-10 step).
 - **Float accumulation in the training dtype**, as the generic math does; the loss is summed in float64.
 - **Compiled once per dtype, on first use, cached on disk** (about 8 s cold, 0.2 s from the cache); see
   :func:`needs_compile` and :func:`cache_dir`.
@@ -924,12 +925,13 @@ def _check_pixels(X: np.ndarray) -> None:
         raise ValueError(f"the single CPU pass takes X as (n0, m) uint8 pixels, got {X.dtype} {X.shape}")
 
 
-def full_batch(X: np.ndarray) -> FullBatch:
-    """The full-batch index of X (n0, m) uint8: its samples in support_order, copied into rows in that order, and the
-    nonzero pixels of each group of GROUP consecutive rows (the (pixel, 8-sample) blocks that are not all zero)."""
+def full_batch(X: np.ndarray, *, sort: bool = True) -> FullBatch:
+    """The full-batch index of X (n0, m) uint8: its samples in support_order (``sort=False``: in X's order, for
+    measurements), copied into rows in that order, and the nonzero pixels of each group of GROUP consecutive rows
+    (the (pixel, 8-sample) blocks that are not all zero)."""
     _check_pixels(X)
     samples = X.T  # (m, n0): each sample's pixels contiguous when X is the transposed view of the IDX rows
-    order = support_order(samples)
+    order = support_order(samples) if sort else np.arange(samples.shape[0])
     rows = samples[order]
     m, n0 = rows.shape
     groups = -(-m // GROUP)
@@ -992,21 +994,22 @@ class SinglePassCpu:
 
     Mini-batches are read fastest from X.strides == (1, n0), the transposed view of the (m, n0) IDX rows, which is
     how gpunn's data split holds the training set; any other X is copied once. ``sparse=False`` runs the dense
-    kernel (every pixel, the same order of sums, the same bits), for measurements and tests. ``threads``: at most
-    this many (default: every usable core); :attr:`threads` is what a full step of ``columns`` samples uses, and
+    kernel (every pixel, the same order of sums, the same bits), for measurements and tests; ``sort=False`` sums a
+    full batch in X's own order (for measurements). ``threads``: at most this many (default: every usable core); :attr:`threads` is what a full step of ``columns`` samples uses, and
     smaller steps use fewer (see :func:`threads_for`).
 
-    Measured on MNIST (m = 60,000, float32, the 2-core development machine, steps back to back): a 784-10-10 step
-    10.2 ms (12 ms before the full batch was sorted, 20.5 ms for the dense kernel); in the epoch benchmark's
-    interleaved runs (benchmarks/results/intel-xeon-cpu.md) against FusedCpuPass, the NumPy program and PyTorch. A
-    cold compile takes about 8 s per dtype, a cached one 0.2 s.
+    Measured on MNIST (m = 60,000, float32, the 2-core development machine): a 784-10-10 epoch 10.1 ms median in the
+    epoch benchmark's interleaved run (benchmarks/results/intel-xeon-cpu.md: 5.5x the NumPy program, 3.2x
+    torch.compile); single steps after a pause, against the dense kernel and the files' order
+    (benchmarks/results/intel-xeon-numba-single-pass.md): 1.6x faster than dense at h = 10, 2.8x at h = 256. A cold
+    compile takes about 6.5 s per dtype, a cached one 0.3 s.
     """
 
     pixels = True  # takes X as raw uint8 pixels, not floats
     reads_in_place = True  # takes a mini-batch as ``index=`` into the whole X (gpunn.train.batch_gradients)
 
     def __init__(self, arch: Architecture, dtype: str, columns: int, *, threads: int | None = None,
-                 sparse: bool = True) -> None:
+                 sparse: bool = True, sort: bool = True) -> None:
         reason = refusal(arch, dtype=dtype)
         if reason is not None:
             raise ValueError(reason)
@@ -1015,6 +1018,7 @@ class SinglePassCpu:
         self.dtype = np.dtype(dtype)
         self.columns = columns
         self.sparse = sparse
+        self.sort = sort
         self.threads = threads_for(columns, arch.sizes[1], threads)
         n0, h, C = arch.sizes
         hp = -(-h // LANES) * LANES
@@ -1057,7 +1061,7 @@ class SinglePassCpu:
             return self._samples
         if self._full is None or self._full.X is not X:
             self._full = None  # the old index goes before the new one is made
-            self._full = full_batch(X)
+            self._full = full_batch(X, sort=self.sort)
         return self._full
 
     def _check_pixels(self, X: np.ndarray) -> None:

@@ -176,6 +176,8 @@ def test_the_full_batch_index_holds_the_rows_in_order_and_each_groups_nonzero_pi
             assert list(listed) == list(np.flatnonzero(full.rows[8 * k : 8 * k + 8].any(axis=0)))
         assert full.list_start[1] == 0  # the 8 empty samples come first: a group with nothing to visit
         assert full.nonzero_blocks == pytest.approx(len(full.lists) / (6 * 70))
+        as_given = full_batch(X, sort=False)  # for measurements: the samples in X's order
+        assert np.array_equal(as_given.order, np.arange(43)) and np.array_equal(as_given.rows, rows)
 
 
 def test_the_mini_batch_index_holds_each_samples_nonzero_pixels():
@@ -186,6 +188,17 @@ def test_the_mini_batch_index_holds_each_samples_nonzero_pixels():
         assert np.shares_memory(samples.rows, rows) == (X.base is rows)  # the transposed view is used in place
         bits = np.unpackbits(samples.mask.view(np.uint8), axis=1, bitorder="little")[:, :70]
         assert np.array_equal(bits, rows != 0)
+
+
+def test_a_sorted_and_an_unsorted_full_batch_take_the_same_step(sample):
+    pixels, labels = sample[0][:, :1500], sample[1][:1500]
+    arch, params = weights((784, 10, 10), "float32")
+    results = []
+    for sort in (True, False):
+        with SinglePassCpu(arch, "float32", 1500, sort=sort) as single:
+            results.append(single(params, pixels, None, labels, l2=0.2))
+    assert_same_step(results[0], results[1], "float32")
+    assert not same_bits(results[0], results[1])  # summed in another order
 
 
 def test_sorting_the_full_batch_leaves_out_more_blocks_on_mnist(sample):
