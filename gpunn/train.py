@@ -321,8 +321,19 @@ class DeviceData:
     def take(self, columns: Any) -> DeviceData:
         """The samples at the device index array ``columns``, gathered on the device."""
         xp = array_namespace(self.X)
-        return DeviceData(xp.take(self.X, columns, axis=1), xp.take(self.y, columns, axis=0),
-                          xp.take(self.Y, columns, axis=1))
+        return DeviceData(_take_columns(xp, self.X, columns), xp.take(self.y, columns, axis=0),
+                          _take_columns(xp, self.Y, columns))
+
+
+def _take_columns(xp: Any, a: Any, columns: Any) -> Any:
+    """a[:, columns], gathered along the axis whose elements are contiguous. Where each column is contiguous (X as
+    the transposed view of the files' rows, and floats made from it), the columns are the rows of a.T, and NumPy's
+    take along axis 1 would first copy all of ``a`` (measured: 300 ms for MNIST's float X, for 128 columns or 4,096,
+    against 0.01 and 1.2 ms taking rows of a.T)."""
+    flags = getattr(a, "flags", None)  # NumPy and CuPy arrays say how they are laid out; others take the plain way
+    if flags is not None and flags.f_contiguous and not flags.c_contiguous:
+        return xp.take(a.T, columns, axis=0).T
+    return xp.take(a, columns, axis=1)
 
 
 def batch_gradients(gradients: GradientPass, params: list[Layer], data: DeviceData, columns: Any = None,

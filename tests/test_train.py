@@ -242,3 +242,20 @@ def test_mini_batches_on_the_single_pass_read_the_training_pixels_in_place(sampl
         assert ours.train_accuracy == pytest.approx(reference.train_accuracy, abs=5 / 4500)  # a few digits at most
     for a, b in zip(fast.model.params, generic.model.params):
         np.testing.assert_allclose(a.W, b.W, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["columns contiguous", "rows contiguous"])
+def test_taking_samples_gathers_the_columns_whatever_the_layout(layout):
+    from gpunn.train import DeviceData
+
+    rng = np.random.default_rng(0)
+    rows = rng.random((50, 7), dtype=np.float32)
+    X = rows.T if layout == "columns contiguous" else np.ascontiguousarray(rows.T)  # (7, 50) either way
+    y = rng.integers(0, 10, 50)
+    data = DeviceData(X, y, np.eye(10, dtype=np.float32)[:, y])
+    columns = np.array([4, 49, 0, 4, 17])
+    part = data.take(columns)
+    assert np.array_equal(part.X, X[:, columns]) and np.array_equal(part.y, y[columns])
+    assert np.array_equal(part.Y, data.Y[:, columns])
+    # the columns-contiguous X keeps its layout: its batch was gathered as rows of X.T, not through a copy of all of X
+    assert part.X.flags.f_contiguous == (layout == "columns contiguous")
