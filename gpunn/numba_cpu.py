@@ -47,7 +47,8 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   words, and each view counts a reference atomically on a count both threads share (measured while building it:
   about 5 % of a 784-10-10 step).
 - **Float accumulation in the training dtype**, as the generic math does; the loss is summed in float64.
-- **Compiled once per dtype, on first use, cached on disk** (about 8 s cold, 0.2 s from the cache); see
+- **Compiled once per dtype, on first use, cached on disk** (about 6.5 s cold, 0.3 s from the cache:
+  ``python benchmarks/numba_single_pass.py --compile-times``); see
   :func:`needs_compile` and :func:`cache_dir`.
 
 Measurements: benchmarks/numba_single_pass.py (and its --compile-times and --contention modes).
@@ -881,8 +882,8 @@ def support_order(rows: np.ndarray, block: int = 4096) -> np.ndarray:
 
     A sum over samples may run in any order. This one puts samples whose ink lies in the same places side by side,
     so that more of the (pixel, 8-sample) blocks the kernel visits are all zero and left out: on MNIST 32 % of them
-    are not all zero in this order, against 46 % in the files' order (35 % when sorted by the digits' bounding
-    boxes, which would need the images' shape)."""
+    are not all zero in this order, against 46 % in the files' order (sorting by the digits' bounding boxes, which
+    needs the images' shape, left more)."""
     m, n0 = rows.shape
     runs = -(-n0 // SEGMENT)
     keys = np.zeros((m, -(-runs // 8)), np.uint8)
@@ -995,8 +996,9 @@ class SinglePassCpu:
     Mini-batches are read fastest from X.strides == (1, n0), the transposed view of the (m, n0) IDX rows, which is
     how gpunn's data split holds the training set; any other X is copied once. ``sparse=False`` runs the dense
     kernel (every pixel, the same order of sums, the same bits), for measurements and tests; ``sort=False`` sums a
-    full batch in X's own order (for measurements). ``threads``: at most this many (default: every usable core); :attr:`threads` is what a full step of ``columns`` samples uses, and
-    smaller steps use fewer (see :func:`threads_for`).
+    full batch in X's own order (for measurements). ``threads``: at most this many (default: every usable core);
+    :attr:`threads` is what a full step of ``columns`` samples uses, and smaller steps use fewer (see
+    :func:`threads_for`).
 
     Measured on MNIST (m = 60,000, float32, the 2-core development machine): a 784-10-10 epoch 10.1 ms median in the
     epoch benchmark's interleaved run (benchmarks/results/intel-xeon-cpu.md: 5.5x the NumPy program, 3.2x
@@ -1108,7 +1110,8 @@ class SinglePassCpu:
             self._checked_labels = y
         if index is None:
             full = self.prepare(X)
-            lists, list_start = (full.lists, full.list_start) if self.sparse else (self._all_pixels, np.zeros(1, np.int64))
+            dense = (self._all_pixels, np.zeros(1, np.int64))  # every pixel, for every group
+            lists, list_start = (full.lists, full.list_start) if self.sparse else dense
             batch = (full.positions, self._labels_in(full, y), full.rows, self._no_mask, lists, list_start)
         else:
             order = np.ascontiguousarray(index, dtype=np.int64)
