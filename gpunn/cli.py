@@ -38,8 +38,8 @@ from gpunn.optim import OPTIMIZERS, SCHEDULES
 from gpunn.progress import DownloadProgress, TrainingProgress
 # matplotlib itself is imported by gpunn.plots on first use, so `gpunn --help` does not pay for it
 from gpunn.plots import read_metrics, require_matplotlib, write_plots
-from gpunn.train import NORMALIZATIONS, TrainConfig, TrainingFailed, TrainingInterrupted, describe_run, fit, \
-    predict_proba
+from gpunn.train import (MAX_EPOCHS, NORMALIZATIONS, TrainConfig, TrainingFailed, TrainingInterrupted, describe_run,
+                         fit, predict_proba)
 
 DEVICE_HELP = "auto (the GPU if one answers, else the CPU), cpu, cuda, or cuda:N."
 
@@ -185,7 +185,7 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               "notebook's rand - 0.5.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Floating-point type of the weights and the arithmetic.")
-@click.option("--epochs", type=click.IntRange(min=1), default=500, show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1, max=MAX_EPOCHS), default=500, show_default=True,
               help="Epochs in all (with --resume: the new total, counting those already done).")
 @click.option("--lr", type=_Finite(min=0, min_open=True), default=0.1, show_default=True,
               help="Learning rate alpha in W <- W - alpha dW.")

@@ -49,6 +49,8 @@ from gpunn.optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate
 
 #: input preparations a run may choose: pixels / 255, or then standardized per pixel with the training split's stats
 NORMALIZATIONS = PREPROCESSINGS
+#: the most epochs a run may have: epoch numbers are 64-bit integers in checkpoints, metrics files and their readers
+MAX_EPOCHS = 2**63 - 1
 #: the host reads the epochs' metrics back from the device at most this often (and at checkpoints and the end)
 DRAIN_SECONDS = 0.25
 #: signals that stop training after the current epoch, with a checkpoint (a second one stops at once): those a save
@@ -100,6 +102,7 @@ class TrainConfig:
         for name, minimum in [("epochs", 1), ("seed", 0), ("val_size", 0), ("lr_step_size", 1)]:
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= minimum, name,
                    f"an integer >= {minimum}", getattr(self, name))
+        _check(self.epochs <= MAX_EPOCHS, "epochs", f"at most {MAX_EPOCHS:,} (a 64-bit count)", self.epochs)
         for name in ("batch_size", "early_stop"):
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and value >= 1), name, "an integer >= 1 (or none)", value)

@@ -141,6 +141,7 @@ def test_info_lists_the_cpu_and_why_cuda_is_unusable(monkeypatch):
         (["--lr", "0"], 2, ["--lr"]),
         (["--lr", "-0.1"], 2, ["--lr"]),
         (["--epochs", "0"], 2, ["--epochs"]),
+        (["--epochs", str(2**63)], 2, ["--epochs", "9223372036854775807"]),  # past a 64-bit count: refused, not run
         (["--hidden", "0"], 2, ["--hidden", "at least 1 unit"]),
         (["--hidden", "16,x"], 2, ["--hidden", "comma-separated"]),
         (["--val-size", "5000"], 2, ["--val-size 5000 must be at least 0 and less than the 5,000"]),

@@ -67,7 +67,7 @@ def test_divergence_stops_at_once_and_names_the_epoch(sample_split, cpu):
         fit(sample_split, TrainConfig(epochs=50, lr=1e10), backend=cpu)
 
 
-@pytest.mark.parametrize("bad", [{"epochs": 0}, {"lr": 0.0}, {"lr": -1.0}])
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"epochs": 2**63}, {"lr": 0.0}, {"lr": -1.0}])
 def test_config_rejects_impossible_values(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
