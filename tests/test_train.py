@@ -6,10 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from gpunn import numba_cpu
 from gpunn.backend import get_backend
 from gpunn.data import load_bundled_sample, load_idx_dir, split
 from gpunn.errors import ModelError, TrainingDivergedError
-from gpunn.train import TrainConfig, TrainingInterrupted, evaluate, fit
+from gpunn.nn import Architecture, init_params, loss_and_gradients
+from gpunn.optim import Optimizer
+from gpunn.train import DeviceData, TrainConfig, TrainingInterrupted, evaluate, fit, train_step
 
 from helpers import write_mnist_dir
 
@@ -181,24 +184,17 @@ class _Recording:
     """A gradient pass (the generic math) that records what each call was given."""
 
     def __init__(self, arch, reads_in_place):
-        from gpunn.nn import loss_and_gradients
-
         self.arch, self.reads_in_place, self.calls = arch, reads_in_place, []
-        self._generic = loss_and_gradients
 
     def __call__(self, params, X, Y, y, *, index=None, **options):
         self.calls.append((X, index))
         if index is not None:
             X, Y, y = X[:, index], Y[:, index], y[index]
-        return self._generic(params, X, Y, y, self.arch, **options)
+        return loss_and_gradients(params, X, Y, y, self.arch, **options)
 
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["reads-in-place", "gathered"])
 def test_a_mini_batch_reaches_the_pass_as_an_index_into_the_data_when_it_reads_in_place(in_place):
-    from gpunn.nn import Architecture, init_params
-    from gpunn.optim import Optimizer
-    from gpunn.train import DeviceData, train_step
-
     cpu = get_backend("cpu", fast=False)
     data = load_bundled_sample()
     train = DeviceData.from_host(data.train_images[:300].T, data.train_labels[:300].astype(np.int64), backend=cpu,
@@ -224,9 +220,6 @@ def test_a_mini_batch_reaches_the_pass_as_an_index_into_the_data_when_it_reads_i
 def test_mini_batches_on_the_single_pass_read_the_training_pixels_in_place(sample_split, cpu, monkeypatch):
     """The CPU's single pass takes each mini-batch as an index into the uint8 training pixels (no batch is gathered,
     no index is made per batch), and trains as the generic math does."""
-    from gpunn import numba_cpu
-    from gpunn.train import DeviceData
-
     config = TrainConfig(hidden=(16,), epochs=2, lr=0.3, batch_size=600, optimizer="momentum", l2=0.01)
     assert cpu.step(config.architecture(784), dtype="float32", columns=600).pixels
     gathered = []
@@ -246,8 +239,6 @@ def test_mini_batches_on_the_single_pass_read_the_training_pixels_in_place(sampl
 
 @pytest.mark.parametrize("layout", ["columns contiguous", "rows contiguous"])
 def test_taking_samples_gathers_the_columns_whatever_the_layout(layout):
-    from gpunn.train import DeviceData
-
     rng = np.random.default_rng(0)
     rows = rng.random((50, 7), dtype=np.float32)
     X = rows.T if layout == "columns contiguous" else np.ascontiguousarray(rows.T)  # (7, 50) either way
