@@ -218,34 +218,38 @@ _COMPILE_CHILD = textwrap.dedent("""
     from gpunn import numba_cpu
     from gpunn.nn import Architecture, init_params
     imported = time.perf_counter()
-    dtype = sys.argv[1]
-    needs = numba_cpu.needs_compile(dtype)
-    checked = time.perf_counter()
+    dtype, columns = sys.argv[1], int(sys.argv[2])
     arch = Architecture((784, 10, 10))
+    threads = numba_cpu.threads_for(columns, 10)
+    needs = numba_cpu.needs_compile(dtype, threads=threads)
+    checked = time.perf_counter()
     pixels = np.random.default_rng(0).integers(0, 256, (784, 64), dtype=np.uint8)
     labels = np.arange(64) % 10
-    with numba_cpu.SinglePassCpu(arch, dtype, 64) as step:
+    with numba_cpu.SinglePassCpu(arch, dtype, columns) as step:  # the kernel of a run of `columns` per step
         step(init_params(arch, init="he", seed=0, dtype=dtype), pixels, None, labels)
     done = time.perf_counter()
-    print(json.dumps({"needs_compile": needs, "import_s": imported - start, "check_s": checked - imported,
-                      "first_step_s": done - checked}))
+    print(json.dumps({"threads": threads, "needs_compile": needs, "import_s": imported - start,
+                      "check_s": checked - imported, "first_step_s": done - checked}))
 """)
 
 
 def compile_times() -> list[dict[str, Any]]:
-    """Per dtype (the sparse and dense kernels are one compiled function), in fresh interpreters with an empty Numba
-    cache directory: the first step cold (compiling), then twice more (loading the cache)."""
+    """Per dtype and kernel (the sparse and dense kernels are one compiled function; a run of full MNIST batches
+    calls the parallel one, a run of 64-sample batches the one-thread one), in fresh interpreters with an empty
+    Numba cache directory: the first step cold (compiling), then twice more (loading the cache)."""
     results = []
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         for dtype in ("float32", "float64"):
-            for attempt in ("cold", "cached", "cached"):
-                out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, dtype], env=env, check=True,
-                                     capture_output=True, text=True).stdout
-                row = {"dtype": dtype, "attempt": attempt, **json.loads(out)}
-                results.append(row)
-                click.echo(f"{dtype} {attempt}: needs_compile={row['needs_compile']}, import {row['import_s']:.2f} s, "
-                           f"first step {row['first_step_s']:.2f} s")
+            for columns in (60000, 64):
+                for attempt in ("cold", "cached", "cached"):
+                    out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, dtype, str(columns)], env=env,
+                                         check=True, capture_output=True, text=True).stdout
+                    row = {"dtype": dtype, "columns": columns, "attempt": attempt, **json.loads(out)}
+                    results.append(row)
+                    click.echo(f"{dtype}, {columns} per step ({row['threads']} threads) {attempt}: needs_compile="
+                               f"{row['needs_compile']}, import {row['import_s']:.2f} s, first step "
+                               f"{row['first_step_s']:.2f} s")
     return results
 
 

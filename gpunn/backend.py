@@ -187,9 +187,9 @@ class NumpyBackend(Backend):
             if numba_cpu.supports(arch, dropout=dropout, dtype=dtype):
                 threads = numba_cpu.threads_for(columns, arch.sizes[1])
                 notice = ""
-                if numba_cpu.needs_compile(dtype):
+                if numba_cpu.needs_compile(dtype, threads=threads):
                     where = numba_cpu.cache_dir()
-                    notice = (f"compiling the single-pass CPU kernel for {dtype} (once, about 10 s; "
+                    notice = (f"compiling the single-pass CPU kernel for {dtype} (once, about 7 s; "
                               + (f"cached in {where})" if where else "no writable cache directory, so every run does)"))
                 return Step(f"single pass over uint8 pixels (Numba), {threads} thread{'s' if threads > 1 else ''}",
                             lambda: numba_cpu.SinglePassCpu(arch, dtype, columns), pixels=True, notice=notice)

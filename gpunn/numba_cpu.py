@@ -48,8 +48,9 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   about 5 % of a 784-10-10 step).
 - **Float accumulation in the training dtype**, as the generic math does; the loss is summed in float64.
 - **Compiled once per dtype, on first use, cached on disk** (about 6.5 s cold, 0.3 s from the cache:
-  ``python benchmarks/numba_single_pass.py --compile-times``); see
-  :func:`needs_compile` and :func:`cache_dir`.
+  ``python benchmarks/numba_single_pass.py --compile-times``); see :func:`needs_compile` and :func:`cache_dir`.
+  A run whose steps use one thread (small mini-batches, one core) calls a kernel of its own that runs on the calling
+  thread, compiled only for such runs (:func:`kernel_for`).
 
 Measurements: benchmarks/numba_single_pass.py (and its --compile-times and --contention modes).
 """
@@ -833,6 +834,20 @@ def _step(order, y, rows, mask, lists, list_start, W1, b1, W2, b2, l2, scales, c
     return _finish(W1, W2, l2, m, scales, chunks, dW1T, dW2T, db1c, db2c, lossc, hitsc, dW1, db1, dW2, db2)
 
 
+@njit
+def _step_on_one_thread(order, y, rows, mask, lists, list_start, W1, b1, W2, b2, l2, scales, chunks, W1T, W2p, W2T,
+                        b1p, b2p, D, A1, dZ1, P, pixels, dW1T, dW2T, db1c, db2c, lossc, hitsc, dW1, db1, dW2, db2):
+    """_step as one chunk on the calling thread (``chunks`` is 1), for a run whose steps do not pay for a second
+    thread: launching a parallel region costs 50-125 us even for one chunk on one thread, 3x the work of a
+    128-sample step (measured on the development machine, workqueue layer). A kernel of its own, compiled only for
+    such runs: a branch in _step would compile the chunk's code twice, into _step and into its parallel region."""
+    _load_weights(W1, b1, W2, b2, W1T, W2p, W2T, b1p, b2p)
+    lossc[0], hitsc[0] = _chunk(order, 0, order.shape[0], y, rows, mask, lists, list_start, W1T, b1p, W2p, W2T, b2p,
+                                D[0], A1[0], dZ1[0], P[0], pixels[0], dW1T[0], dW2T[0], db1c[0], db2c[0], W1.shape[0],
+                                W2.shape[0])
+    return _finish(W1, W2, l2, order.shape[0], scales, 1, dW1T, dW2T, db1c, db2c, lossc, hitsc, dW1, db1, dW2, db2)
+
+
 def _enable_cache(kernel: Any) -> None:
     """Cache the kernel's machine code on disk, where Numba finds a writable place: the package's __pycache__, or,
     when the package is installed read-only, the user-wide cache (Numba's _UserWideCacheLocator, under
@@ -845,6 +860,7 @@ def _enable_cache(kernel: Any) -> None:
 
 
 _enable_cache(_step)
+_enable_cache(_step_on_one_thread)
 
 
 # --- Python side ----------------------------------------------------------------------------------------------------
@@ -1022,6 +1038,7 @@ class SinglePassCpu:
         self.sparse = sparse
         self.sort = sort
         self.threads = threads_for(columns, arch.sizes[1], threads)
+        self._kernel = kernel_for(self.threads)
         n0, h, C = arch.sizes
         hp = -(-h // LANES) * LANES
         chunks, dt = self.threads, self.dtype
@@ -1125,7 +1142,7 @@ class SinglePassCpu:
         if [W.shape for W, _ in params] != expected or [b.shape for _, b in params] != [(n, 1) for n, _ in expected]:
             raise ValueError(f"the weights' shapes {[(W.shape, b.shape) for W, b in params]} are not {self.arch}'s")
         args, outputs = self._arguments(params, *batch, l2)
-        loss, accuracy = _step(*args)
+        loss, accuracy = self._kernel(*args)
         dW1, db1, dW2, db2 = outputs
         return (np.asarray(loss, self.dtype), np.asarray(accuracy, self.dtype),
                 [Layer(dW1, db1), Layer(dW2, db2)])
@@ -1169,22 +1186,29 @@ def _signature(dtype: str) -> tuple[Any, ...]:
     return tuple(numba.typeof(a) for a in args)
 
 
-def needs_compile(dtype: str = "float32") -> bool:
-    """Will the first step in ``dtype`` compile the kernel (seconds) rather than load it from Numba's disk cache
-    (a fraction of a second)? For a one-line notice before the first step. The sparse and dense kernels are one
-    compiled function."""
+def kernel_for(threads: int) -> Any:
+    """The compiled kernel a run whose full steps use ``threads`` threads calls for all its steps (one variant per
+    run, so that no step compiles another): _step, or _step_on_one_thread where one thread does it all."""
+    return _step if threads > 1 else _step_on_one_thread
+
+
+def needs_compile(dtype: str = "float32", *, threads: int | None = None) -> bool:
+    """Will the first step in ``dtype`` of a run of ``threads`` threads (:func:`threads_for`; default: every usable
+    core) compile its kernel (seconds) rather than load it from Numba's disk cache (a fraction of a second)? For a
+    one-line notice before the first step. The sparse and dense kernels are one compiled function."""
+    kernel = kernel_for(threads_for(2**62) if threads is None else threads)
     signature = _signature(dtype)
-    if signature in _step.overloads:
+    if signature in kernel.overloads:
         return False
-    cache = _step._cache  # Numba's FunctionCache, or a NullCache where no directory was writable
+    cache = kernel._cache  # Numba's FunctionCache, or a NullCache where no directory was writable
     if not hasattr(cache, "_index_key"):
         return True
-    key = cache._index_key(signature, _step.targetctx.codegen())
+    key = cache._index_key(signature, kernel.targetctx.codegen())
     return key not in cache._cache_file._load_index()
 
 
 def cache_dir() -> str | None:
-    """Where the compiled kernel is cached (None: nowhere writable was found, and each process compiles it)."""
+    """Where the compiled kernels are cached (None: nowhere writable was found, and each process compiles them)."""
     return getattr(_step._cache, "cache_path", None)
 
 

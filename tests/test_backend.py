@@ -281,9 +281,9 @@ def test_the_cpu_chooses_its_fast_path_by_network(monkeypatch):
         assert fused.name.startswith("fused CPU pass") and not fused.pixels
     assert step(784, 10, 10, activation="tanh").name == "the generic array-API math"
     assert step(784, 10, 10, dropout=0.5).name == "the generic array-API math"
-    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype: True)
+    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype, threads: True)
     assert step(784, 10, 10).notice.startswith("compiling the single-pass CPU kernel for float32 (once")
-    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype: False)
+    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype, threads: False)
     assert step(784, 10, 10).notice == ""
 
 

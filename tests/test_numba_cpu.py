@@ -268,9 +268,27 @@ def test_threads_follow_the_cores_and_the_work(monkeypatch):
 
 def test_a_compiled_variant_needs_no_compile(sample):
     arch, params = weights((784, 10, 10), "float32")
-    with SinglePassCpu(arch, "float32", 50) as single:
-        single(params, sample[0][:, :50], None, sample[1][:50])
-    assert needs_compile("float32") is False
+    for threads in (1, 2):
+        with SinglePassCpu(arch, "float32", 500, threads=threads) as single:
+            single(params, sample[0][:, :500], None, sample[1][:500])
+        assert needs_compile("float32", threads=single.threads) is False
+
+
+def test_a_run_on_one_thread_calls_the_kernel_without_a_parallel_region(sample):
+    """Its own kernel, the same bits as the parallel kernel's for a step of one chunk."""
+    pixels, labels = sample[0][:, :40], sample[1][:40]
+    arch, params = weights((784, 24, 10), "float32")
+    batch = np.arange(3, 40, 2)
+    results = []
+    for threads in (1, 2):  # 40 samples are one chunk either way; the run of 1,000 would use two threads
+        with SinglePassCpu(arch, "float32", 1000, threads=threads) as single:
+            assert single._kernel is numba_cpu.kernel_for(threads) and single.threads == threads
+            results.append((single(params, pixels, None, labels, l2=0.1), single(params, pixels, None, labels,
+                                                                                    index=batch)))
+    assert numba_cpu.kernel_for(1) is not numba_cpu.kernel_for(2)
+    (full_one, batch_one), (full_two, batch_two) = results
+    assert same_bits(full_one, full_two) and same_bits(batch_one, batch_two)
+    assert_same_step(full_one, reference(params, pixels, labels, arch, "float32", 0.1), "float32")
 
 
 _READ_ONLY_CHILD = textwrap.dedent("""
