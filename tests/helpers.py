@@ -56,3 +56,22 @@ def write_kaggle_csvs(folder: Path, *, n_train: int = 600, n_test: int = 50, tes
         return path
 
     return write(folder / "train.csv", train, True), write(folder / "test.csv", test, test_labels)
+
+
+#: how close a fast path's step must come to the generic math's (gradients: atol relative to their largest entry)
+STEP_TOLERANCE = {"float32": {"rtol": 2e-4, "atol": 1e-6}, "float64": {"rtol": 1e-10, "atol": 1e-13}}
+
+
+def assert_same_step(result, expected, dtype):
+    """A fast path's (loss, accuracy, gradients) against the generic math's: 0-d figures and gradients in ``dtype``,
+    the same accuracy exactly, the rest to within STEP_TOLERANCE."""
+    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = result, expected
+    tolerance = STEP_TOLERANCE[dtype]
+    assert loss.shape == accuracy.shape == () and loss.dtype == accuracy.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(loss, ref_loss, **tolerance)
+    assert accuracy == ref_accuracy  # the same predictions, counted exactly
+    for (dW, db), (ref_dW, ref_db) in zip(grads, ref_grads, strict=True):
+        assert dW.shape == ref_dW.shape and db.shape == ref_db.shape
+        assert dW.dtype == db.dtype == np.dtype(dtype)
+        for got, want in ((dW, ref_dW), (db, ref_db)):
+            np.testing.assert_allclose(got, want, rtol=tolerance["rtol"], atol=tolerance["atol"] * np.abs(want).max())

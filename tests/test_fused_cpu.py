@@ -17,7 +17,7 @@ from gpunn.fused_cpu import FusedCpuPass
 from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
 from gpunn.train import TrainConfig, fit
 
-TOLERANCE = {"float32": {"rtol": 2e-4, "atol": 1e-6}, "float64": {"rtol": 1e-10, "atol": 1e-13}}
+from helpers import assert_same_step
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +33,6 @@ def step_inputs(sample, sizes, dtype, m):
     X = pixels[:, :m].astype(dtype) / 255
     y = labels[:m]
     return arch, params, X, one_hot(y, 10, getattr(np, dtype)), y
-
-
-def assert_same_step(fused, generic, dtype):
-    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = fused, generic
-    assert loss.shape == accuracy.shape == () and loss.dtype == accuracy.dtype == np.dtype(dtype)
-    np.testing.assert_allclose(loss, ref_loss, **TOLERANCE[dtype])
-    assert accuracy == ref_accuracy  # the same predictions, counted exactly
-    for (dW, db), (ref_dW, ref_db) in zip(grads, ref_grads, strict=True):
-        assert dW.shape == ref_dW.shape and db.shape == ref_db.shape and dW.dtype == ref_dW.dtype
-        np.testing.assert_allclose(dW, ref_dW, rtol=TOLERANCE[dtype]["rtol"],
-                                   atol=TOLERANCE[dtype]["atol"] * np.abs(ref_dW).max())
-        np.testing.assert_allclose(db, ref_db, rtol=TOLERANCE[dtype]["rtol"],
-                                   atol=TOLERANCE[dtype]["atol"] * np.abs(ref_db).max())
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

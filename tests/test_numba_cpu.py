@@ -27,7 +27,7 @@ from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_h
 from gpunn.numba_cpu import (SinglePassCpu, full_batch, needs_compile, samples_of, support_order, supports,
                              threads_for)
 
-TOLERANCE = {"float32": {"rtol": 2e-4, "atol": 1e-6}, "float64": {"rtol": 1e-10, "atol": 1e-13}}
+from helpers import assert_same_step
 
 
 @pytest.fixture(autouse=True)
@@ -51,19 +51,6 @@ def weights(sizes, dtype, seed=1):
 def reference(params, pixels, labels, arch, dtype, l2=0.0):
     X = pixels.astype(dtype) / 255
     return loss_and_gradients(params, X, one_hot(labels, arch.sizes[-1], getattr(np, dtype)), labels, arch, l2=l2)
-
-
-def assert_same_step(result, expected, dtype):
-    (loss, accuracy, grads), (ref_loss, ref_accuracy, ref_grads) = result, expected
-    assert loss.shape == accuracy.shape == () and loss.dtype == accuracy.dtype == np.dtype(dtype)
-    np.testing.assert_allclose(loss, ref_loss, **TOLERANCE[dtype])
-    assert accuracy == ref_accuracy  # the same predictions, counted exactly
-    for (dW, db), (ref_dW, ref_db) in zip(grads, ref_grads, strict=True):
-        assert dW.shape == ref_dW.shape and db.shape == ref_db.shape
-        assert dW.dtype == db.dtype == np.dtype(dtype)
-        for got, want in ((dW, ref_dW), (db, ref_db)):
-            np.testing.assert_allclose(got, want, rtol=TOLERANCE[dtype]["rtol"],
-                                       atol=TOLERANCE[dtype]["atol"] * np.abs(want).max())
 
 
 def same_bits(a, b):
