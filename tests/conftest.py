@@ -57,6 +57,17 @@ class EmulatedCudaBackend(Backend):
         return fused or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
 
 
+@pytest.fixture(scope="module")
+def nvrtc():
+    """NVRTC, the compiler CuPy's RawModule runs (pip nvidia-cuda-nvrtc), or a skip that says why it is missing."""
+    from cuda_on_cpu import NvrtcNotFound, find_nvrtc
+
+    try:
+        return find_nvrtc()
+    except NvrtcNotFound as error:
+        pytest.skip(str(error))
+
+
 def emulated_cuda_or_skip() -> Backend:
     from cuda_on_cpu import build_all
 

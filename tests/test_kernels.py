@@ -15,13 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cuda_on_cpu import (
-    EmulatedDevice,
-    NvrtcNotFound,
-    build_all,
-    find_nvrtc,
-    tsan_runtime,
-)
+from cuda_on_cpu import EmulatedDevice, build_all, tsan_runtime
 from conftest import cuda_backend_or_skip
 from gpunn.fused_cuda import (
     CUPY_ADDED_OPTIONS,
@@ -44,14 +38,6 @@ SUFFIX = {"float32": "f32", "float64": "f64"}
 
 
 # --- NVRTC: the compiler CuPy's RawModule runs -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def nvrtc():
-    try:
-        return find_nvrtc()
-    except NvrtcNotFound as error:
-        pytest.skip(str(error))
 
 
 @pytest.mark.parametrize("arch", ["compute_80", "compute_90", "sm_90"])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import EmulatedCudaBackend, cuda_backend_or_skip
-from cuda_on_cpu import TEST_CONFIG, EmulatedDevice, NvrtcNotFound, RecordedGraph, build_all, find_nvrtc
+from cuda_on_cpu import TEST_CONFIG, EmulatedDevice, RecordedGraph, build_all
 from gpunn.backend import get_backend
 from gpunn.data import Dataset, load_bundled_sample, split
 from gpunn.fused_cuda import (
@@ -109,14 +109,6 @@ def assert_matches(result, expected, dtype):
 
 
 # --- what NVRTC makes of it -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def nvrtc():
-    try:
-        return find_nvrtc()
-    except NvrtcNotFound as error:
-        pytest.skip(str(error))
 
 
 def test_launch_bounds_and_static_shared_memory_reach_the_ptx(nvrtc):
