@@ -336,6 +336,22 @@ def emulated():
     return Host(EmulatedDevice())
 
 
+def assert_graph_stays_in_its_buffers(device, runner, graph, static, first_buffer):
+    """Every op of the recorded epoch ``graph`` writes only the runner's own allocations (``static``) and reads only
+    those and the four data arrays allocated just before them (from ``first_buffer - 4``); two replays allocate
+    nothing and launch exactly the graph's kernels twice."""
+    for op in graph.ops:
+        for array in op.writes:
+            assert device.allocation_of(array) in static, f"{op.name} writes outside the runner's buffers"
+        for array in op.reads:  # the rest it reads is the data it was given
+            assert device.allocation_of(array) in static | {first_buffer - 4 + i for i in range(4)}, op.name
+    before_allocations, before_launches = len(device.allocations), len(device.launches)
+    runner.run(1)
+    runner.run(2)
+    assert len(device.allocations) == before_allocations
+    assert len(device.launches) - before_launches == 2 * sum(op.kind == "launch" for op in graph.ops)
+
+
 def test_the_recorded_epoch_writes_only_the_runners_buffers_and_replays_without_allocating(emulated, sample):
     device = emulated.device
     sizes, dtype, rule = (784, 10, 6, 10), "float32", Optimizer("adam")
@@ -352,16 +368,7 @@ def test_the_recorded_epoch_writes_only_the_runners_buffers_and_replays_without_
     assert isinstance(graph, RecordedGraph) and graph.ops
     kinds = {op.kind for op in graph.ops}
     assert kinds == {"launch", "gemm"}  # no copies, no allocations: the state is in place
-    for op in graph.ops:
-        for array in op.writes:
-            assert device.allocation_of(array) in static, f"{op.name} writes outside the runner's buffers"
-        for array in op.reads:  # the rest it reads is the data it was given
-            assert device.allocation_of(array) in static | {first_buffer - 4 + i for i in range(4)}, op.name
-    before_allocations, before_launches = len(device.allocations), len(device.launches)
-    runner.run(1)
-    runner.run(2)
-    assert len(device.allocations) == before_allocations
-    assert len(device.launches) - before_launches == 2 * sum(op.kind == "launch" for op in graph.ops)
+    assert_graph_stays_in_its_buffers(device, runner, graph, static, first_buffer)
 
 
 def test_a_failed_capture_falls_back_to_launching_each_epoch_with_the_same_result(emulated, sample):

@@ -36,7 +36,8 @@ from gpunn.fused_cuda import (
 from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
 from gpunn.optim import Optimizer, learning_rate
 from gpunn.train import TrainConfig, fit
-from test_fused_cuda import TOLERANCE, Host, assert_close, assert_ten_epochs, generic_epochs, run_epochs
+from test_fused_cuda import (TOLERANCE, Host, assert_close, assert_graph_stays_in_its_buffers, assert_ten_epochs,
+                             generic_epochs, run_epochs)
 
 DTYPES = ["float32", "float64"]
 
@@ -416,16 +417,7 @@ def test_the_recorded_epoch_writes_only_the_runners_buffers_and_replays_without_
     names = [op.name for op in graph.ops]
     assert names[1:4] == ["single_pass_prepare_f32", "single_pass_h10_f32", "single_pass_reduce_f32"]
     assert {op.kind for op in graph.ops} == {"launch", "gemm"}  # the validation pass's GEMMs; no copies
-    for op in graph.ops:
-        for array in op.writes:
-            assert device.allocation_of(array) in static, f"{op.name} writes outside the runner's buffers"
-        for array in op.reads:  # the rest it reads is the data it was given
-            assert device.allocation_of(array) in static | {first_buffer - 4 + i for i in range(4)}, op.name
-    before_allocations, before_launches = len(device.allocations), len(device.launches)
-    runner.run(1)
-    runner.run(2)
-    assert len(device.allocations) == before_allocations
-    assert len(device.launches) - before_launches == 2 * sum(op.kind == "launch" for op in graph.ops)
+    assert_graph_stays_in_its_buffers(device, runner, graph, static, first_buffer)
 
 
 def test_a_failed_capture_falls_back_to_launching_each_epoch_with_the_same_bits(digits):
