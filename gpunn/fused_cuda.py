@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -687,6 +687,20 @@ class _Network:
         return m
 
 
+_Entered = TypeVar("_Entered", bound="_HoldsNothing")
+
+
+class _HoldsNothing:
+    """A pass or update rule entered for a run as :meth:`gpunn.backend.Backend.step` asks (the CPU's fast paths set
+    thread counts while entered): the CUDA ones hold nothing process-wide, so entering and leaving do nothing."""
+
+    def __enter__(self: _Entered) -> _Entered:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
 def _call_buffers(owner: Any, layout: FlatLayout, dtype: np.dtype, device: Device) -> None:
     """What a gradient pass called like loss_and_gradients keeps between calls: the call's parameters copied into
     one flat buffer (``P``, with per-layer views ``params``), the normalized gradients (``out``), the partial sums of
@@ -699,7 +713,7 @@ def _call_buffers(owner: Any, layout: FlatLayout, dtype: np.dtype, device: Devic
     owner.counter = device.zeros((1,), np.int64)  # a one-row buffer takes row 0 whatever the count
 
 
-class FusedCudaPass:
+class FusedCudaPass(_HoldsNothing):
     """``loss_and_gradients`` on the CUDA kernels for one run: made once with the network and the largest batch,
     called every step. Returns what :func:`gpunn.nn.loss_and_gradients` returns (new device arrays: the loss and
     the accuracy 0-d, the gradients normalized by m with the L2 term), and never waits for the device."""
@@ -708,12 +722,6 @@ class FusedCudaPass:
         self.net = _Network(arch, dtype, device, columns)
         self.device = device
         _call_buffers(self, self.net.layout, self.net.dtype, device)
-
-    def __enter__(self) -> FusedCudaPass:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
 
     def __call__(self, params: Sequence[Layer], X: Array, Y: Array, y: Array, *, l2: float = 0.0,
                  dropout: float = 0.0, rng: Any = None) -> tuple[Array, Array, list[Layer]]:
@@ -740,7 +748,7 @@ class FusedCudaPass:
         return device.clone(self.figures[0, 0, ...]), device.clone(self.figures[0, 1, ...]), grads
 
 
-class FusedCudaUpdate:
+class FusedCudaUpdate(_HoldsNothing):
     """:meth:`gpunn.optim.Optimizer.step` on the fused update kernel: the same call, ``(params, grads, state, lr,
     t) -> (params, state)``, new arrays, nothing modified in place. The layers are copied into flat buffers, one
     launch updates them all, and the results are copied out; lr and t reach the kernel through device memory,
@@ -755,12 +763,6 @@ class FusedCudaUpdate:
         self.lr_now = device.zeros((1,), self.dtype)
         self.counter = device.zeros((1,), np.int64)
         self._shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
-
-    def __enter__(self) -> FusedCudaUpdate:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
 
     def _buffers(self, params: Sequence[Layer]) -> None:
         shapes = [(tuple(W.shape), tuple(b.shape)) for W, b in params]
@@ -1108,7 +1110,7 @@ class _SinglePass:
         return blocks
 
 
-class SinglePassCudaPass:
+class SinglePassCudaPass(_HoldsNothing):
     """``loss_and_gradients`` on the single pass, for X as uint8 pixels: made once with the network and the largest
     batch, called every step. Returns what :func:`gpunn.nn.loss_and_gradients` returns for X / 255 (new device
     arrays: the loss and the accuracy 0-d, the gradients normalized by m with the L2 term), and never waits for the
@@ -1119,12 +1121,6 @@ class SinglePassCudaPass:
         self.device, self.dtype = device, np.dtype(dtype)
         _call_buffers(self, self.sp.layout, self.dtype, device)
         self.G = device.empty((self.sp.layout.n_total,), self.dtype)  # unnormalized sums
-
-    def __enter__(self) -> SinglePassCudaPass:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
 
     def __call__(self, params: Sequence[Layer], X: Array, Y: Array, y: Array, *, l2: float = 0.0,
                  dropout: float = 0.0, rng: Any = None) -> tuple[Array, Array, list[Layer]]:
