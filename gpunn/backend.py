@@ -124,11 +124,12 @@ class Backend:
         """
         return _HostDrawn(np.random.default_rng(seed), self)
 
-    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True
-             ) -> Step:
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
+             batches: bool = False) -> Step:
         """How a run of ``arch`` in ``dtype`` with ``columns`` samples per step computes its steps. ``pixels``: the
         run's inputs are the pixels / 255 and nothing more, so a step may take the raw uint8 pixels and fold the 1/255
-        in (not with standardized inputs).
+        in (not with standardized inputs). ``batches``: the steps are over chosen samples of the training set
+        (mini-batches), not all of it.
 
         Here, and wherever a backend's fast path does not cover the run, it is the generic
         :func:`gpunn.nn.loss_and_gradients` and :meth:`gpunn.optim.Optimizer.step`, which the fast paths are
@@ -176,22 +177,26 @@ class NumpyBackend(Backend):
     def random(self, seed: int) -> Any:
         return np.random.default_rng(seed)
 
-    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True
-             ) -> Step:
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
+             batches: bool = False) -> Step:
         if not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
-            return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
+            return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches)
         if pixels and arch.depth == 2 and arch.sizes[1] <= self.SINGLE_PASS_MAX_HIDDEN:
             # imported here: Numba takes a few tenths of a second to import, which `gpunn --help` need not pay
-            from gpunn import numba_cpu
+            from gpunn import numba_cpu, numba_narrow
 
             if numba_cpu.supports(arch, dropout=dropout, dtype=dtype):
                 threads = numba_cpu.threads_for(columns, arch.sizes[1])
+                narrow = not batches and numba_narrow.takes(arch, dtype)
                 notice = ""
-                if numba_cpu.needs_compile(dtype, threads=threads):
+                if numba_cpu.needs_compile(dtype, threads=threads, arch=arch, batches=batches):
                     where = numba_cpu.cache_dir()
-                    notice = (f"compiling the single-pass CPU kernel for {dtype} (once, about 7 s; "
+                    notice = (f"compiling the single-pass CPU kernel for {dtype}"
+                              + (f" and {arch.sizes[1]} hidden units" if narrow else "") + " (once, about 7 s; "
                               + (f"cached in {where})" if where else "no writable cache directory, so every run does)"))
-                return Step(f"single pass over uint8 pixels (Numba), {threads} thread{'s' if threads > 1 else ''}",
+                lanes = "16 samples" if narrow else "16 hidden units"
+                return Step(f"single pass over uint8 pixels (Numba, {lanes} per vector), {threads} "
+                            f"thread{'s' if threads > 1 else ''}",
                             lambda: numba_cpu.SinglePassCpu(arch, dtype, columns), pixels=True, notice=notice)
         threads = fused_cpu.threads_for(columns)
         return Step(f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}",
@@ -227,8 +232,8 @@ class CupyBackend(Backend):
         super().__init__(f"cuda:{index}", xp, device, reason, fast=fast)
         self._kernels: Any = None
 
-    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True
-             ) -> Step:
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
+             batches: bool = False) -> Step:
         # imported here: gpunn.fused_cuda builds on this module's Step, and only a CUDA run needs it
         from gpunn import fused_cuda
 
@@ -239,7 +244,7 @@ class CupyBackend(Backend):
                                          device=self._kernels)
             if fused is not None:
                 return fused
-        generic = super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
+        generic = super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches)
         if self.fast_asked is None and fused_cuda.supports(arch, dropout=dropout):
             return replace(generic, name=f"{generic.name} (the fused CUDA kernels are opt-in with --fast until "
                                          "measured on a GPU)")

@@ -269,16 +269,17 @@ class ClusterBackend(Backend):
     def random(self, seed: int) -> Any:
         return np.random.default_rng(seed)
 
-    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True
-             ) -> Step:
+    def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
+             batches: bool = False) -> Step:
         """A step computed by every worker on its shard: named after the workers' own step (asked of them, for a
         worker's share of ``columns``), run by :class:`ClusterEpochs`. It takes the raw uint8 pixels: the training
         set stays as it is here, and each worker prepares its shard on its own device."""
         share = -(-columns // self.n_workers)
-        key = (arch, dtype, share, dropout, pixels)
+        key = (arch, dtype, share, dropout, pixels, batches)
         if key not in self._steps:
-            futures = [self.client.submit(_worker_step, arch, dtype, share, dropout, pixels, self.worker_device,
-                                          self.worker_fast, workers=[w.address], allow_other_workers=False, pure=False)
+            futures = [self.client.submit(_worker_step, arch, dtype, share, dropout, pixels, batches,
+                                          self.worker_device, self.worker_fast, workers=[w.address],
+                                          allow_other_workers=False, pure=False)
                        for w in self.workers]
             described = [future.result() for future in futures]
             names = sorted({name for name, _ in described})
@@ -412,6 +413,7 @@ class ShardSpec:
     device: str
     fast: bool | None
     columns: int  # the most samples of this shard in one step
+    batches: bool  # the steps are mini-batches
     dropout: float
     normalize: str  # Preprocessing kind: "scale" or "standardize"
     mean: np.ndarray | None = None  # the training split's statistics, for "standardize"
@@ -474,7 +476,7 @@ class ClusterEpochs:
         def send(r: int, address: str) -> Any:
             start, stop = self.bounds[r], self.bounds[r + 1]
             spec = ShardSpec(self.arch, config.dtype, self.backend.worker_device, self.backend.worker_fast,
-                             min(batch, stop - start), config.dropout, kind, mean, std)
+                             min(batch, stop - start), batch < m, config.dropout, kind, mean, std)
             # straight to that worker, once; the actor made there from it keeps it for the run (and the scattered
             # copy is released when this function's futures go)
             shard = client.scatter([X[:, start:stop], y[start:stop]], workers=[address], hash=False)
@@ -687,9 +689,10 @@ def _pin_process(cores: set[int]) -> None:
             pass
 
 
-def _worker_step(arch: Architecture, dtype: str, columns: int, dropout: float, pixels: bool, device: str,
-                 fast: bool | None) -> tuple[str, str]:
-    step = worker_backend(device, fast).step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
+def _worker_step(arch: Architecture, dtype: str, columns: int, dropout: float, pixels: bool, batches: bool,
+                 device: str, fast: bool | None) -> tuple[str, str]:
+    step = worker_backend(device, fast).step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
+                                             batches=batches)
     return step.name, step.notice
 
 
@@ -716,7 +719,7 @@ class ShardWorker:
         backend = worker_backend(spec.device, spec.fast)
         # a pass over raw pixels folds in the 1/255 and nothing more: standardized inputs need the prepared floats
         step = backend.step(spec.arch, dtype=spec.dtype, columns=spec.columns, dropout=spec.dropout,
-                            pixels=spec.normalize == "scale")
+                            pixels=spec.normalize == "scale", batches=spec.batches)
         float_dtype = getattr(backend.xp, spec.dtype)
         preprocessing = Preprocessing(spec.normalize, *(None if a is None else backend.asarray(a, dtype=float_dtype)
                                                          for a in (spec.mean, spec.std)))

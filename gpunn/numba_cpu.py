@@ -65,16 +65,16 @@ from typing import Any
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba import njit, prange
 from threadpoolctl import threadpool_limits
 
+from gpunn import numba_narrow
 from gpunn.diagnostics import usable_cores
 from gpunn.nn import Architecture, Layer
+from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, is_ready, read_only, sget, vadd, vadd_lane, vdiv,
+                                 vexp, vfirst_max, vfma, vlane, vload, vload_u8, vmax, vpositive, vstore, vsub, vsum,
+                                 vzero)
 
-LANES = 16  #: lanes of the kernel's vectors: hidden units per vector, and the most classes the pass handles
 TILE = 8  #: samples per tile: its pixels as floats (25 KB for MNIST), activations and deltas stay in L1
 GROUP = 8  #: samples whose terms meet each row of W1T and dW1T together (eight independent sums per row)
 #: the least work worth a thread, in samples times hidden vectors (16 units): measured on 2 cores with random
@@ -115,303 +115,6 @@ def threads_for(samples: int, hidden: int = LANES, cores: int | None = None) -> 
     return max(1, min(available, work // MIN_WORK_PER_THREAD))
 
 
-# --- vectors: a Numba type for 16 lanes, and the operations the kernels use ----------------------------------------
-
-
-class Vector(types.Type):
-    """16 lanes of a float type, held as one LLVM vector value (<16 x float> or <16 x double>)."""
-
-    def __init__(self, dtype: types.Float) -> None:
-        self.dtype = dtype
-        super().__init__(name=f"Vector{LANES}({dtype})")
-
-
-@register_model(Vector)
-class _VectorModel(models.PrimitiveModel):
-    def __init__(self, dmm: Any, fe_type: Vector) -> None:
-        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(), LANES))
-
-
-_I32 = ir.IntType(32)
-
-
-def _element_pointer(context: Any, builder: Any, arrty: types.Array, arr: Any, index: Any, indexty: Any) -> Any:
-    """Pointer to element ``index`` of the array's data, counted in elements from its start (no bounds check)."""
-    data = context.make_array(arrty)(context, builder, arr).data
-    return builder.gep(data, [context.cast(builder, index, indexty, types.intp)])
-
-
-def _splat(builder: Any, value: Any, vty: ir.VectorType) -> Any:
-    one = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
-    zeros = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
-    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), zeros)
-
-
-def _as_vector(context: Any, builder: Any, value: Any, valuety: Any, vecty: Vector) -> Any:
-    """A vector operand as is, or a scalar operand broadcast to every lane."""
-    if isinstance(valuety, Vector):
-        return value
-    return _splat(builder, context.cast(builder, value, valuety, vecty.dtype), context.get_value_type(vecty))
-
-
-def _vector_of(*tys: Any) -> Vector:
-    return next(t for t in tys if isinstance(t, Vector))
-
-
-def _bits(fty: ir.Type) -> int:
-    return 64 if isinstance(fty, ir.DoubleType) else 32
-
-
-def _llvm_intrinsic(builder: Any, name: str, vty: ir.Type, nargs: int) -> Any:
-    suffix = f"v{LANES}f{_bits(vty.element)}" if isinstance(vty, ir.VectorType) else f"f{_bits(vty)}"
-    fnty = ir.FunctionType(vty, [vty] * nargs)
-    return cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.{suffix}")
-
-
-@intrinsic
-def vzero(typingctx: Any, like: Any) -> Any:
-    """A vector of zeros in the dtype of the array ``like``."""
-    vt = Vector(like.dtype)
-
-    def codegen(context, builder, sig, args):
-        return ir.Constant(context.get_value_type(vt), None)
-
-    return vt(like), codegen
-
-
-@intrinsic
-def vsplat(typingctx: Any, like: Any, x: Any) -> Any:
-    """x in every lane, in the dtype of the array ``like``."""
-    vt = Vector(like.dtype)
-
-    def codegen(context, builder, sig, args):
-        return _as_vector(context, builder, args[1], x, vt)
-
-    return vt(like, x), codegen
-
-
-@intrinsic
-def vload(typingctx: Any, A: Any, i: Any) -> Any:
-    """A[i : i + 16] of a contiguous float array, i counted in elements from its start."""
-    vt = Vector(A.dtype)
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
-        vty = context.get_value_type(vt)
-        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=A.dtype.bitwidth // 8)
-
-    return vt(A, i), codegen
-
-
-@intrinsic
-def vload_u8(typingctx: Any, A: Any, i: Any, like: Any) -> Any:
-    """A[i : i + 16] of a uint8 array, converted to floats of the dtype of the array ``like``."""
-    vt = Vector(like.dtype)
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
-        bytes16 = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), LANES).as_pointer()), align=1)
-        return builder.uitofp(bytes16, context.get_value_type(vt))
-
-    return vt(A, i, like), codegen
-
-
-@intrinsic
-def vstore(typingctx: Any, A: Any, i: Any, v: Any) -> Any:
-    """A[i : i + 16] = v."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
-        builder.store(args[2], builder.bitcast(ptr, args[2].type.as_pointer()), align=A.dtype.bitwidth // 8)
-        return context.get_dummy_value()
-
-    return types.none(A, i, v), codegen
-
-
-@intrinsic
-def sget(typingctx: Any, A: Any, i: Any) -> Any:
-    """A[i] of a contiguous array, i counted in elements from its start, with no wraparound or bounds check."""
-
-    def codegen(context, builder, sig, args):
-        return builder.load(_element_pointer(context, builder, A, args[0], args[1], i))
-
-    return A.dtype(A, i), codegen
-
-
-@intrinsic
-def sset(typingctx: Any, A: Any, i: Any, x: Any) -> Any:
-    """A[i] = x, i counted in elements from the start of a contiguous array, with no wraparound or bounds check."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
-        builder.store(context.cast(builder, args[2], x, A.dtype), ptr)
-        return context.get_dummy_value()
-
-    return types.none(A, i, x), codegen
-
-
-@intrinsic
-def vfma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
-    """a * b + c with one rounding (llvm.fma, never contracted or split by the compiler); a scalar or a vector."""
-    vt = _vector_of(b, c)
-
-    def codegen(context, builder, sig, args):
-        vty = context.get_value_type(vt)
-        ops = [_as_vector(context, builder, v, t, vt) for v, t in zip(args, (a, b, c))]
-        return builder.call(_llvm_intrinsic(builder, "fma", vty, 3), ops)
-
-    return vt(a, b, c), codegen
-
-
-def _binary(op: str) -> Any:
-    def typer(typingctx: Any, a: Any, b: Any) -> Any:
-        vt = _vector_of(a, b)
-
-        def codegen(context, builder, sig, args):
-            x, y = (_as_vector(context, builder, v, t, vt) for v, t in zip(args, (a, b)))
-            return getattr(builder, op)(x, y)
-
-        return vt(a, b), codegen
-
-    return intrinsic(typer)
-
-
-vadd = _binary("fadd")
-vsub = _binary("fsub")
-vmul = _binary("fmul")
-vdiv = _binary("fdiv")
-
-
-@intrinsic
-def vpositive(typingctx: Any, z: Any, v: Any) -> Any:
-    """v where z > 0, else 0: relu(z) with v = z, and dA * relu'(z) with v = dA."""
-
-    def codegen(context, builder, sig, args):
-        positive = builder.fcmp_ordered(">", args[0], ir.Constant(args[0].type, None))
-        return builder.select(positive, args[1], ir.Constant(args[1].type, None))
-
-    return v(z, v), codegen
-
-
-def _halves(builder: Any, x: Any, combine: Any) -> Any:
-    """Combine a vector's lanes pairwise, halves first (a fixed order), down to lane 0."""
-    n = LANES
-    while n > 1:
-        n //= 2
-        lo = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-        hi = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
-        x = combine(lo, hi)
-    return builder.extract_element(x, ir.Constant(_I32, 0))
-
-
-@intrinsic
-def vsum(typingctx: Any, v: Any) -> Any:
-    """The sum of the 16 lanes, in a fixed order."""
-
-    def codegen(context, builder, sig, args):
-        return _halves(builder, args[0], builder.fadd)
-
-    return v.dtype(v), codegen
-
-
-@intrinsic
-def vmax(typingctx: Any, v: Any) -> Any:
-    """The largest of the 16 lanes."""
-
-    def codegen(context, builder, sig, args):
-        return _halves(builder, args[0], lambda a, b: builder.select(builder.fcmp_ordered(">", a, b), a, b))
-
-    return v.dtype(v), codegen
-
-
-@intrinsic
-def vlane(typingctx: Any, v: Any, k: Any) -> Any:
-    """Lane k of v."""
-
-    def codegen(context, builder, sig, args):
-        return builder.extract_element(args[0], context.cast(builder, args[1], k, types.int32))
-
-    return v.dtype(v, k), codegen
-
-
-@intrinsic
-def vadd_lane(typingctx: Any, v: Any, k: Any, x: Any) -> Any:
-    """v with x added to lane k (dZ2 = P - onehot(y) is vadd_lane(P, y, -1))."""
-
-    def codegen(context, builder, sig, args):
-        lane = context.cast(builder, args[1], k, types.int32)
-        value = builder.fadd(builder.extract_element(args[0], lane), context.cast(builder, args[2], x, v.dtype))
-        return builder.insert_element(args[0], value, lane)
-
-    return v(v, k, x), codegen
-
-
-@intrinsic
-def vfirst_max(typingctx: Any, v: Any, top: Any) -> Any:
-    """The first lane equal to ``top`` (the argmax, as numpy.argmax breaks ties), or 16 if none is (NaN)."""
-
-    def codegen(context, builder, sig, args):
-        vty = args[0].type
-        equal = builder.fcmp_ordered("==", args[0], _splat(builder, args[1], vty))
-        bits = builder.zext(builder.bitcast(equal, ir.IntType(LANES)), ir.IntType(32))
-        cttz = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_I32, ir.IntType(1)]),
-                                              "llvm.cttz.i32")
-        # bit 16 set, so that "no lane" counts 16 trailing zeros rather than an undefined result
-        count = builder.call(cttz, [builder.or_(bits, ir.Constant(_I32, 1 << LANES)), ir.Constant(ir.IntType(1), 0)])
-        return builder.sext(count, ir.IntType(64))
-
-    return types.int64(v, top), codegen
-
-
-# exp(r) on |r| <= ln(2)/2 by its Taylor series: degree 7 leaves 5e-9 relative (float32's ulp is 6e-8), degree 13
-# leaves 4e-18 (float64's is 1.1e-16)
-_EXP_DEGREE = {32: 7, 64: 13}
-# the smallest argument whose exp is a normal number; below it the result is flushed to 0 (a softmax term of
-# e^-87 or e^-708 against a largest term of 1)
-_EXP_LOW = {32: -87.33654, 64: -708.3964}
-_EXP_BIAS = {32: (127, 23, 254), 64: (1023, 52, 2046)}
-
-
-@intrinsic
-def vexp(typingctx: Any, v: Any) -> Any:
-    """exp of every lane: 2^k * exp(r) with x = k ln 2 + r, to within 1-2 ulp; 0 below the normal range, NaN for
-    NaN. (No vector exp exists without Intel's SVML; LLVM would call expf once per lane.)"""
-
-    def codegen(context, builder, sig, args):
-        x = args[0]
-        vty = x.type
-        bits = _bits(vty.element)
-        ity = ir.VectorType(ir.IntType(bits), LANES)
-
-        def const(value: float) -> Any:
-            return ir.Constant(vty, [value] * LANES)
-
-        low = const(_EXP_LOW[bits])
-        clipped = builder.select(builder.fcmp_ordered("<", x, low), low, x)
-        k = builder.call(_llvm_intrinsic(builder, "rint", vty, 1), [builder.fmul(clipped, const(1 / math.log(2)))])
-        fma = _llvm_intrinsic(builder, "fma", vty, 3)
-        # ln 2 in two parts, so that k * ln2_hi is exact and r keeps its low bits
-        ln2_hi = float(np.float32(math.log(2))) if bits == 32 else 0.6931471803691238
-        ln2_lo = math.log(2) - ln2_hi
-        r = builder.call(fma, [k, const(-ln2_hi), clipped])
-        r = builder.call(fma, [k, const(-ln2_lo), r])
-        degree = _EXP_DEGREE[bits]
-        poly = const(1 / math.factorial(degree))
-        for n in range(degree - 1, -1, -1):
-            poly = builder.call(fma, [poly, r, const(1 / math.factorial(n))])
-        # 2^k from its exponent bits; k of a NaN is set to 0 first (a NaN converted to an integer is undefined)
-        k = builder.select(builder.fcmp_unordered("uno", k, k), const(0.0), k)
-        bias, shift, top = _EXP_BIAS[bits]
-        exponent = builder.add(builder.fptosi(k, ity), ir.Constant(ity, [bias] * LANES))
-        exponent = builder.select(builder.icmp_signed(">", exponent, ir.Constant(ity, [top] * LANES)),
-                                  ir.Constant(ity, [top] * LANES), exponent)
-        scale = builder.bitcast(builder.shl(exponent, ir.Constant(ity, [shift] * LANES)), vty)
-        result = builder.fmul(poly, scale)
-        return builder.select(builder.fcmp_ordered("<", x, low), ir.Constant(vty, None), result)
-
-    return v(v), codegen
-
-
 # --- the per-training-set index of nonzero pixels ----------------------------------------------------------------
 
 
@@ -425,19 +128,6 @@ def pixel_masks(rows: np.ndarray, block: int = 4096) -> np.ndarray:
         packed = np.packbits(rows[first : first + block] != 0, axis=1, bitorder="little")
         mask[first : first + block, : packed.shape[1]] = packed
     return mask.view(np.uint64)
-
-
-@intrinsic
-def _cttz(typingctx: Any, x: Any) -> Any:
-    """The number of trailing zero bits of a nonzero uint64 (the lowest set bit's position)."""
-
-    def codegen(context, builder, sig, args):
-        i64 = ir.IntType(64)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64, ir.IntType(1)]),
-                                            "llvm.cttz.i64")
-        return builder.call(fn, [args[0], ir.Constant(ir.IntType(1), 1)])
-
-    return types.int64(x), codegen
 
 
 # --- the kernel ---------------------------------------------------------------------------------------------------
@@ -468,14 +158,6 @@ def _load_weights(W1, b1, W2, b2, W1T, W2p, W2T, b1p, b2p):
         b2p[c] = b2[c, 0]
 
 
-@njit
-def _clear(A):
-    """Zero a contiguous array in place with an explicit loop (an array expression would be a parallel region)."""
-    flat = A.reshape(-1)
-    for i in range(flat.shape[0]):
-        flat[i] = 0
-
-
 @njit(inline='always')
 def _group_pixels(order, first, count, mask, pixels, start):
     """Fill pixels[start:] (ascending) with the pixels that are nonzero in one of the samples
@@ -486,7 +168,7 @@ def _group_pixels(order, first, count, mask, pixels, start):
         for k in range(count):
             bits |= mask[order[first + k], word]
         while bits != 0:
-            pixels[total] = word * 64 + _cttz(bits)
+            pixels[total] = word * 64 + cttz(bits)
             total += 1
             bits &= bits - np.uint64(1)
     return total - start
@@ -729,10 +411,10 @@ def _chunk(order, lo, hi, y, rows, mask, lists, list_start, W1T, b1p, W2p, W2T, 
     n0 = rows.shape[1]
     n16 = n0 - n0 % LANES
     inv255 = 1.0 / 255.0
-    _clear(dW1T)
-    _clear(dW2T)
-    _clear(db1)
-    _clear(db2)
+    clear(dW1T)
+    clear(dW2T)
+    clear(db1)
+    clear(db2)
     loss = 0.0
     hits = 0
     groups = TILE // GROUP
@@ -848,19 +530,8 @@ def _step_on_one_thread(order, y, rows, mask, lists, list_start, W1, b1, W2, b2,
     return _finish(W1, W2, l2, order.shape[0], scales, 1, dW1T, dW2T, db1c, db2c, lossc, hitsc, dW1, db1, dW2, db2)
 
 
-def _enable_cache(kernel: Any) -> None:
-    """Cache the kernel's machine code on disk, where Numba finds a writable place: the package's __pycache__, or,
-    when the package is installed read-only, the user-wide cache (Numba's _UserWideCacheLocator, under
-    $XDG_CACHE_HOME or ~/.cache/numba). Where there is neither, the kernel is compiled in every process instead of
-    failing at import, as ``@njit(cache=True)`` would."""
-    try:
-        kernel.enable_caching()
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        pass
-
-
-_enable_cache(_step)
-_enable_cache(_step_on_one_thread)
+enable_cache(_step)
+enable_cache(_step_on_one_thread)
 
 
 # --- Python side ----------------------------------------------------------------------------------------------------
@@ -978,14 +649,6 @@ def samples_of(X: np.ndarray) -> Samples:
     return Samples(X, rows, pixel_masks(rows))
 
 
-def _read_only(a: np.ndarray) -> np.ndarray:
-    """A read-only view: the kernel's inputs always reach it as read-only arrays, so that writable and read-only
-    inputs (NumPy arrays over a file's bytes are read-only) do not compile two variants."""
-    view = a.view()
-    view.flags.writeable = False
-    return view
-
-
 def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """Zeros starting on a 64-byte boundary: each chunk's scratch is a multiple of 64 bytes long, so no cache line
     is written by two threads (NumPy aligns to 16 bytes; the chunks' per-sample updates of db1, db2 and P would
@@ -1005,22 +668,24 @@ class SinglePassCpu:
     is accepted and not used; y: (m,) integer labels. With ``index`` (an integer array of sample numbers), the step is
     over those columns of X and y: a mini-batch, read in place (measured 10-30 % faster than gathering the batch into
     a new array and indexing that; gpunn's training loop hands mini-batches over this way, see ``reads_in_place``).
-    :meth:`prepare` builds what the steps over a training set read, once per X: for full-batch steps a copy of its
-    pixels in the order the step sums them (support_order) and each group's nonzero pixels (full_batch); for
-    mini-batches, its samples' bit masks (samples_of).
+
+    Two kernels: a full-batch step through a narrow hidden layer (:func:`gpunn.numba_narrow.takes`: up to 28 units in
+    float32, 14 in float64) runs :mod:`gpunn.numba_narrow`'s, samples in the vectors' lanes; every other step runs
+    this module's, hidden units in the lanes (:attr:`full_batch_kernel` names the one a full batch runs).
+    :meth:`prepare` builds what the steps over a training set read, once per X: for full-batch steps its pixels in the
+    order the step sums them (support_order), laid out for the kernel (:func:`gpunn.numba_narrow.blocks_of`, or
+    :func:`full_batch`); for mini-batches, its samples' bit masks (:func:`samples_of`).
 
     Mini-batches are read fastest from X.strides == (1, n0), the transposed view of the (m, n0) IDX rows, which is
-    how gpunn's data split holds the training set; any other X is copied once. ``sparse=False`` runs the dense
-    kernel (every pixel, the same order of sums, the same bits), for measurements and tests; ``sort=False`` sums a
+    how gpunn's data split holds the training set; any other X is copied once. ``sparse=False`` runs the kernels
+    densely (every pixel, the same order of sums, the same bits), for measurements and tests; ``sort=False`` sums a
     full batch in X's own order (for measurements). ``threads``: at most this many (default: every usable core);
     :attr:`threads` is what a full step of ``columns`` samples uses, and smaller steps use fewer (see
     :func:`threads_for`).
 
-    Measured on MNIST (m = 60,000, float32, the 2-core development machine): a 784-10-10 epoch 10.1 ms median in the
-    epoch benchmark's interleaved run (benchmarks/results/intel-xeon-cpu.md: 5.5x the NumPy program, 3.2x
-    torch.compile); single steps after a pause, against the dense kernel and the files' order
-    (benchmarks/results/intel-xeon-numba-single-pass.md): 1.6x faster than dense at h = 10, 2.8x at h = 256. A cold
-    compile takes about 6.5 s per dtype, a cached one 0.3 s.
+    Measured on MNIST (m = 60,000, float32, the 2-core development machine): see the README's Performance section
+    and benchmarks/results/intel-xeon-cpu.md. A cold compile takes a few seconds per kernel and dtype (and, for the
+    narrow kernel, per hidden size), a cached one a fraction of a second.
     """
 
     pixels = True  # takes X as raw uint8 pixels, not floats
@@ -1039,6 +704,7 @@ class SinglePassCpu:
         self.sort = sort
         self.threads = threads_for(columns, arch.sizes[1], threads)
         self._kernel = kernel_for(self.threads)
+        self._narrow = numba_narrow.NarrowPass(arch, dtype, self.threads) if numba_narrow.takes(arch, dtype) else None
         n0, h, C = arch.sizes
         hp = -(-h // LANES) * LANES
         chunks, dt = self.threads, self.dtype
@@ -1063,6 +729,8 @@ class SinglePassCpu:
         self._loss = np.zeros(chunks, np.float64)
         self._hits = np.zeros(chunks, np.int64)
         self._full: FullBatch | None = None
+        self._blocks: tuple[np.ndarray, numba_narrow.Blocks] | None = None
+        self._block_labels: tuple[np.ndarray, numba_narrow.Blocks, np.ndarray] | None = None
         self._samples: Samples | None = None
         self._no_mask = np.zeros((0, 1), np.uint64)  # a full-batch step reads no masks
         self._checked_labels: np.ndarray | None = None
@@ -1070,7 +738,12 @@ class SinglePassCpu:
         self._saved_threads: int | None = None
         self._blas: Any = None
 
-    def prepare(self, X: np.ndarray, *, batches: bool = False) -> FullBatch | Samples:
+    @property
+    def full_batch_kernel(self) -> str:
+        """Which kernel a full-batch step runs, in words."""
+        return "16 samples per vector" if self._narrow is not None else "16 hidden units per vector"
+
+    def prepare(self, X: np.ndarray, *, batches: bool = False) -> FullBatch | Samples | numba_narrow.Blocks:
         """Build (once per training set X) and keep what full-batch steps over X read, or with ``batches`` what steps
         over chosen samples of X read."""
         self._check_pixels(X)
@@ -1078,6 +751,14 @@ class SinglePassCpu:
             if self._samples is None or self._samples.X is not X:
                 self._samples = samples_of(X)
             return self._samples
+        if self._narrow is not None:
+            if self._blocks is None or self._blocks[0] is not X:
+                self._blocks = None  # the old layout goes before the new one is made
+                samples = X.T
+                order = support_order(samples) if self.sort else np.arange(samples.shape[0])
+                self._blocks = (X, numba_narrow.blocks_of(samples, order, super_blocks=self._narrow.super_blocks,
+                                                          dense=not self.sparse))
+            return self._blocks[1]
         if self._full is None or self._full.X is not X:
             self._full = None  # the old index goes before the new one is made
             self._full = full_batch(X, sort=self.sort)
@@ -1125,27 +806,40 @@ class SinglePassCpu:
                 raise ValueError(f"y must hold one label in 0..{classes - 1} per column of X ({X.shape[1]}), got "
                                  f"{y.shape} {y.dtype}")
             self._checked_labels = y
-        if index is None:
-            full = self.prepare(X)
-            dense = (self._all_pixels, np.zeros(1, np.int64))  # every pixel, for every group
-            lists, list_start = (full.lists, full.list_start) if self.sparse else dense
-            batch = (full.positions, self._labels_in(full, y), full.rows, self._no_mask, lists, list_start)
+        self._check_shapes(params)
+        if index is None and self._narrow is not None:
+            blocks = self.prepare(X)
+            loss, accuracy, (dW1, db1, dW2, db2) = self._narrow(params, blocks, self._labels_of(blocks, y), l2)
         else:
-            order = np.ascontiguousarray(index, dtype=np.int64)
-            if order.min() < 0 or order.max() >= X.shape[1]:
-                raise ValueError(f"sample numbers must lie in 0..{X.shape[1] - 1}, got {order.min()}..{order.max()}")
-            samples = self.prepare(X, batches=True)
-            # the dense kernel lists every pixel; the sparse one finds each group's from the masks
-            list_start = np.zeros(1 if not self.sparse else 0, np.int64)
-            batch = (order, y, samples.rows, samples.mask, self._all_pixels, list_start)
+            if index is None:
+                full = self.prepare(X)
+                dense = (self._all_pixels, np.zeros(1, np.int64))  # every pixel, for every group
+                lists, list_start = (full.lists, full.list_start) if self.sparse else dense
+                batch = (full.positions, self._labels_in(full, y), full.rows, self._no_mask, lists, list_start)
+            else:
+                order = np.ascontiguousarray(index, dtype=np.int64)
+                if order.min() < 0 or order.max() >= X.shape[1]:
+                    raise ValueError(f"sample numbers must lie in 0..{X.shape[1] - 1}, got "
+                                     f"{order.min()}..{order.max()}")
+                samples = self.prepare(X, batches=True)
+                # the dense kernel lists every pixel; the sparse one finds each group's from the masks
+                list_start = np.zeros(1 if not self.sparse else 0, np.int64)
+                batch = (order, y, samples.rows, samples.mask, self._all_pixels, list_start)
+            args, (dW1, db1, dW2, db2) = self._arguments(params, *batch, l2)
+            loss, accuracy = self._kernel(*args)
+        return (np.asarray(loss, self.dtype), np.asarray(accuracy, self.dtype),
+                [Layer(dW1, db1), Layer(dW2, db2)])
+
+    def _check_shapes(self, params: Sequence[Layer]) -> None:
         expected = [(n_out, n_in) for n_in, n_out in zip(self.arch.sizes[:-1], self.arch.sizes[1:])]
         if [W.shape for W, _ in params] != expected or [b.shape for _, b in params] != [(n, 1) for n, _ in expected]:
             raise ValueError(f"the weights' shapes {[(W.shape, b.shape) for W, b in params]} are not {self.arch}'s")
-        args, outputs = self._arguments(params, *batch, l2)
-        loss, accuracy = self._kernel(*args)
-        dW1, db1, dW2, db2 = outputs
-        return (np.asarray(loss, self.dtype), np.asarray(accuracy, self.dtype),
-                [Layer(dW1, db1), Layer(dW2, db2)])
+
+    def _labels_of(self, blocks: numba_narrow.Blocks, y: np.ndarray) -> np.ndarray:
+        """y in the order of the blocks' lanes (made once per labels and layout)."""
+        if self._block_labels is None or self._block_labels[0] is not y or self._block_labels[1] is not blocks:
+            self._block_labels = (y, blocks, self._narrow.labels(blocks, y))
+        return self._block_labels[2]
 
     def _labels_in(self, full: FullBatch, y: np.ndarray) -> np.ndarray:
         """y in the order of the full batch's rows (made once per labels and index)."""
@@ -1160,8 +854,8 @@ class SinglePassCpu:
         that a run compiles one variant."""
         (W1, b1), (W2, b2) = params
         dt = self.dtype
-        W1, b1, W2, b2 = (_read_only(np.ascontiguousarray(a, dt)) for a in (W1, b1, W2, b2))
-        labels = _read_only(np.ascontiguousarray(y, np.int64))
+        W1, b1, W2, b2 = (read_only(np.ascontiguousarray(a, dt)) for a in (W1, b1, W2, b2))
+        labels = read_only(np.ascontiguousarray(y, np.int64))
         m = order.shape[0]
         chunks = threads_for(m, self.arch.sizes[1], self.threads)
         scales = np.array([1 / m, 1 / (255 * m), l2 / m], dt)
@@ -1169,7 +863,7 @@ class SinglePassCpu:
         scratch = (self._W1T, self._W2p, self._W2T, self._b1p, self._b2p, self._D, self._A1, self._dZ1, self._P,
                    self._pixels, self._dW1T, self._dW2T, self._db1, self._db2, self._loss, self._hits)
         # order and rows may be the caller's arrays (read-only ones included); the index arrays are this module's
-        inputs = (_read_only(order), labels, _read_only(rows), mask, lists, np.asarray(list_start, np.int64))
+        inputs = (read_only(order), labels, read_only(rows), mask, lists, np.asarray(list_start, np.int64))
         return (*inputs, W1, b1, W2, b2, float(l2), scales, chunks, *scratch, *outputs), outputs
 
 
@@ -1180,7 +874,7 @@ def _signature(dtype: str) -> tuple[Any, ...]:
     tiny = SinglePassCpu(arch, dtype, 4, threads=1)
     params = [Layer(np.zeros((n_out, n_in), dtype), np.zeros((n_out, 1), dtype))
               for n_in, n_out in ((4, 3), (3, 2))]
-    full = tiny.prepare(np.zeros((4, 4), np.uint8))
+    full = full_batch(np.zeros((4, 4), np.uint8))
     args, _ = tiny._arguments(params, full.positions, np.zeros(4, np.int64), full.rows, tiny._no_mask, full.lists,
                               full.list_start, 0.0)
     return tuple(numba.typeof(a) for a in args)
@@ -1192,19 +886,16 @@ def kernel_for(threads: int) -> Any:
     return _step if threads > 1 else _step_on_one_thread
 
 
-def needs_compile(dtype: str = "float32", *, threads: int | None = None) -> bool:
+def needs_compile(dtype: str = "float32", *, threads: int | None = None, arch: Architecture | None = None,
+                  batches: bool = False) -> bool:
     """Will the first step in ``dtype`` of a run of ``threads`` threads (:func:`threads_for`; default: every usable
     core) compile its kernel (seconds) rather than load it from Numba's disk cache (a fraction of a second)? For a
-    one-line notice before the first step. The sparse and dense kernels are one compiled function."""
-    kernel = kernel_for(threads_for(2**62) if threads is None else threads)
-    signature = _signature(dtype)
-    if signature in kernel.overloads:
-        return False
-    cache = kernel._cache  # Numba's FunctionCache, or a NullCache where no directory was writable
-    if not hasattr(cache, "_index_key"):
-        return True
-    key = cache._index_key(signature, kernel.targetctx.codegen())
-    return key not in cache._cache_file._load_index()
+    one-line notice before the first step. With ``arch``, the run's network, and not ``batches`` (mini-batches), the
+    run's full-batch steps may take the narrow kernel (:func:`gpunn.numba_narrow.takes`), which is asked about. The
+    sparse and dense kernels are one compiled function."""
+    if arch is not None and not batches and numba_narrow.takes(arch, dtype):
+        return numba_narrow.needs_compile(arch, dtype)
+    return not is_ready(kernel_for(threads_for(2**62) if threads is None else threads), _signature(dtype))
 
 
 def cache_dir() -> str | None:

@@ -489,8 +489,9 @@ def fit(
     data_sha256 = fingerprint(split)
     epochs_done = 0 if resume is None else check_resumable(resume, config, data_sha256)
     rule = config.rule
-    step = backend.step(arch, dtype=config.dtype, columns=config.batch_columns(len(split.y_train)),
-                        dropout=config.dropout, pixels=config.normalize == "scale")
+    m = len(split.y_train)
+    step = backend.step(arch, dtype=config.dtype, columns=config.batch_columns(m), dropout=config.dropout,
+                        pixels=config.normalize == "scale", batches=config.batch_columns(m) < m)
     preprocessing, train, val = _to_device(split, config, backend, raw_pixels=step.pixels)
     if resume is None:
         params = [Layer(backend.asarray(W), backend.asarray(b))
@@ -722,8 +723,9 @@ def describe_run(config: TrainConfig, backend: Backend, split: Split, source: st
                      f"{c.optimizer}" + ("" if c.optimizer == "gd" else
                                          f" (beta1 {c.beta1:g}, beta2 {c.beta2:g}, eps {c.eps:g})")
                      + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
-    step = backend.step(arch, dtype=c.dtype, columns=c.batch_columns(len(split.y_train)), dropout=c.dropout,
-                        pixels=c.normalize == "scale")
+    m = len(split.y_train)
+    step = backend.step(arch, dtype=c.dtype, columns=c.batch_columns(m), dropout=c.dropout,
+                        pixels=c.normalize == "scale", batches=c.batch_columns(m) < m)
     lines.append(f"step:    {step.name}")
     if step.notice:
         lines.append(f"         {step.notice}")

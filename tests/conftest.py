@@ -49,12 +49,14 @@ class EmulatedCudaBackend(Backend):
     def random(self, seed: int):
         return np.random.default_rng(seed)
 
-    def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True) -> Step:
+    def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
+             batches: bool = False) -> Step:
         from gpunn import fused_cuda
 
         fused = self.fast and fused_cuda.cuda_step(arch, dtype=dtype, columns=columns, dropout=dropout,
                                                    pixels=pixels, device=self.kernels)
-        return fused or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
+        return fused or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
+                                     batches=batches)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Small MNIST-format files written by the tests themselves."""
+"""Small MNIST-format files written by the tests themselves, and what the fast paths' tests share."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from gpunn.data import load_bundled_sample
+from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -75,3 +76,22 @@ def assert_same_step(result, expected, dtype):
         assert dW.dtype == db.dtype == np.dtype(dtype)
         for got, want in ((dW, ref_dW), (db, ref_db)):
             np.testing.assert_allclose(got, want, rtol=tolerance["rtol"], atol=tolerance["atol"] * np.abs(want).max())
+
+
+def weights(sizes, dtype, seed=1):
+    """A network's architecture and He-initialized weights, biases 0.01 (not 0, so that they count)."""
+    arch = Architecture(sizes)
+    return arch, [Layer(W, b + 0.01) for W, b in init_params(arch, init="he", seed=seed, dtype=dtype)]
+
+
+def reference(params, pixels, labels, arch, dtype, l2=0.0):
+    """The generic math's step on uint8 pixels / 255."""
+    X = pixels.astype(dtype) / 255
+    return loss_and_gradients(params, X, one_hot(labels, arch.sizes[-1], getattr(np, dtype)), labels, arch, l2=l2)
+
+
+def same_bits(a, b):
+    """Are two steps' (loss, accuracy, gradients) the same, bit for bit?"""
+    (loss_a, acc_a, grads_a), (loss_b, acc_b, grads_b) = a, b
+    return loss_a.tobytes() == loss_b.tobytes() and acc_a == acc_b and all(
+        x.tobytes() == y.tobytes() for la, lb in zip(grads_a, grads_b) for x, y in zip(la, lb))

@@ -263,27 +263,35 @@ def test_every_fast_path_matches_the_generic_math(backend, dtype, sizes, m, l2):
 
 
 def test_the_cpu_chooses_its_fast_path_by_network(monkeypatch):
-    """One hidden ReLU layer of up to SINGLE_PASS_MAX_HIDDEN units: the Numba single pass over uint8 pixels; deeper or
-    wider ReLU networks: the fused BLAS pass; anything else: the generic math. A compile ahead is announced."""
+    """One hidden ReLU layer of up to SINGLE_PASS_MAX_HIDDEN units: the Numba single pass over uint8 pixels (the
+    narrow kernel for a full batch through up to 16 units); deeper or wider ReLU networks: the fused BLAS pass;
+    anything else: the generic math. A compile ahead is announced, for the kernel the run takes."""
     from gpunn import numba_cpu
     from gpunn.backend import NumpyBackend
     from gpunn.nn import Architecture
 
     cpu = get_backend("cpu")
 
-    def step(*sizes, activation="relu", dropout=0.0):
-        return cpu.step(Architecture(sizes, activation), dtype="float32", columns=60_000, dropout=dropout)
+    def step(*sizes, activation="relu", dropout=0.0, batches=False):
+        return cpu.step(Architecture(sizes, activation), dtype="float32", columns=60_000, dropout=dropout,
+                        batches=batches)
 
     single = step(784, 10, 10)
-    assert single.name.startswith("single pass over uint8 pixels (Numba)") and single.pixels
+    assert single.name.startswith("single pass over uint8 pixels (Numba, 16 samples per vector)") and single.pixels
+    for wide in (step(784, 10, 10, batches=True), step(784, 29, 10)):
+        assert wide.name.startswith("single pass over uint8 pixels (Numba, 16 hidden units per vector)")
     assert step(784, NumpyBackend.SINGLE_PASS_MAX_HIDDEN, 10).pixels
     for fused in (step(784, NumpyBackend.SINGLE_PASS_MAX_HIDDEN + 1, 10), step(784, 16, 16, 10)):
         assert fused.name.startswith("fused CPU pass") and not fused.pixels
     assert step(784, 10, 10, activation="tanh").name == "the generic array-API math"
     assert step(784, 10, 10, dropout=0.5).name == "the generic array-API math"
-    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype, threads: True)
-    assert step(784, 10, 10).notice.startswith("compiling the single-pass CPU kernel for float32 (once")
-    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype, threads: False)
+    asked = []
+    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype, **run: asked.append(run) or True)
+    assert step(784, 10, 10).notice.startswith("compiling the single-pass CPU kernel for float32 and 10 hidden "
+                                               "units (once")
+    assert step(784, 10, 10, batches=True).notice.startswith("compiling the single-pass CPU kernel for float32 (once")
+    assert [run["batches"] for run in asked] == [False, True] and asked[0]["arch"] == Architecture((784, 10, 10))
+    monkeypatch.setattr(numba_cpu, "needs_compile", lambda dtype, **run: False)
     assert step(784, 10, 10).notice == ""
 
 

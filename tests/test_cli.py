@@ -63,7 +63,7 @@ def test_generic_runs_the_generic_math_to_the_same_result(tmp_path):
         losses = [json.loads(line)["loss"] for line in (tmp_path / "m.jsonl").read_text().splitlines()
                   if json.loads(line)["type"] == "epoch"]
         outputs.append(losses)
-    assert "step:    single pass over uint8 pixels (Numba), " in outputs[0]
+    assert "step:    single pass over uint8 pixels (Numba, 16 samples per vector), " in outputs[0]
     assert "step:    the generic array-API math" in outputs[2]
     assert outputs[1] == pytest.approx(outputs[3], rel=1e-5)
 

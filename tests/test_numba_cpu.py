@@ -23,11 +23,11 @@ import pytest
 
 from gpunn import numba_cpu
 from gpunn.data import load_bundled_sample
-from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
+from gpunn.nn import Architecture, init_params
 from gpunn.numba_cpu import (SinglePassCpu, full_batch, needs_compile, samples_of, support_order, supports,
                              threads_for)
 
-from helpers import assert_same_step
+from helpers import assert_same_step, reference, same_bits, weights
 
 
 @pytest.fixture(autouse=True)
@@ -41,22 +41,6 @@ def sample():
     """The bundled MNIST sample: X (784, m) uint8 as the transposed view of its IDX rows (the fast layout)."""
     data = load_bundled_sample()
     return data.train_images.T, data.train_labels.astype(np.int64)
-
-
-def weights(sizes, dtype, seed=1):
-    arch = Architecture(sizes)
-    return arch, [Layer(W, b + 0.01) for W, b in init_params(arch, init="he", seed=seed, dtype=dtype)]  # b != 0
-
-
-def reference(params, pixels, labels, arch, dtype, l2=0.0):
-    X = pixels.astype(dtype) / 255
-    return loss_and_gradients(params, X, one_hot(labels, arch.sizes[-1], getattr(np, dtype)), labels, arch, l2=l2)
-
-
-def same_bits(a, b):
-    (loss_a, acc_a, grads_a), (loss_b, acc_b, grads_b) = a, b
-    return loss_a.tobytes() == loss_b.tobytes() and acc_a == acc_b and all(
-        x.tobytes() == y.tobytes() for la, lb in zip(grads_a, grads_b) for x, y in zip(la, lb))
 
 
 @pytest.mark.parametrize("hidden", [10, 40], ids=["h10", "h40"])  # one hidden vector; three (two at a time, then one)
@@ -287,10 +271,12 @@ _READ_ONLY_CHILD = textwrap.dedent("""
     from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
     numba_cpu.MIN_WORK_PER_THREAD = 64  # two chunks for 1,001 samples
     needs = numba_cpu.needs_compile("float64")
+    narrow_needs = numba_cpu.needs_compile("float64", arch=Architecture((784, 6, 10)))
     data = load_bundled_sample()
     pixels, labels = data.train_images[:1001].T, data.train_labels[:1001].astype(np.int64)
-    report = {"package": gpunn.__file__, "needs_compile": needs, "cache_dir": numba_cpu.cache_dir(), "steps": []}
-    for hidden, l2, threads in ((10, 0.0, 1), (40, 0.7, 2)):
+    report = {"package": gpunn.__file__, "needs_compile": needs, "narrow_needs_compile": narrow_needs,
+              "cache_dir": numba_cpu.cache_dir(), "steps": []}
+    for hidden, l2, threads in ((10, 0.0, 1), (40, 0.7, 2), (6, 0.3, 2)):  # the last one: the narrow kernel
         arch = Architecture((784, hidden, 10))
         params = [Layer(W, b + 0.01) for W, b in init_params(arch, init="he", seed=1, dtype="float64")]
         with numba_cpu.SinglePassCpu(arch, "float64", 1001, threads=threads) as single:
@@ -334,9 +320,11 @@ def test_float64_from_a_package_directory_that_cannot_be_written(tmp_path):
     assert Path(first["package"]).parent == package
     assert Path(first["cache_dir"]).is_relative_to(tmp_path / "cache" / "numba")
     assert first["needs_compile"] is True and second["needs_compile"] is False
+    assert first["narrow_needs_compile"] is True and second["narrow_needs_compile"] is False
     assert any(Path(first["cache_dir"]).glob("numba_cpu._step-*.nbc"))
+    assert any(Path(first["cache_dir"]).glob("numba_narrow._step-*.nbc"))
     assert not list(package.rglob("*.nbi"))
-    assert [step["threads"] for step in first["steps"]] == [1, 2]
+    assert [step["threads"] for step in first["steps"]] == [1, 2, 2]
     for step in first["steps"]:
         assert step["dtype"] == "float64" and step["same_accuracy"]
         assert step["loss"] == pytest.approx(step["ref_loss"], rel=1e-10) and step["error"] < 1e-10

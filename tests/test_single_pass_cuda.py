@@ -460,9 +460,11 @@ def test_the_runner_takes_pixels_for_training_and_floats_for_validation(emulated
 class SinglePassBackend(EmulatedCudaBackend):
     """The emulated CUDA backend choosing the single pass where it covers the run, the fused path elsewhere."""
 
-    def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True):
+    def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
+             batches: bool = False):
         single = pixels and single_pass_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=self.kernels)
-        return single or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels)
+        return single or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
+                                      batches=batches)
 
 
 @pytest.mark.parametrize("batch_size", [None, 128], ids=["full-batch", "mini-batches"])

@@ -1,0 +1,150 @@
+"""The narrow single pass (samples in the vectors' lanes) against the generic math (one step: hidden sizes from 1 to
+the widest it takes, L2, one and two chunks, steps shorter than a block, super-tiles of 64 and of 16 blocks); its
+zero-skipping against its dense twin, bit for bit; the layout it reads; how the chunks are cut; and which networks
+take it. Its float64 variant is checked in test_numba_cpu's read-only-package test (a compile of its own)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpunn import numba_narrow
+from gpunn.data import load_bundled_sample
+from gpunn.nn import Architecture
+from gpunn.numba_cpu import SinglePassCpu, support_order
+from gpunn.numba_narrow import blocks_of, chunk_bounds, super_blocks_for, takes
+
+from helpers import assert_same_step, reference, same_bits, weights
+
+
+@pytest.fixture(scope="module")
+def sample():
+    data = load_bundled_sample()
+    return data.train_images.T, data.train_labels.astype(np.int64)
+
+
+@pytest.mark.parametrize("hidden", [1, 10, 28])  # super-tiles of 64, 64 and 16 blocks
+@pytest.mark.parametrize("l2", [0.0, 0.7])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_step_matches_the_generic_pass(sample, hidden, l2, threads):
+    # 2,501 samples: 157 blocks, the last holding 5 samples; several super-tiles, cut into two chunks
+    pixels, labels = sample[0][:, :2501], sample[1][:2501]
+    arch, params = weights((784, hidden, 10), "float32")
+    with SinglePassCpu(arch, "float32", 2501, threads=threads) as single:
+        assert single.full_batch_kernel == "16 samples per vector"
+        result = single(params, pixels, None, labels, l2=l2)
+    assert_same_step(result, reference(params, pixels, labels, arch, "float32", l2), "float32")
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 17])
+def test_steps_of_one_block_or_less(sample, m):
+    pixels, labels = sample[0][:, 300 : 300 + m], sample[1][300 : 300 + m]
+    arch, params = weights((784, 10, 10), "float32")
+    with SinglePassCpu(arch, "float32", m) as single:
+        result = single(params, pixels, None, labels, l2=0.1)
+    assert_same_step(result, reference(params, pixels, labels, arch, "float32", 0.1), "float32")
+
+
+def test_skipping_zero_pixels_changes_no_bit(sample):
+    pixels, labels = sample[0][:, :1999], sample[1][:1999]
+    arch, params = weights((784, 12, 10), "float32")  # super-tiles of 32 blocks
+    results = []
+    for sparse in (True, False):
+        with SinglePassCpu(arch, "float32", 1999, threads=2, sparse=sparse) as single:
+            results.append(single(params, pixels, None, labels, l2=0.3))
+    assert same_bits(*results)
+    with SinglePassCpu(arch, "float32", 1999, threads=2, sort=False) as single:
+        unsorted = single(params, pixels, None, labels, l2=0.3)
+    assert not same_bits(results[0], unsorted)  # the check can fail: summed in another order, other bits
+    assert_same_step(unsorted, results[0], "float32")
+
+
+def test_the_same_step_gives_the_same_bits(sample):
+    pixels, labels = sample[0][:, :3000], sample[1][:3000]
+    arch, params = weights((784, 10, 10), "float32")
+    with SinglePassCpu(arch, "float32", 3000, threads=2) as first, SinglePassCpu(arch, "float32", 3000,
+                                                                                  threads=2) as second:
+        results = [first(params, pixels, None, labels), first(params, pixels, None, labels),
+                   second(params, pixels, None, labels)]
+    assert same_bits(results[0], results[1]) and same_bits(results[0], results[2])
+
+
+def _sparse_rows(m, n0, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = ((rng.random((m, n0)) < 0.05) * rng.integers(1, 256, (m, n0))).astype(np.uint8)
+    rows[100:140] = 0  # samples with no nonzero pixel: blocks with nothing to visit
+    return rows
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_the_layout_holds_every_pair_in_the_order_each_pass_reads_it(dense):
+    rows = _sparse_rows(1100, 70)  # 69 blocks, the last holding 12 samples; super-tiles of 8 blocks, the last of 5
+    order = np.random.default_rng(1).permutation(1100)
+    blocks = blocks_of(rows.T.T, order, super_blocks=8, dense=dense)
+    padded = np.zeros((69 * 16, 70), np.uint8)
+    padded[:1100] = rows[order]
+    cube = padded.reshape(69, 16, 70).transpose(0, 2, 1)  # (block, pixel, lane)
+    assert np.array_equal(blocks.order, order) and blocks.blocks == 69 and blocks.super_tiles == 9
+    forward = blocks.rows.reshape(-1, 16)
+    for b in range(69):
+        pairs = slice(blocks.list_start[b], blocks.list_start[b + 1])
+        expected = np.arange(70) if dense else np.flatnonzero(cube[b].any(axis=1))
+        assert list(blocks.lists[pairs]) == list(expected)
+        assert np.array_equal(forward[pairs], cube[b, expected])
+    backward, q = blocks.back_rows.reshape(-1, 16), 0
+    for s in range(9):
+        for p in range(70):
+            word = int(blocks.bits[s * 70 + p])
+            ks = [k for k in range(64) if word >> k & 1]
+            assert ks == [k for k in range(8) if s * 8 + k < 69 and (dense or cube[s * 8 + k, p].any())]
+            for k in ks:
+                assert np.array_equal(backward[q], cube[s * 8 + k, p])
+                q += 1
+    assert q == len(forward) == len(blocks.lists)
+    if not dense:
+        assert blocks.nonzero_blocks == pytest.approx(len(blocks.lists) / (69 * 70)) and blocks.nonzero_blocks < 0.7
+
+
+def test_chunks_are_whole_super_tiles_of_about_equal_work():
+    blocks = blocks_of(_sparse_rows(3000, 70, seed=2), support_order(_sparse_rows(3000, 70, seed=2)),
+                       super_blocks=8)  # 188 blocks in 24 super-tiles, whose work differs in support order
+    work = np.diff(blocks.list_start[np.minimum(np.arange(0, 25) * 8, 188)])
+    for chunks in (1, 2, 3, 24, 30):
+        bounds = chunk_bounds(blocks, chunks)
+        assert len(bounds) == chunks + 1 and bounds[0] == 0 and bounds[-1] == 24 and np.all(np.diff(bounds) >= 0)
+        shares = [work[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]
+        assert max(shares) <= work.sum() / chunks + work.max()
+
+
+def test_which_networks_take_it():
+    assert takes(Architecture((784, 10, 10)), "float32") and takes(Architecture((784, 28, 10)), "float32")
+    assert not takes(Architecture((784, 29, 10)), "float32")
+    assert takes(Architecture((784, 14, 10)), "float64") and not takes(Architecture((784, 15, 10)), "float64")
+    assert not takes(Architecture((784, 10, 10, 10)), "float32")
+    # a super-tile's dZ1 stays within DZ_BYTES
+    for hidden, dtype in ((1, "float32"), (10, "float32"), (28, "float32"), (14, "float64")):
+        blocks = super_blocks_for(hidden, dtype)
+        assert 8 <= blocks <= numba_narrow.SUPER and blocks * hidden * 16 * np.dtype(dtype).itemsize <= \
+            max(numba_narrow.DZ_BYTES, 8 * hidden * 16 * np.dtype(dtype).itemsize)
+    assert super_blocks_for(10, "float32") == 64 and super_blocks_for(16, "float32") == 32
+
+
+def test_mini_batches_run_the_other_kernel(sample):
+    """The layout is made once per training set: a step over chosen samples runs numba_cpu's kernel."""
+    pixels, labels = sample[0][:, :1000], sample[1][:1000]
+    arch, params = weights((784, 10, 10), "float32")
+    batch = np.arange(0, 1000, 3)
+    with SinglePassCpu(arch, "float32", 1000) as single:
+        result = single(params, pixels, None, labels, index=batch)
+        assert single._blocks is None  # no layout made for a run of mini-batches
+    assert_same_step(result, reference(params, pixels[:, batch], labels[batch], arch, "float32"), "float32")
+
+
+def test_a_compiled_variant_needs_no_compile(sample):
+    from gpunn import numba_cpu
+
+    arch, params = weights((784, 10, 10), "float32")
+    with SinglePassCpu(arch, "float32", 500) as single:
+        single(params, sample[0][:, :500], None, sample[1][:500])
+    assert numba_narrow.needs_compile(arch, "float32") is False
+    assert numba_cpu.needs_compile("float32", arch=arch) is False
