@@ -3,15 +3,18 @@
     python benchmarks/numba_single_pass.py --data-dir ../shared/data/mnist          # real MNIST, m = 60,000
     python benchmarks/numba_single_pass.py --m 512 --hidden 10 --rounds 2            # toy size, synthetic pixels
     python benchmarks/numba_single_pass.py --data-dir DIR --name NAME                # also write NAME.md / NAME.json
+    python benchmarks/numba_single_pass.py --data-dir DIR --steps 10                # warm steps, as in training
     python benchmarks/numba_single_pass.py --compile-times                          # cold compile and cache load
     python benchmarks/numba_single_pass.py --contention                             # threading layers, busy cores
 
 One step = the loss, accuracy and gradients of 784-h-10 (ReLU, softmax) on all m samples, then the same plain
 gradient-descent update W -= 0.1 dW for every implementation (so one step is one full-batch epoch). Implementations:
 
-- numba-sparse: SinglePassCpu, skipping zero pixels (the default); numba-dense: the same kernel without skipping
-  (same order of sums, same bits); numba-unsorted: skipping, with the full batch summed in the files' order instead
-  of sorted by where the samples' ink lies (numba_cpu.support_order);
+- numba-sparse: SinglePassCpu, skipping zero pixels (the default; for h up to numba_narrow.MAX_HIDDEN the narrow
+  kernel, samples in the lanes, else numba_cpu's, hidden units in the lanes); numba-dense: the same kernel without
+  skipping (same order of sums, same bits); numba-unsorted: skipping, with the full batch summed in the files' order
+  instead of sorted by where the samples' ink lies (numba_cpu.support_order); numba-wide: numba_cpu's kernel
+  whatever h (the same as numba-sparse above MAX_HIDDEN);
 - fused-cpu: gpunn's BLAS fast path (FusedCpuPass) on float X (n0, m) as gpunn keeps it;
 - generic: gpunn.nn.loss_and_gradients on the same float X;
 - numpy: the seed notes' plain NumPy program, kept in the dtype (X = pixels.T / 255 in float32 stays float32).
@@ -100,10 +103,10 @@ def make_runners(images: np.ndarray, labels: np.ndarray, h: int, dtype: str, thr
     X /= 255
     Y = one_hot(labels, 10, getattr(np, dtype))
     runners = []
-    for name, sparse, sort in (("numba-sparse", True, True), ("numba-dense", False, True),
-                               ("numba-unsorted", True, False)):
+    for name, sparse, sort, narrow in (("numba-sparse", True, True, None), ("numba-dense", False, True, None),
+                                       ("numba-unsorted", True, False, None), ("numba-wide", True, True, False)):
         if name in only:
-            single = SinglePassCpu(arch, dtype, m, threads=threads, sparse=sparse, sort=sort)
+            single = SinglePassCpu(arch, dtype, m, threads=threads, sparse=sparse, sort=sort, narrow=narrow)
             single.prepare(pixels)
             runners.append(Runner(name, lambda p, s=single: _drop_accuracy(s(p, pixels, None, labels)), params,
                                   single))
@@ -122,19 +125,24 @@ def _drop_accuracy(result: tuple[Any, Any, list[Layer]]) -> tuple[Any, list[Laye
     return result[0], result[2]
 
 
-def interleaved(runners: list[Runner], rounds: int, pause: float) -> dict[str, list[float]]:
-    """Milliseconds per step, one step per implementation per round, the order rotated each round. Before each step,
+def interleaved(runners: list[Runner], rounds: int, pause: float, steps: int = 1) -> dict[str, list[float]]:
+    """Milliseconds per step, one slot per implementation per round, the order rotated each round. Before each slot,
     a pause: OpenBLAS's worker threads keep spinning for about 0.1 s after a call, and would otherwise take the
-    cores from whichever implementation runs next (in a training run, nothing else runs in the process)."""
+    cores from whichever implementation runs next (in a training run, nothing else runs in the process). A slot is
+    one step (cold: its data were evicted by the others'), or with ``steps`` > 1 an untimed step and then ``steps``
+    timed ones, reported as their mean (warm, as the steps of a training run follow one another)."""
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     for round_ in range(rounds):
         k = round_ % len(runners)
         for runner in runners[k:] + runners[:k]:
             time.sleep(pause)
             with runner.context:
+                if steps > 1:
+                    runner.step()
                 start = time.perf_counter()
-                runner.step()
-                times[runner.name].append((time.perf_counter() - start) * 1e3)
+                for _ in range(steps):
+                    runner.step()
+                times[runner.name].append((time.perf_counter() - start) * 1e3 / steps)
     return times
 
 
@@ -148,7 +156,7 @@ def check_same_step(runners: list[Runner]) -> dict[str, float]:
 
 
 def measure(images, labels, hidden: list[int], dtypes: list[str], rounds: int, threads: int | None,
-            only: list[str], f64_hidden: list[int], pause: float) -> list[dict[str, Any]]:
+            only: list[str], f64_hidden: list[int], pause: float, steps: int = 1) -> list[dict[str, Any]]:
     rows = []
     for dtype in dtypes:
         for h in hidden if dtype == "float32" else f64_hidden:
@@ -157,7 +165,7 @@ def measure(images, labels, hidden: list[int], dtypes: list[str], rounds: int, t
             reference = losses.get("generic", next(iter(losses.values())))
             refused = {n: l for n, l in losses.items() if abs(l - reference) > CHECK[dtype] * abs(reference)}
             timed = [r for r in runners if r.name not in refused]
-            times = interleaved(timed, rounds, pause)
+            times = interleaved(timed, rounds, pause, steps)
             row = {"dtype": dtype, "hidden": h, "first_loss": losses, "refused": sorted(refused), "ms": times}
             rows.append(row)
             click.echo(summary(row))
@@ -178,13 +186,15 @@ def summary(row: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    names = ["numba-sparse", "numba-dense", "numba-unsorted", "fused-cpu", "generic", "numpy"]
+    names = ["numba-sparse", "numba-dense", "numba-unsorted", "numba-wide", "fused-cpu", "generic", "numpy"]
     lines = [
         f"# The Numba single pass, interleaved: {result['name']}",
         "",
         f"Data: {result['data']}, m = {result['m']:,}. {result['rounds']} rounds; in each, every implementation "
-        "runs one full-batch step (gradients + update), in an order rotated by one per round, after a pause of "
-        f"{result['pause_s']:g} s. "
+        "runs one slot, in an order rotated by one per round, after a pause of "
+        f"{result['pause_s']:g} s: " + ("one full-batch step (gradients + update), cold. "
+                                        if result.get("steps", 1) == 1 else
+                                        f"an untimed step, then {result['steps']} timed ones (ms: their mean). ") +
         f"Command: `{result['command']}`",
         "",
         f"- CPU: {result['environment']['cpu']}, {result['environment']['cores']} usable cores; Numba "
@@ -218,15 +228,19 @@ _COMPILE_CHILD = textwrap.dedent("""
     from gpunn import numba_cpu
     from gpunn.nn import Architecture, init_params
     imported = time.perf_counter()
-    dtype, columns = sys.argv[1], int(sys.argv[2])
-    arch = Architecture((784, 10, 10))
-    threads = numba_cpu.threads_for(columns, 10)
-    needs = numba_cpu.needs_compile(dtype, threads=threads)
+    dtype = sys.argv[1]
+    kind = sys.argv[2]
+    hidden, columns, batches = {"narrow": (10, 60000, False), "wide": (64, 60000, False),
+                                "one-thread": (10, 64, True)}[kind]
+    arch = Architecture((784, hidden, 10))
+    threads = numba_cpu.threads_for(columns, hidden)
+    needs = numba_cpu.needs_compile(dtype, threads=threads, arch=arch, batches=batches)
     checked = time.perf_counter()
     pixels = np.random.default_rng(0).integers(0, 256, (784, 64), dtype=np.uint8)
     labels = np.arange(64) % 10
     with numba_cpu.SinglePassCpu(arch, dtype, columns) as step:  # the kernel of a run of `columns` per step
-        step(init_params(arch, init="he", seed=0, dtype=dtype), pixels, None, labels)
+        step(init_params(arch, init="he", seed=0, dtype=dtype), pixels, None, labels,
+             index=np.arange(0, 64, 2) if batches else None)
     done = time.perf_counter()
     print(json.dumps({"threads": threads, "needs_compile": needs, "import_s": imported - start,
                       "check_s": checked - imported, "first_step_s": done - checked}))
@@ -234,20 +248,21 @@ _COMPILE_CHILD = textwrap.dedent("""
 
 
 def compile_times() -> list[dict[str, Any]]:
-    """Per dtype and kernel (the sparse and dense kernels are one compiled function; a run of full MNIST batches
-    calls the parallel one, a run of 64-sample batches the one-thread one), in fresh interpreters with an empty
-    Numba cache directory: the first step cold (compiling), then twice more (loading the cache)."""
+    """Per dtype and kernel (the sparse and dense kernels are one compiled function): the narrow kernel of a run of
+    full MNIST batches at h = 10 (numba_narrow), numba_cpu's parallel kernel of one at h = 64, and its one-thread
+    kernel of a run of 64-sample mini-batches; in fresh interpreters with an empty Numba cache directory: the first
+    step cold (compiling), then twice more (loading the cache)."""
     results = []
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         for dtype in ("float32", "float64"):
-            for columns in (60000, 64):
+            for kind in ("narrow", "wide", "one-thread"):
                 for attempt in ("cold", "cached", "cached"):
-                    out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, dtype, str(columns)], env=env,
+                    out = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, dtype, kind], env=env,
                                          check=True, capture_output=True, text=True).stdout
-                    row = {"dtype": dtype, "columns": columns, "attempt": attempt, **json.loads(out)}
+                    row = {"dtype": dtype, "kernel": kind, "attempt": attempt, **json.loads(out)}
                     results.append(row)
-                    click.echo(f"{dtype}, {columns} per step ({row['threads']} threads) {attempt}: needs_compile="
+                    click.echo(f"{dtype}, {kind} kernel ({row['threads']} threads) {attempt}: needs_compile="
                                f"{row['needs_compile']}, import {row['import_s']:.2f} s, first step "
                                f"{row['first_step_s']:.2f} s")
     return results
@@ -334,12 +349,15 @@ def environment(threads: int) -> dict[str, Any]:
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for the parallel implementations.")
 @click.option("--pause", type=click.FloatRange(min=0), default=0.25, show_default=True,
               help="Seconds of rest before each step (lets other implementations' spinning threads sleep).")
-@click.option("--only", default="numba-sparse,numba-dense,numba-unsorted,fused-cpu,generic,numpy", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Timed steps per slot; above 1, after an untimed one (warm steps, as in training).")
+@click.option("--only", default="numba-sparse,numba-dense,numba-unsorted,numba-wide,fused-cpu,generic,numpy",
+              show_default=True)
 @click.option("--compile-times", is_flag=True, help="Measure cold compile and cache load instead.")
 @click.option("--contention", is_flag=True, help="Compare threading layers with and without a busy process.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--name", help="Write NAME.md and NAME.json under --out-dir (default: print only).")
-def main(data_dir, m, hidden, f64_hidden, rounds, threads, pause, only, compile_times, contention, out_dir,
+def main(data_dir, m, hidden, f64_hidden, rounds, threads, pause, steps, only, compile_times, contention, out_dir,
          name) -> None:
     """Time the single pass against the other implementations of one step, interleaved."""
     result: dict[str, Any] = {"name": name or "", "command": "python " + " ".join(sys.argv)}
@@ -349,10 +367,10 @@ def main(data_dir, m, hidden, f64_hidden, rounds, threads, pause, only, compile_
         result["contention"] = globals()["contention"](min(m, 60000), 20)
     else:
         images, labels, data = load(data_dir, m)
-        result.update(data=data, m=len(labels), rounds=rounds)
+        result.update(data=data, m=len(labels), rounds=rounds, steps=steps)
         threads_used = numba_cpu.threads_for(len(labels), 16, threads)
         rows = measure(images, labels, [int(h) for h in hidden.split(",")], ["float32", "float64"], rounds,
-                       threads, only.split(","), [int(h) for h in f64_hidden.split(",") if h], pause)
+                       threads, only.split(","), [int(h) for h in f64_hidden.split(",") if h], pause, steps)
         result.update(rows=rows, pause_s=pause, environment=environment(threads_used))
     if name:
         out_dir.mkdir(parents=True, exist_ok=True)

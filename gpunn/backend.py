@@ -191,8 +191,10 @@ class NumpyBackend(Backend):
                 notice = ""
                 if numba_cpu.needs_compile(dtype, threads=threads, arch=arch, batches=batches):
                     where = numba_cpu.cache_dir()
+                    # cold compiles measured on the development machine (numba_single_pass.py --compile-times)
                     notice = (f"compiling the single-pass CPU kernel for {dtype}"
-                              + (f" and {arch.sizes[1]} hidden units" if narrow else "") + " (once, about 7 s; "
+                              + (f" and {arch.sizes[1]} hidden units (once, about 4 s; " if narrow else
+                                 " (once, about 7 s; ")
                               + (f"cached in {where})" if where else "no writable cache directory, so every run does)"))
                 lanes = "16 samples" if narrow else "16 hidden units"
                 return Step(f"single pass over uint8 pixels (Numba, {lanes} per vector), {threads} "

@@ -670,7 +670,7 @@ class SinglePassCpu:
     a new array and indexing that; gpunn's training loop hands mini-batches over this way, see ``reads_in_place``).
 
     Two kernels: a full-batch step through a narrow hidden layer (:func:`gpunn.numba_narrow.takes`: up to 28 units in
-    float32, 14 in float64) runs :mod:`gpunn.numba_narrow`'s, samples in the vectors' lanes; every other step runs
+    float32, 12 in float64) runs :mod:`gpunn.numba_narrow`'s, samples in the vectors' lanes; every other step runs
     this module's, hidden units in the lanes (:attr:`full_batch_kernel` names the one a full batch runs).
     :meth:`prepare` builds what the steps over a training set read, once per X: for full-batch steps its pixels in the
     order the step sums them (support_order), laid out for the kernel (:func:`gpunn.numba_narrow.blocks_of`, or
@@ -679,7 +679,8 @@ class SinglePassCpu:
     Mini-batches are read fastest from X.strides == (1, n0), the transposed view of the (m, n0) IDX rows, which is
     how gpunn's data split holds the training set; any other X is copied once. ``sparse=False`` runs the kernels
     densely (every pixel, the same order of sums, the same bits), for measurements and tests; ``sort=False`` sums a
-    full batch in X's own order (for measurements). ``threads``: at most this many (default: every usable core);
+    full batch in X's own order, and ``narrow`` (default: :func:`gpunn.numba_narrow.takes`) says which kernel a full
+    batch runs (for measurements). ``threads``: at most this many (default: every usable core);
     :attr:`threads` is what a full step of ``columns`` samples uses, and smaller steps use fewer (see
     :func:`threads_for`).
 
@@ -692,7 +693,7 @@ class SinglePassCpu:
     reads_in_place = True  # takes a mini-batch as ``index=`` into the whole X (gpunn.train.batch_gradients)
 
     def __init__(self, arch: Architecture, dtype: str, columns: int, *, threads: int | None = None,
-                 sparse: bool = True, sort: bool = True) -> None:
+                 sparse: bool = True, sort: bool = True, narrow: bool | None = None) -> None:
         reason = refusal(arch, dtype=dtype)
         if reason is not None:
             raise ValueError(reason)
@@ -704,7 +705,9 @@ class SinglePassCpu:
         self.sort = sort
         self.threads = threads_for(columns, arch.sizes[1], threads)
         self._kernel = kernel_for(self.threads)
-        self._narrow = numba_narrow.NarrowPass(arch, dtype, self.threads) if numba_narrow.takes(arch, dtype) else None
+        if narrow is None:
+            narrow = numba_narrow.takes(arch, dtype)
+        self._narrow = numba_narrow.NarrowPass(arch, dtype, self.threads) if narrow else None
         n0, h, C = arch.sizes
         hp = -(-h // LANES) * LANES
         chunks, dt = self.threads, self.dtype

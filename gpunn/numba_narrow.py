@@ -1,5 +1,5 @@
 """The CPU single pass of a full batch through a narrow hidden layer (MNIST's 784-10-10; up to 28 units in float32,
-14 in float64): samples in the vectors' lanes.
+12 in float64): samples in the vectors' lanes.
 
 :mod:`gpunn.numba_cpu`'s kernel holds hidden units in its vectors' lanes, which suits wide layers. With h = 10, six
 of every 16 lanes compute padding there, and each FMA waits on a broadcast load of a pixel. Here a vector holds one
@@ -54,10 +54,10 @@ from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, is_ready, rad
                                  vsum64, vwhere_eq, vwhere_ge)
 
 #: the most hidden units for which this kernel is the faster one, per dtype: its loops hold h sums and a vector of
-#: pixels in the 32 vector registers (a float64 sum takes two). Measured against numba_cpu's kernel on MNIST, steps
-#: run in alternating blocks: float32 h = 10 2.0x faster, 20 1.5x, 28 1.06x, 32 0.92x; float64 h = 12 1.4x,
-#: 14 1.1x, 16 0.87x.
-MAX_HIDDEN = {"float32": 28, "float64": 14}
+#: pixels in the 32 vector registers (a float64 sum takes two). Measured against numba_cpu's kernel on MNIST, warm
+#: steps interleaved (benchmarks/results/intel-xeon-numba-kernels.md, median of the rounds' ratios): float32 h = 10
+#: 1.91x faster, 20 1.44x, 28 1.19x, 32 (both kernels numba_cpu's) 0.95x; float64 h = 10 1.87x, 12 1.39x, 14 0.94x.
+MAX_HIDDEN = {"float32": 28, "float64": 12}
 #: the most blocks in a super-tile: the bits of one word say in which of them a pixel is nonzero
 SUPER = 64
 #: the most bytes of a super-tile's dZ1 (its blocks x h x 16 lanes): the backward pass reads them for every pixel, and
