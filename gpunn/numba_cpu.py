@@ -71,9 +71,9 @@ from threadpoolctl import threadpool_limits
 from gpunn import numba_narrow
 from gpunn.diagnostics import usable_cores
 from gpunn.nn import Architecture, Layer
-from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, is_ready, read_only, sget, vadd, vadd_lane, vdiv,
-                                 vexp, vfirst_max, vfma, vlane, vload, vload_u8, vmax, vpositive, vstore, vsub, vsum,
-                                 vzero)
+from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, half_squares, is_ready, read_only, sget, vadd,
+                                 vadd_lane, vdiv, vexp, vfirst_max, vfma, vlane, vload, vload_u8, vmax, vpositive,
+                                 vstore, vsub, vsum, vzero)
 
 TILE = 8  #: samples per tile: its pixels as floats (25 KB for MNIST), activations and deltas stay in L1
 GROUP = 8  #: samples whose terms meet each row of W1T and dW1T together (eight independent sums per row)
@@ -488,14 +488,8 @@ def _finish(W1, W2, l2, m, scales, chunks, dW1T, dW2T, db1c, db2c, lossc, hitsc,
             dW2[k, i] = dW2T[0, i, k] * scales[0] + scales[2] * W2[k, i]
     for k in range(C):
         db2[k, 0] = db2c[0, k] * scales[0]
-    if l2 != 0.0:  # a chain of h * n0 dependent additions: only when it counts
-        squares = 0.0
-        for i in range(h):
-            for p in range(n0):
-                squares += W1[i, p] * W1[i, p]
-            for k in range(C):
-                squares += W2[k, i] * W2[k, i]
-        loss += 0.5 * l2 * squares
+    if l2 != 0.0:
+        loss += l2 * half_squares(W1, W2)
     return loss / m, hits / m
 
 

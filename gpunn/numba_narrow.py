@@ -48,10 +48,10 @@ import numpy as np
 from numba import njit, prange
 
 from gpunn.nn import Architecture, Layer
-from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, is_ready, radd_outer, radd_store, rdeltas,
-                                 read_only, rexp_below, rfirst_max, rfma_scalars, rfma_vectors, rmatvec, rmax, rpick,
-                                 rpositive, rrelu, rsplat, rstore, rsum, rzero, vload, vload_u8, vprod64, vsub, vsum,
-                                 vsum64, vwhere_eq, vwhere_ge)
+from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, half_squares, is_ready, radd_outer, radd_store,
+                                 rdeltas, read_only, rexp_below, rfirst_max, rfma_scalars, rfma_vectors, rmatvec, rmax,
+                                 rpick, rpositive, rrelu, rsplat, rstore, rsum, rzero, vload, vload_u8, vprod64, vsub,
+                                 vsum, vsum64, vwhere_eq, vwhere_ge)
 
 #: the most hidden units for which this kernel is the faster one, per dtype: its loops hold h sums and a vector of
 #: pixels in the 32 vector registers (a float64 sum takes two). Measured against numba_cpu's kernel on MNIST, warm
@@ -167,13 +167,7 @@ def _finish(W1, W2, l2, m, scales, GW1, G1, G2, G2b, lossc, hitsc, dW1, db1, dW2
                 total += vsum(vload(G2[c], (k * h + i) * LANES))
             dW2[k, i] = total * scales[0] + scales[2] * W2[k, i]
     if l2 != 0.0:
-        squares = 0.0
-        for i in range(h):
-            for p in range(n0):
-                squares += W1[i, p] * W1[i, p]
-            for k in range(C):
-                squares += W2[k, i] * W2[k, i]
-        loss += 0.5 * l2 * squares
+        loss += l2 * half_squares(W1, W2)
     return loss / m, hits / m
 
 

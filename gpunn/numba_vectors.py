@@ -11,7 +11,9 @@ callers check what they index with.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -349,11 +351,35 @@ def enable_cache(kernel: Any) -> None:
     """Cache the kernel's machine code on disk, where Numba finds a writable place: the package's __pycache__, or,
     when the package is installed read-only, the user-wide cache (Numba's _UserWideCacheLocator, under
     $XDG_CACHE_HOME or ~/.cache/numba). Where there is neither, the kernel is compiled in every process instead of
-    failing at import, as ``@njit(cache=True)`` would."""
+    failing at import, as ``@njit(cache=True)`` would.
+
+    Numba keeps a cached kernel while the file that defines it is unchanged; a kernel here also inlines this
+    module's operations, so the cache is made to depend on this file's contents too (an edit of an operation alone
+    would otherwise leave every kernel running its old code)."""
     try:
         kernel.enable_caching()
     except RuntimeError:  # "cannot cache function ...: no locator available"
-        pass
+        return
+    cache_file = kernel._cache._cache_file  # Numba's IndexDataCacheFile: its stamp is checked against the index's
+    cache_file._source_stamp = (cache_file._source_stamp, _THIS_SOURCE)
+
+
+#: what this module's source holds, for the kernels' caches (see enable_cache)
+_THIS_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+@njit
+def half_squares(W1, W2):
+    """0.5 * (sum of W1's squares + sum of W2's squares), W1 (h, n0) and W2 (C, h), in float64: the L2 term of the
+    kernels' loss (times l2). A chain of h * n0 dependent additions: call it only when l2 != 0."""
+    h, n0 = W1.shape
+    squares = 0.0
+    for i in range(h):
+        for p in range(n0):
+            squares += W1[i, p] * W1[i, p]
+        for k in range(W2.shape[0]):
+            squares += W2[k, i] * W2[k, i]
+    return 0.5 * squares
 
 
 def is_ready(kernel: Any, signature: tuple[Any, ...]) -> bool:
@@ -443,35 +469,32 @@ def rsplat(typingctx: Any, b: Any, units: Any) -> Any:
     return rt(b, units), codegen
 
 
-@intrinsic
-def rfma_scalars(typingctx: Any, W: Any, i: Any, x: Any, acc: Any) -> Any:
-    """Row k: acc[k] + W[i + k] * x (W[i + k] in every lane)."""
+def _rfma(multiplier: Any) -> Any:
+    """An intrinsic (M, i, x, acc) -> acc, row k: acc[k] + multiplier(builder, M's element i, k, vector type) * x."""
 
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, W, args[0], args[1], i)
-        vx = args[2]
-        rows = _unpack(builder, args[3], acc.count)
-        return _pack(builder, args[3].type, [
-            _fma(builder, _splat(builder, builder.load(builder.gep(ptr, [ir.Constant(_I64, k)])), vx.type), vx, r)
-            for k, r in enumerate(rows)])
+    def typer(typingctx: Any, M: Any, i: Any, x: Any, acc: Any) -> Any:
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, M, args[0], args[1], i)
+            vx = args[2]
+            rows = _unpack(builder, args[3], acc.count)
+            return _pack(builder, args[3].type,
+                         [_fma(builder, multiplier(builder, ptr, k, vx.type), vx, r) for k, r in enumerate(rows)])
 
-    return acc(W, i, x, acc), codegen
+        return acc(M, i, x, acc), codegen
+
+    return intrinsic(typer)
 
 
-@intrinsic
-def rfma_vectors(typingctx: Any, D: Any, i: Any, x: Any, acc: Any) -> Any:
-    """Row k: acc[k] + D[i + 16 k : i + 16 k + 16] * x."""
+def _scalar_row(builder: Any, ptr: Any, k: int, vty: Any) -> Any:
+    return _splat(builder, builder.load(builder.gep(ptr, [ir.Constant(_I64, k)])), vty)
 
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, D, args[0], args[1], i)
-        vx = args[2]
-        rows = _unpack(builder, args[3], acc.count)
-        align = D.dtype.bitwidth // 8
-        return _pack(builder, args[3].type, [
-            _fma(builder, builder.load(_vector_pointer(builder, ptr, k * LANES, vx.type), align=align), vx, r)
-            for k, r in enumerate(rows)])
 
-    return acc(D, i, x, acc), codegen
+def _vector_row(builder: Any, ptr: Any, k: int, vty: Any) -> Any:
+    return builder.load(_vector_pointer(builder, ptr, k * LANES, vty), align=_bits(vty.element) // 8)
+
+
+rfma_scalars = _rfma(_scalar_row)  #: row k: acc[k] + W[i + k] * x (W[i + k] in every lane)
+rfma_vectors = _rfma(_vector_row)  #: row k: acc[k] + D[i + 16 k : i + 16 k + 16] * x
 
 
 def _to_memory(add: bool) -> Any:
@@ -536,19 +559,26 @@ def _greater(builder: Any, a: Any, b: Any) -> Any:
     return builder.fcmp_ordered(">", a, b)
 
 
-@intrinsic
-def rmax(typingctx: Any, z: Any) -> Any:
-    """Per lane, the largest row (rows compared in order, a later one taken only where it is greater)."""
-    vt = Vector(z.dtype)
+def _fold(combine: Any) -> Any:
+    """An intrinsic that folds the rows of z into one vector, in order: combine(builder, so_far, row)."""
 
-    def codegen(context, builder, sig, args):
-        rows = _unpack(builder, args[0], z.count)
-        top = rows[0]
-        for r in rows[1:]:
-            top = builder.select(_greater(builder, r, top), r, top)
-        return top
+    def typer(typingctx: Any, z: Any) -> Any:
+        def codegen(context, builder, sig, args):
+            rows = _unpack(builder, args[0], z.count)
+            total = rows[0]
+            for r in rows[1:]:
+                total = combine(builder, total, r)
+            return total
 
-    return vt(z), codegen
+        return Vector(z.dtype)(z), codegen
+
+    return intrinsic(typer)
+
+
+#: per lane, the largest row (rows compared in order, a later one taken only where it is greater)
+rmax = _fold(lambda builder, top, r: builder.select(_greater(builder, r, top), r, top))
+#: per lane, the sum of the rows, in order
+rsum = _fold(lambda builder, total, r: builder.fadd(total, r))
 
 
 @intrinsic
@@ -578,21 +608,6 @@ def rexp_below(typingctx: Any, z: Any, top: Any) -> Any:
                      [_exp(builder, builder.fsub(r, args[1])) for r in _unpack(builder, args[0], z.count)])
 
     return z(z, top), codegen
-
-
-@intrinsic
-def rsum(typingctx: Any, z: Any) -> Any:
-    """Per lane, the sum of the rows, in order."""
-    vt = Vector(z.dtype)
-
-    def codegen(context, builder, sig, args):
-        rows = _unpack(builder, args[0], z.count)
-        total = rows[0]
-        for r in rows[1:]:
-            total = builder.fadd(total, r)
-        return total
-
-    return vt(z), codegen
 
 
 @intrinsic

@@ -96,9 +96,10 @@ def test_a_mini_batch_is_read_in_place(sample):
     assert_same_step(result, reference(params, pixels[:, batch], labels[batch], arch, dtype), dtype)
 
 
-def test_the_same_step_gives_the_same_bits(sample):
+@pytest.mark.parametrize("hidden", [10, 40])  # the narrow kernel and the other one
+def test_the_same_step_gives_the_same_bits(sample, hidden):
     pixels, labels = sample[0][:, :2000], sample[1][:2000]
-    arch, params = weights((784, 10, 10), "float32")
+    arch, params = weights((784, hidden, 10), "float32")
     with SinglePassCpu(arch, "float32", 2000, threads=2) as first, SinglePassCpu(arch, "float32", 2000,
                                                                                   threads=2) as second:
         results = [first(params, pixels, None, labels), first(params, pixels, None, labels),
@@ -292,10 +293,20 @@ _READ_ONLY_CHILD = textwrap.dedent("""
 """)
 
 
+_NEEDS_COMPILE_CHILD = textwrap.dedent("""
+    import json
+    from gpunn import numba_cpu
+    from gpunn.nn import Architecture
+    print(json.dumps([numba_cpu.needs_compile("float64"),
+                      numba_cpu.needs_compile("float64", arch=Architecture((784, 6, 10)))]))
+""")
+
+
 def test_float64_from_a_package_directory_that_cannot_be_written(tmp_path):
     """A copy of the package whose directory cannot take Numba's cache (read-only; as root, whom permissions do not
-    stop, its __pycache__ is a file): the float64 kernel compiles, matches the generic math (one and two threads,
-    L2, 1,001 samples), caches under the user-wide directory, and a second interpreter loads it from there."""
+    stop, its __pycache__ is a file): the float64 kernels compile, match the generic math (one and two threads, L2,
+    1,001 samples; both kernels), cache under the user-wide directory, and a second interpreter loads them from
+    there; once numba_vectors.py is edited, they would compile again."""
     package = tmp_path / "site" / "gpunn"
     shutil.copytree(Path(numba_cpu.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
     if os.geteuid() == 0:
@@ -329,3 +340,11 @@ def test_float64_from_a_package_directory_that_cannot_be_written(tmp_path):
         assert step["dtype"] == "float64" and step["same_accuracy"]
         assert step["loss"] == pytest.approx(step["ref_loss"], rel=1e-10) and step["error"] < 1e-10
     assert second["steps"] == first["steps"]
+    # the kernels inline numba_vectors' operations: an edit of that file alone makes both compile again
+    vectors = package / "numba_vectors.py"
+    vectors.chmod(0o644)
+    vectors.write_text(vectors.read_text() + "\n# an edit\n")
+    asked = subprocess.run([sys.executable, "-c", _NEEDS_COMPILE_CHILD], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout) == [True, True]

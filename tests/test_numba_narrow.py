@@ -59,16 +59,6 @@ def test_skipping_zero_pixels_changes_no_bit(sample):
     assert_same_step(unsorted, results[0], "float32")
 
 
-def test_the_same_step_gives_the_same_bits(sample):
-    pixels, labels = sample[0][:, :3000], sample[1][:3000]
-    arch, params = weights((784, 10, 10), "float32")
-    with SinglePassCpu(arch, "float32", 3000, threads=2) as first, SinglePassCpu(arch, "float32", 3000,
-                                                                                  threads=2) as second:
-        results = [first(params, pixels, None, labels), first(params, pixels, None, labels),
-                   second(params, pixels, None, labels)]
-    assert same_bits(results[0], results[1]) and same_bits(results[0], results[2])
-
-
 def _sparse_rows(m, n0, seed=0):
     rng = np.random.default_rng(seed)
     rows = ((rng.random((m, n0)) < 0.05) * rng.integers(1, 256, (m, n0))).astype(np.uint8)
