@@ -1,5 +1,9 @@
 """The CPU single pass: one compiled Numba kernel per step that reads each sample's uint8 pixels once.
 
+Two kernels compute it. This module's holds hidden units in its vectors' lanes and runs mini-batches and wide layers;
+:mod:`gpunn.numba_narrow`'s holds samples in the lanes and runs full batches through a narrow hidden layer (784-10-10
+among them). :class:`SinglePassCpu` picks between them per step; this docstring describes this module's kernel.
+
 For a network n0-h-C with one ReLU hidden layer and a softmax output (MNIST: 784-h-10), one call of the kernel
 computes what :func:`gpunn.nn.loss_and_gradients` computes (loss, accuracy, dW1, db1, dW2, db2) from the raw pixels,
 tile by tile: for each tile of 8 samples, the pixels are read once and converted to floats, then the forward pass,
@@ -34,10 +38,8 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   C-ordered rows (m, n0): the sorted copy for a full batch; for a mini-batch, X's own rows where X is the transposed
   view of an (m, n0) C-ordered array (strides (1, n0), the IDX files' own layout), read in place at the batch's
   sample numbers (gpunn's training loop hands a mini-batch over as such an index: ``reads_in_place``).
-- **Explicit 512-bit vectors.** LLVM's auto-vectorizer on this host uses 256-bit registers (the CPU model prefers
-  them) and did not keep sums in registers across the pixel loop (7 GFLOP/s). The kernel is written with a small
-  vector type (16 lanes of float32 or float64, one LLVM vector value) and intrinsics (load, store, fma, exp, ...)
-  that LLVM lowers to AVX-512 instructions where the CPU has them, and to narrower ones elsewhere.
+- **Explicit 512-bit vectors** (:mod:`gpunn.numba_vectors`: LLVM's auto-vectorizer on this host kept no sums in
+  registers across the pixel loop, 7 GFLOP/s).
 - **Parallel over chunks, deterministic.** A step's samples are split into one contiguous chunk per thread; each
   chunk has its own gradient sums, added in chunk order at the end. The result depends on the number of chunks, not
   on which thread runs which. The one prange loop is the only parallel region: the rest are explicit loops (an
@@ -47,7 +49,7 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   words, and each view counts a reference atomically on a count both threads share (measured while building it:
   about 5 % of a 784-10-10 step).
 - **Float accumulation in the training dtype**, as the generic math does; the loss is summed in float64.
-- **Compiled once per dtype, on first use, cached on disk** (about 6.5 s cold, 0.3 s from the cache:
+- **Compiled once per dtype, on first use, cached on disk** (6.4-6.6 s cold, 0.3 s from the cache:
   ``python benchmarks/numba_single_pass.py --compile-times``); see :func:`needs_compile` and :func:`cache_dir`.
   A run whose steps use one thread (small mini-batches, one core) calls a kernel of its own that runs on the calling
   thread, compiled only for such runs (:func:`kernel_for`).

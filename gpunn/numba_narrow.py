@@ -4,7 +4,7 @@
 :mod:`gpunn.numba_cpu`'s kernel holds hidden units in its vectors' lanes, which suits wide layers. With h = 10, six
 of every 16 lanes compute padding there, and each FMA waits on a broadcast load of a pixel. Here a vector holds one
 value for each of 16 samples (a *block*), and the h hidden units are h vectors, held in registers for the whole of a
-loop (:class:`Rows`, one LLVM value that the compiler splits into h registers):
+loop (:class:`gpunn.numba_vectors.Rows`, one LLVM value that the compiler splits into h registers):
 
 - **Forward**, block by block: for each pixel that is nonzero in one of the block's samples, its 16 values (one load,
   converted from uint8) meet each unit's weight W1[i, p] (a broadcast operand of the FMA): h FMAs, every lane useful.
@@ -34,7 +34,7 @@ Design, and why (measured on the 2-core development machine, Intel Xeon with AVX
   :mod:`gpunn.numba_cpu`'s kernel, which reads the samples where they are.
 
 The vectors and their operations are :mod:`gpunn.numba_vectors`'; the hidden layer's size is part of the kernel's
-type (a tuple of h zeros, ``units``), so each h compiles a variant of its own (about 3 s), cached on disk.
+type (a tuple of h zeros, ``units``), so each h compiles a variant of its own (3.5-4 s), cached on disk.
 """
 
 from __future__ import annotations
