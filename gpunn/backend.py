@@ -54,7 +54,9 @@ class Step:
     ``gradients()`` and ``update(rule)`` are context managers giving the run's gradient pass and update rule (a fast
     path may hold buffers, threads or library settings while they last). ``pixels``: the gradient pass takes the raw
     uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats. ``notice``: what the first step will do that
-    takes a while (compile a kernel), for the header. ``epochs``: where a fast path
+    takes a while (compile a kernel), for the header. ``evaluates_pixels``: the gradient pass also has
+    ``evaluate(params, X, y)``, the validation loss and accuracy from the raw uint8 pixels X, which the training loop
+    then keeps for it (and calls instead of the generic forward pass). ``epochs``: where a fast path
     runs whole epochs itself (the CUDA graph of a full-batch epoch), ``epochs(config, train, val, capacity)`` makes
     the object that does, as :class:`gpunn.train.Epochs` does for the rest, or returns None for a run it leaves to
     them (mini-batches, for the CUDA graph).
@@ -67,6 +69,7 @@ class Step:
     epochs: Callable[..., Any] | None = None
     #: a line for the run's header when the first step will take a while longer (a kernel compiling), else ""
     notice: str = ""
+    evaluates_pixels: bool = False
 
 
 class Backend:
@@ -199,7 +202,8 @@ class NumpyBackend(Backend):
                 lanes = "16 samples" if narrow else "16 hidden units"
                 return Step(f"single pass over uint8 pixels (Numba, {lanes} per vector), {threads} "
                             f"thread{'s' if threads > 1 else ''}",
-                            lambda: numba_cpu.SinglePassCpu(arch, dtype, columns), pixels=True, notice=notice)
+                            lambda: numba_cpu.SinglePassCpu(arch, dtype, columns), pixels=True, notice=notice,
+                            evaluates_pixels=narrow)
         threads = fused_cpu.threads_for(columns)
         return Step(f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}",
                     lambda: fused_cpu.FusedCpuPass(arch, dtype, columns))

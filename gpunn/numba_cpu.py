@@ -732,7 +732,8 @@ class SinglePassCpu:
         self._block_labels: tuple[np.ndarray, numba_narrow.Blocks, np.ndarray] | None = None
         self._samples: Samples | None = None
         self._no_mask = np.zeros((0, 1), np.uint64)  # a full-batch step reads no masks
-        self._checked_labels: np.ndarray | None = None
+        self._checked_labels: list[np.ndarray] = []
+        self._evaluated: tuple[np.ndarray, np.ndarray, numba_narrow.Blocks, np.ndarray] | None = None
         self._ordered_labels: tuple[np.ndarray, FullBatch, np.ndarray] | None = None
         self._saved_threads: int | None = None
         self._blas: Any = None
@@ -798,13 +799,7 @@ class SinglePassCpu:
             raise ValueError(f"this pass was made for at most {self.columns} samples per step, got {m}")
         if m == 0:
             raise ValueError("a step needs at least one sample")
-        # the kernel reads without bounds checks: what it indexes with is checked here (labels once per array)
-        if y is not self._checked_labels:
-            classes = self.arch.sizes[-1]
-            if y.shape != (X.shape[1],) or len(y) and (y.min() < 0 or y.max() >= classes):
-                raise ValueError(f"y must hold one label in 0..{classes - 1} per column of X ({X.shape[1]}), got "
-                                 f"{y.shape} {y.dtype}")
-            self._checked_labels = y
+        self._check_labels(X, y)
         self._check_shapes(params)
         if index is None and self._narrow is not None:
             blocks = self.prepare(X)
@@ -828,6 +823,41 @@ class SinglePassCpu:
             loss, accuracy = self._kernel(*args)
         return (np.asarray(loss, self.dtype), np.asarray(accuracy, self.dtype),
                 [Layer(dW1, db1), Layer(dW2, db2)])
+
+    def evaluate(self, params: Sequence[Layer], X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The mean cross-entropy (without the L2 term) and the accuracy of ``params`` on the uint8 pixels X (n0, m)
+        / 255 with labels y, both 0-d arrays: the narrow kernel's forward pass alone, for a validation set (its
+        layout made once per X). Only where the narrow kernel takes the network (:attr:`evaluates_pixels`)."""
+        if self._narrow is None:
+            raise ValueError(f"the single CPU pass evaluates with its narrow kernel, which does not take {self.arch} "
+                             f"in {self.dtype}")
+        self._check_pixels(X)
+        if X.shape[1] == 0:
+            raise ValueError("an evaluation needs at least one sample")
+        self._check_labels(X, y)
+        self._check_shapes(params)
+        if self._evaluated is None or self._evaluated[0] is not X or self._evaluated[1] is not y:
+            self._evaluated = None
+            blocks = numba_narrow.blocks_of(X.T, support_order(X.T), super_blocks=self._narrow.super_blocks)
+            self._evaluated = (X, y, blocks, self._narrow.labels(blocks, y))
+        loss, accuracy = self._narrow.evaluate(params, *self._evaluated[2:])
+        return np.asarray(loss, self.dtype), np.asarray(accuracy, self.dtype)
+
+    @property
+    def evaluates_pixels(self) -> bool:
+        """Does :meth:`evaluate` run for this network and dtype?"""
+        return self._narrow is not None
+
+    def _check_labels(self, X: np.ndarray, y: np.ndarray) -> None:
+        """The kernels read without bounds checks: what they index with is checked here, once per labels array (the
+        training and the validation labels of a run)."""
+        if any(y is checked for checked in self._checked_labels):
+            return
+        classes = self.arch.sizes[-1]
+        if y.shape != (X.shape[1],) or len(y) and (y.min() < 0 or y.max() >= classes):
+            raise ValueError(f"y must hold one label in 0..{classes - 1} per column of X ({X.shape[1]}), got "
+                             f"{y.shape} {y.dtype}")
+        self._checked_labels = [*self._checked_labels[-1:], y]
 
     def _check_shapes(self, params: Sequence[Layer]) -> None:
         expected = [(n_out, n_in) for n_in, n_out in zip(self.arch.sizes[:-1], self.arch.sizes[1:])]

@@ -93,9 +93,9 @@ def _head(acc, y, b1, W2, b2, W2T, units, classes):
 
 @njit
 def _chunk(s_lo, s_hi, S, nblocks, lists, list_start, rows, bits, back_rows, labels, W1T, b1, W2, b2, W2T, units,
-           classes, dZ, GW1, G1, G2, G2b):
-    """Super-tiles s_lo .. s_hi - 1 (of S blocks each) into this chunk's per-lane gradient sums. Returns (summed
-    cross-entropy, hits)."""
+           classes, backward, dZ, GW1, G1, G2, G2b):
+    """Super-tiles s_lo .. s_hi - 1 (of S blocks each) into this chunk's per-lane gradient sums (``backward``; else
+    the forward pass only: loss and hits, for a validation set). Returns (summed cross-entropy, hits)."""
     n0, h = W1T.shape
     clear(GW1)
     clear(G1)
@@ -114,12 +114,14 @@ def _chunk(s_lo, s_hi, S, nblocks, lists, list_start, rows, bits, back_rows, lab
                                                         classes)
             loss += block_loss
             hits += block_hits
+            if not backward:
+                continue
             radd_store(dz2, G2b, 0)
             radd_outer(G2, dz2, a)
             radd_store(dz1, G1, 0)
             rstore(dz1, dZ, (b - b0) * h * LANES)
         q = list_start[b0]  # the super-tile's pairs, pixel by pixel, in back_rows
-        for p in range(n0):
+        for p in range(n0 if backward else 0):
             word = bits[s * n0 + p]
             if word == 0:
                 continue
@@ -134,7 +136,7 @@ def _chunk(s_lo, s_hi, S, nblocks, lists, list_start, rows, bits, back_rows, lab
 
 
 @njit
-def _finish(W1, W2, l2, m, scales, GW1, G1, G2, G2b, lossc, hitsc, dW1, db1, dW2, db2):
+def _finish(W1, W2, l2, m, scales, backward, GW1, G1, G2, G2b, lossc, hitsc, dW1, db1, dW2, db2):
     """The chunks' per-lane sums added up (lanes, then chunks in order), scaled, plus the L2 terms. scales: [1/m,
     1/(255 m), l2/m] in the training dtype. Returns (loss, accuracy) as floats."""
     h, n0 = W1.shape
@@ -145,6 +147,10 @@ def _finish(W1, W2, l2, m, scales, GW1, G1, G2, G2b, lossc, hitsc, dW1, db1, dW2
     for c in range(chunks):
         loss += lossc[c]
         hits += hitsc[c]
+    if l2 != 0.0:
+        loss += l2 * half_squares(W1, W2)
+    if not backward:
+        return loss / m, hits / m
     for p in range(n0):
         for i in range(h):
             total = 0.0
@@ -166,16 +172,15 @@ def _finish(W1, W2, l2, m, scales, GW1, G1, G2, G2b, lossc, hitsc, dW1, db1, dW2
             for c in range(chunks):
                 total += vsum(vload(G2[c], (k * h + i) * LANES))
             dW2[k, i] = total * scales[0] + scales[2] * W2[k, i]
-    if l2 != 0.0:
-        loss += l2 * half_squares(W1, W2)
     return loss / m, hits / m
 
 
 @njit(parallel=True)
 def _step(lists, list_start, rows, bits, back_rows, super_blocks, labels, bounds, m, W1, b1, W2, b2, l2, scales,
-          units, classes, W1T, W2T, dZ, GW1, G1, G2, G2b, lossc, hitsc, dW1, db1, dW2, db2):
+          units, classes, backward, W1T, W2T, dZ, GW1, G1, G2, G2b, lossc, hitsc, dW1, db1, dW2, db2):
     """One full-batch step (see NarrowPass._arguments): the chunks in parallel (chunk c: super-tiles bounds[c] ..
-    bounds[c + 1] - 1), then their sums in chunk order."""
+    bounds[c + 1] - 1), then their sums in chunk order. Without ``backward``, the loss and accuracy alone (dW1 ..
+    db2 are left as they were)."""
     h, n0 = W1.shape
     C = W2.shape[0]
     for p in range(n0):
@@ -188,9 +193,9 @@ def _step(lists, list_start, rows, bits, back_rows, super_blocks, labels, bounds
     for c in prange(chunks):
         lossc[c], hitsc[c] = _chunk(bounds[c], bounds[c + 1], super_blocks, list_start.shape[0] - 1, lists,
                                     list_start, rows, bits, back_rows, labels, W1T, b1, W2, b2, W2T, units, classes,
-                                    dZ[c], GW1[c], G1[c], G2[c], G2b[c])
-    return _finish(W1, W2, l2, m, scales, GW1[:chunks], G1[:chunks], G2[:chunks], G2b[:chunks], lossc[:chunks],
-                   hitsc[:chunks], dW1, db1, dW2, db2)
+                                    backward, dZ[c], GW1[c], G1[c], G2[c], G2b[c])
+    return _finish(W1, W2, l2, m, scales, backward, GW1[:chunks], G1[:chunks], G2[:chunks], G2b[:chunks],
+                   lossc[:chunks], hitsc[:chunks], dW1, db1, dW2, db2)
 
 
 enable_cache(_step)
@@ -326,8 +331,13 @@ class NarrowPass:
         loss, accuracy = _step(*args)
         return loss, accuracy, outputs
 
-    def _arguments(self, params: Sequence[Layer], blocks: Blocks, labels: np.ndarray, l2: float
-                   ) -> tuple[tuple[object, ...], tuple[np.ndarray, ...]]:
+    def evaluate(self, params: Sequence[Layer], blocks: Blocks, labels: np.ndarray) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of params on the samples laid out in blocks: the forward pass alone."""
+        args, _ = self._arguments(params, blocks, labels, 0.0, backward=False)
+        return _step(*args)
+
+    def _arguments(self, params: Sequence[Layer], blocks: Blocks, labels: np.ndarray, l2: float, *,
+                   backward: bool = True) -> tuple[tuple[object, ...], tuple[np.ndarray, ...]]:
         W1, b1, W2, b2 = (read_only(np.ascontiguousarray(a, self.dtype)) for layer in params for a in layer)
         m = len(blocks.order)
         bounds = chunk_bounds(blocks, min(self.threads, blocks.super_tiles))
@@ -337,8 +347,9 @@ class NarrowPass:
             raise ValueError(f"the blocks' super-tiles of {blocks.super_blocks} blocks do not fit this pass's scratch "
                              f"({self.super_blocks})")
         return (blocks.lists, blocks.list_start, blocks.rows, blocks.bits, blocks.back_rows, blocks.super_blocks,
-                labels, bounds, m, W1, b1, W2, b2, float(l2), scales, self._units, self._classes, self._W1T, self._W2T,
-                self._dZ, self._GW1, self._G1, self._G2, self._G2b, self._loss, self._hits, *outputs), outputs
+                labels, bounds, m, W1, b1, W2, b2, float(l2), scales, self._units, self._classes, backward, self._W1T,
+                self._W2T, self._dZ, self._GW1, self._G1, self._G2, self._G2b, self._loss, self._hits,
+                *outputs), outputs
 
 
 def signature(arch: Architecture, dtype: str) -> tuple[object, ...]:

@@ -299,23 +299,25 @@ def make_model(arch: Architecture, state: TrainState, config: TrainConfig, split
 
 @dataclass(frozen=True)
 class DeviceData:
-    """A labelled set on the device: X (n_0, m) in the training dtype, y (m,) int64, Y (classes, m) one-hot."""
+    """A labelled set on the device: X (n_0, m) in the training dtype, y (m,) int64, Y (classes, m) one-hot; and
+    ``pixels``, the uint8 pixels X was prepared from, where they are kept (see :meth:`from_host`), else None."""
 
     X: Any
     y: Any
     Y: Any
+    pixels: Any = None
 
     @classmethod
     def from_host(cls, X_uint8: Any, y: Any, *, backend: Backend, dtype: str,
-                  preprocessing: Preprocessing | None = None) -> DeviceData:
+                  preprocessing: Preprocessing | None = None, keep_pixels: bool = False) -> DeviceData:
         """The one host-to-device transfer of a data set: uint8 pixels and int64 labels, prepared on the device.
-        ``preprocessing`` None: X stays uint8 pixels (for a step that takes them raw, see :class:`Step`)."""
+        ``preprocessing`` None: X stays uint8 pixels (for a step that takes them raw, see :class:`Step`).
+        ``keep_pixels``: keep the uint8 pixels beside X (for a pass that evaluates on them)."""
         float_dtype = getattr(backend.xp, dtype)
-        X = backend.asarray(X_uint8)
-        if preprocessing is not None:
-            X = preprocessing(X, float_dtype)
+        pixels = backend.asarray(X_uint8)
+        X = pixels if preprocessing is None else preprocessing(pixels, float_dtype)
         y_dev = backend.asarray(y)
-        return cls(X, y_dev, one_hot(y_dev, CLASSES, float_dtype))
+        return cls(X, y_dev, one_hot(y_dev, CLASSES, float_dtype), pixels if keep_pixels else None)
 
     @property
     def m(self) -> int:
@@ -388,7 +390,9 @@ class Epochs:
     Each epoch's figures go into row ``(epoch - 1) % capacity`` of :attr:`metrics`, a (capacity, 5) device array of
     loss, training accuracy, validation loss, validation accuracy and a finiteness flag for the weights, written
     without waiting for the device. ``val``, ``train.X`` for the validation pass: prepared floats; ``train.X`` may be
-    raw pixels when the step takes them (:attr:`gpunn.backend.Step.pixels`).
+    raw pixels when the step takes them (:attr:`gpunn.backend.Step.pixels`). The validation pass is the generic
+    forward pass on ``val.X``, or, where ``val`` keeps its pixels and the gradient pass can evaluate on them
+    (:attr:`gpunn.backend.Step.evaluates_pixels`), the pass's own ``evaluate(params, val.pixels, val.y)``.
     """
 
     #: rows of the metrics buffer: epochs that may wait on the device before the host reads them back
@@ -448,8 +452,13 @@ class Epochs:
                 self.on_step(done, steps)  # the host's view: the step is queued, not necessarily done
         val_loss = val_accuracy = self._nan
         if self.val is not None:
-            trace = forward(params, self.val.X, self.arch)
-            val_loss, val_accuracy = cost(trace.Z[-1], self.val.Y, self.arch.output), accuracy(trace.A[-1], self.val.y)
+            evaluate = getattr(self.gradients, "evaluate", None)
+            if self.val.pixels is not None and evaluate is not None:
+                val_loss, val_accuracy = evaluate(params, self.val.pixels, self.val.y)
+            else:
+                trace = forward(params, self.val.X, self.arch)
+                val_loss = cost(trace.Z[-1], self.val.Y, self.arch.output)
+                val_accuracy = accuracy(trace.A[-1], self.val.y)
         finite = xp.all(xp.stack([xp.all(xp.isfinite(W)) & xp.all(xp.isfinite(b)) for W, b in params]))
         row = [loss, train_accuracy, val_loss, val_accuracy, finite]
         self.metrics[(epoch - 1) % self.capacity, :] = xp.stack([xp.astype(value, self._nan.dtype) for value in row])
@@ -492,7 +501,8 @@ def fit(
     m = len(split.y_train)
     step = backend.step(arch, dtype=config.dtype, columns=config.batch_columns(m), dropout=config.dropout,
                         pixels=config.normalize == "scale", batches=config.batch_columns(m) < m)
-    preprocessing, train, val = _to_device(split, config, backend, raw_pixels=step.pixels)
+    preprocessing, train, val = _to_device(split, config, backend, raw_pixels=step.pixels,
+                                           val_pixels=step.evaluates_pixels)
     if resume is None:
         params = [Layer(backend.asarray(W), backend.asarray(b))
                   for W, b in init_params(arch, init=config.weight_init, seed=config.seed, dtype=config.dtype)]
@@ -550,9 +560,10 @@ def fit(
     return FitResult(model, history, test_accuracy, n_test, len(split.y_train), len(split.y_val))
 
 
-def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixels: bool
+def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixels: bool, val_pixels: bool = False
                ) -> tuple[Preprocessing, DeviceData, DeviceData | None]:
-    """The preprocessing fitted on the training split, and the training and validation sets on the device."""
+    """The preprocessing fitted on the training split, and the training and validation sets on the device (the
+    validation set's uint8 pixels kept too with ``val_pixels``)."""
     X_train = backend.asarray(split.X_train)
     # statistics from the training split only, then applied unchanged to validation, test and prediction inputs
     preprocessing = Preprocessing.fit(config.normalize, X_train,
@@ -560,7 +571,7 @@ def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixel
     train = DeviceData.from_host(X_train, split.y_train, backend=backend, dtype=config.dtype,
                                  preprocessing=None if raw_pixels else preprocessing)
     val = DeviceData.from_host(split.X_val, split.y_val, backend=backend, dtype=config.dtype,
-                               preprocessing=preprocessing) if len(split.y_val) else None
+                               preprocessing=preprocessing, keep_pixels=val_pixels) if len(split.y_val) else None
     return preprocessing, train, val
 
 

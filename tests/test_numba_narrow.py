@@ -10,7 +10,7 @@ import pytest
 
 from gpunn import numba_narrow
 from gpunn.data import load_bundled_sample
-from gpunn.nn import Architecture
+from gpunn.nn import Architecture, cost, forward, one_hot
 from gpunn.numba_cpu import SinglePassCpu, support_order
 from gpunn.numba_narrow import blocks_of, chunk_bounds, super_blocks_for, takes
 
@@ -128,6 +128,29 @@ def test_mini_batches_run_the_other_kernel(sample):
         result = single(params, pixels, None, labels, index=batch)
         assert single._blocks is None  # no layout made for a run of mini-batches
     assert_same_step(result, reference(params, pixels[:, batch], labels[batch], arch, "float32"), "float32")
+
+
+@pytest.mark.parametrize("m", [1000, 7])
+def test_evaluate_gives_the_validation_figures_of_the_generic_forward_pass(sample, m):
+    pixels, labels = sample[0][:, 4000 : 4000 + m], sample[1][4000 : 4000 + m]
+    arch, params = weights((784, 10, 10), "float32")
+    with SinglePassCpu(arch, "float32", 3000) as single:
+        assert single.evaluates_pixels
+        loss, accuracy = single.evaluate(params, pixels, labels)
+        assert single.evaluate(params, pixels, labels) == (loss, accuracy)  # its layout made once, the same sums
+    trace = forward(params, pixels.astype(np.float32) / 255, arch)
+    expected_loss = cost(trace.Z[-1], one_hot(labels, 10, np.float32), arch.output)
+    assert loss.shape == accuracy.shape == () and loss.dtype == accuracy.dtype == np.float32
+    np.testing.assert_allclose(loss, expected_loss, rtol=2e-6)
+    assert accuracy == np.float32(np.mean(np.argmax(trace.A[-1], axis=0) == labels))
+
+
+def test_evaluate_needs_the_narrow_kernel(sample):
+    arch, params = weights((784, 40, 10), "float32")
+    with SinglePassCpu(arch, "float32", 100) as single:
+        assert not single.evaluates_pixels
+        with pytest.raises(ValueError, match="evaluates with its narrow kernel, which does not take 784-40-10"):
+            single.evaluate(params, sample[0][:, :100], sample[1][:100])
 
 
 def test_a_compiled_variant_needs_no_compile(sample):

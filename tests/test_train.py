@@ -53,6 +53,23 @@ def test_test_accuracy_is_reported_when_labelled_test_data_exists(tmp_path, cpu)
     assert result.test_accuracy > 0.5
 
 
+def test_the_validation_pass_runs_on_the_pixels_where_the_step_can_evaluate_them(sample_split, cpu, monkeypatch):
+    """A full batch through the narrow Numba kernel: the validation figures come from its forward pass over the
+    validation pixels (the generic forward pass is not called), and equal the generic run's."""
+    config = TrainConfig(epochs=3, seed=2)
+    generic = fit(sample_split, config, backend=get_backend("cpu", fast=False))
+    calls = []
+    evaluate_pixels = numba_cpu.SinglePassCpu.evaluate
+    monkeypatch.setattr(numba_cpu.SinglePassCpu, "evaluate",
+                        lambda self, params, X, y: calls.append(X) or evaluate_pixels(self, params, X, y))
+    monkeypatch.setattr("gpunn.train.forward", None)  # the generic validation pass would fail
+    fast = fit(sample_split, config, backend=cpu)
+    assert len(calls) == 3 and all(X.dtype == np.uint8 and X is calls[0] for X in calls)
+    np.testing.assert_array_equal(calls[0], sample_split.X_val)
+    for a, b in zip(fast.history, generic.history):
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5) and a.val_accuracy == b.val_accuracy
+
+
 def test_evaluate_refuses_data_of_another_size(sample_split, cpu):
     model = fit(sample_split, TrainConfig(epochs=1), backend=cpu).model
     with pytest.raises(ModelError, match="takes 784 inputs per digit but the data has 256 pixels"):
