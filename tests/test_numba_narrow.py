@@ -39,6 +39,21 @@ def test_one_step_matches_the_generic_pass(sample, hidden, l2, threads):
     assert_same_step(result, reference(params, pixels, labels, arch, "float32", l2), "float32")
 
 
+def test_another_shape_of_network():
+    """Not MNIST's: 100 inputs, 5 hidden units, 3 classes, pixels of any value."""
+    rng = np.random.default_rng(4)
+    pixels = ((rng.random((100, 1500)) < 0.3) * rng.integers(1, 256, (100, 1500))).astype(np.uint8)
+    labels = rng.integers(0, 3, 1500)
+    arch, params = weights((100, 5, 3), "float32")
+    with SinglePassCpu(arch, "float32", 1500, threads=2) as single:
+        assert single.full_batch_kernel == "16 samples per vector"
+        result = single(params, pixels, None, labels, l2=0.2)
+        loss, accuracy = single.evaluate(params, pixels, labels)
+    expected = reference(params, pixels, labels, arch, "float32", 0.2)
+    assert_same_step(result, expected, "float32")
+    assert accuracy == expected[1]
+
+
 @pytest.mark.parametrize("m", [1, 7, 16, 17])
 def test_steps_of_about_one_block(sample, m):
     pixels, labels = sample[0][:, 300 : 300 + m], sample[1][300 : 300 + m]
