@@ -56,7 +56,7 @@ from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, half_squares,
 #: the most hidden units for which this kernel is the faster one, per dtype: its loops hold h sums and a vector of
 #: pixels in the 32 vector registers (a float64 sum takes two). Measured against numba_cpu's kernel on MNIST, warm
 #: steps interleaved (benchmarks/results/intel-xeon-numba-kernels.md, median of the rounds' ratios): float32 h = 10
-#: 1.91x faster, 20 1.44x, 28 1.19x (at 32, 0.92x in a run while building it); float64 h = 10 1.87x, 12 1.39x,
+#: 1.91x faster, 20 1.44x, 28 1.19x (at 32, 0.92-0.94x in a run while building it); float64 h = 10 1.87x, 12 1.39x,
 #: 14 0.94x.
 MAX_HIDDEN = {"float32": 28, "float64": 12}
 #: the most blocks in a super-tile: the bits of one word say in which of them a pixel is nonzero
