@@ -1,5 +1,6 @@
 """The vectors the CPU single passes compute with: a Numba type for 16 lanes of a float, the operations on it, and
-:class:`Rows`, several such vectors held as one value.
+:class:`Rows`, several such vectors held as one value; and what both Numba kernels share besides (their disk cache,
+read-only inputs, the L2 term).
 
 LLVM's auto-vectorizer on the development machine (Intel Xeon, AVX-512) uses 256-bit registers (the CPU model
 prefers them) and did not keep sums in registers across a loop (7 GFLOP/s). The kernels of :mod:`gpunn.numba_cpu` and
@@ -406,7 +407,8 @@ def read_only(a: np.ndarray) -> np.ndarray:
 
 class Rows(types.Type):
     """``count`` vectors of 16 lanes (one per hidden unit or class), one LLVM value ([count x <16 x float>]) that the
-    compiler keeps in registers. The count is part of the type: made by :func:`rzero` from a tuple's length."""
+    compiler keeps in registers. The count is part of the type: :func:`rzero` and :func:`rsplat` take it from the
+    length of a tuple argument (a tuple of h zeros), so a kernel compiles one variant per count."""
 
     def __init__(self, dtype: types.Float, count: int) -> None:
         self.dtype = dtype
