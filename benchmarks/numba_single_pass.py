@@ -14,7 +14,9 @@ gradient-descent update W -= 0.1 dW for every implementation (so one step is one
   kernel, samples in the lanes, else numba_cpu's, hidden units in the lanes); numba-dense: the same kernel without
   skipping (same order of sums, same bits); numba-unsorted: skipping, with the full batch summed in the files' order
   instead of sorted by where the samples' ink lies (numba_cpu.support_order); numba-wide: numba_cpu's kernel
-  whatever h (the same as numba-sparse above MAX_HIDDEN);
+  whatever h (the same as numba-sparse above MAX_HIDDEN); numba-narrow: numba_narrow's kernel whatever h (not in
+  the default --only; for placing the crossover, on this CPU or, with NUMBA_CPU_NAME and NUMBA_CPU_FEATURES, for
+  another instruction set);
 - fused-cpu: gpunn's BLAS fast path (FusedCpuPass) on float X (n0, m) as gpunn keeps it;
 - generic: gpunn.nn.loss_and_gradients on the same float X;
 - numpy: the seed notes' plain NumPy program, kept in the dtype (X = pixels.T / 255 in float32 stays float32).
@@ -44,7 +46,7 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from gpunn import diagnostics, numba_cpu
+from gpunn import diagnostics, numba_cpu, numba_narrow
 from gpunn.fused_cpu import FusedCpuPass
 from gpunn.nn import Architecture, Layer, init_params, loss_and_gradients, one_hot
 from gpunn.numba_cpu import SinglePassCpu
@@ -104,7 +106,8 @@ def make_runners(images: np.ndarray, labels: np.ndarray, h: int, dtype: str, thr
     Y = one_hot(labels, 10, getattr(np, dtype))
     runners = []
     for name, sparse, sort, narrow in (("numba-sparse", True, True, None), ("numba-dense", False, True, None),
-                                       ("numba-unsorted", True, False, None), ("numba-wide", True, True, False)):
+                                       ("numba-unsorted", True, False, None), ("numba-wide", True, True, False),
+                                       ("numba-narrow", True, True, True)):
         if name in only:
             single = SinglePassCpu(arch, dtype, m, threads=threads, sparse=sparse, sort=sort, narrow=narrow)
             single.prepare(pixels)
@@ -174,11 +177,11 @@ def measure(images, labels, hidden: list[int], dtypes: list[str], rounds: int, t
 
 def summary(row: dict[str, Any]) -> str:
     times = row["ms"]
-    base = times.get("numba-sparse")
+    first = next(iter(times), None)  # the first implementation timed: the others' rounds are compared with it
     lines = [f"784-{row['hidden']}-10 {row['dtype']}:"]
     for name, ms in times.items():
-        ratios = "" if base is None or name == "numba-sparse" else \
-            "  per round ×sparse: " + " ".join(f"{a / b:.2f}" for a, b in zip(ms, base))
+        ratios = "" if name == first else \
+            f"  per round ×{first}: " + " ".join(f"{a / b:.2f}" for a, b in zip(ms, times[first]))
         lines.append(f"  {name:13s} min {min(ms):8.2f}  median {statistics.median(ms):8.2f} ms{ratios}")
     for name in row["refused"]:
         lines.append(f"  {name}: refused, first loss {row['first_loss'][name]:.8g} differs from the generic math's")
@@ -186,7 +189,9 @@ def summary(row: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    names = ["numba-sparse", "numba-dense", "numba-unsorted", "numba-wide", "fused-cpu", "generic", "numpy"]
+    first = next(iter(result["rows"][0]["ms"]), None) if result["rows"] else None  # the first implementation timed
+    names = ["numba-sparse", "numba-dense", "numba-unsorted", "numba-wide", "numba-narrow", "fused-cpu", "generic",
+             "numpy"]
     lines = [
         f"# The Numba single pass, interleaved: {result['name']}",
         "",
@@ -199,14 +204,15 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"- CPU: {result['environment']['cpu']}, {result['environment']['cores']} usable cores; Numba "
         f"{result['environment']['numba']}, threading layer {result['environment']['threading_layer']}, "
-        f"threads for a full step: {result['environment']['threads']}; NumPy {result['environment']['numpy']}",
+        f"threads for a full step: {result['environment']['threads']}; compiled for "
+        f"{result['environment'].get('compiled_for', 'this CPU')}; NumPy {result['environment']['numpy']}",
         f"- load average at the start: {result['environment']['load_average']}",
         "",
-        "| dtype | h | implementation | min ms | median ms | median × numba-sparse | rounds slower than numba-sparse |",
+        f"| dtype | h | implementation | min ms | median ms | median × {first} | rounds slower than {first} |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for row in result["rows"]:
-        base = row["ms"].get("numba-sparse")
+        base = row["ms"].get(first)
         for name in names:
             if name not in row["ms"]:
                 continue
@@ -215,7 +221,7 @@ def markdown(result: dict[str, Any]) -> str:
             slower = sum(a > b for a, b in zip(ms, base)) if base else 0
             lines.append(f"| {row['dtype']} | {row['hidden']} | {name} | {min(ms):.2f} | {statistics.median(ms):.2f} "
                          f"| {ratio:.2f} | {slower}/{len(ms)} |")
-    lines += ["", "× numba-sparse: the median over rounds of (this step's time / numba-sparse's in the same round)."]
+    lines += ["", f"× {first}: the median over rounds of (this step's time / {first}'s in the same round)."]
     return "\n".join(lines) + "\n"
 
 
@@ -337,6 +343,8 @@ def environment(threads: int) -> dict[str, Any]:
     return {"cpu": diagnostics.cpu_model(), "cores": diagnostics.usable_cores(), "python": platform.python_version(),
             "numpy": np.__version__, "numba": __import__("numba").__version__,
             "threading_layer": numba_cpu.threading_layer(), "threads": threads,
+            "compiled_for": f"{__import__('numba').config.CPU_NAME or 'this CPU'}, "
+                            f"{numba_narrow.vector_bits()}-bit vectors",
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
@@ -360,7 +368,9 @@ def environment(threads: int) -> dict[str, Any]:
 def main(data_dir, m, hidden, f64_hidden, rounds, threads, pause, steps, only, compile_times, contention, out_dir,
          name) -> None:
     """Time the single pass against the other implementations of one step, interleaved."""
-    result: dict[str, Any] = {"name": name or "", "command": "python " + " ".join(sys.argv)}
+    # the instruction set Numba compiles for is part of the command where the environment names one
+    target = [f"{var}={os.environ[var]}" for var in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES") if var in os.environ]
+    result: dict[str, Any] = {"name": name or "", "command": " ".join([*target, "python", *sys.argv])}
     if compile_times:
         result["compile"] = globals()["compile_times"]()
     elif contention:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core.codegen import get_host_cpu_features
 
 from gpunn.nn import Architecture, Layer
 from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, half_squares, is_ready, radd_outer, radd_store,
@@ -53,12 +54,15 @@ from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, half_squares,
                                  rpick, rpositive, rrelu, rsplat, rstore, rsum, rzero, vload, vload_u8, vprod64, vsub,
                                  vsum, vsum64, vwhere_eq, vwhere_ge)
 
-#: the most hidden units for which this kernel is the faster one, per dtype: its loops hold h sums and a vector of
-#: pixels in the 32 vector registers (a float64 sum takes two). Measured against numba_cpu's kernel on MNIST, warm
-#: steps interleaved (benchmarks/results/intel-xeon-numba-kernels.md, median of the rounds' ratios): float32 h = 10
-#: 1.91x faster, 20 1.44x, 28 1.19x (at 32, 0.92-0.94x in a run while building it); float64 h = 10 1.87x, 12 1.39x,
-#: 14 0.94x.
-MAX_HIDDEN = {"float32": 28, "float64": 12}
+#: the most hidden units for which this kernel is the faster one, by the width of the vector registers Numba compiles
+#: for (see vector_bits) and dtype: its loops hold h sums and a vector of pixels in registers (AVX-512: 32 registers,
+#: one per float32 sum, two per float64 one; AVX2: 16 of half the width, and the compiler spills). Measured against
+#: numba_cpu's kernel on MNIST, warm steps interleaved, median of the rounds' ratios: with AVX-512
+#: (benchmarks/results/intel-xeon-numba-kernels.md) float32 h = 10 1.91x faster, 20 1.44x, 28 1.19x (at 32,
+#: 0.92-0.94x in a run while building it), float64 h = 10 1.87x, 12 1.39x, 14 0.94x; compiled for AVX2 on the same
+#: machine (benchmarks/results/intel-xeon-numba-kernels-avx2.md) float32 h = 10 1.11x, 16 0.91x (the other kernel's
+#: vectors of 16 units have no padding there), 20 1.32x, 24 1.08x, 28 0.83x, float64 h = 10 1.20x, 12 1.14x, 14 0.95x.
+MAX_HIDDEN = {512: {"float32": 28, "float64": 12}, 256: {"float32": 24, "float64": 12}}
 #: the most blocks in a super-tile: the bits of one word say in which of them a pixel is nonzero
 SUPER = 64
 #: the most bytes of a super-tile's dZ1 (its blocks x h x 16 lanes): the backward pass reads them for every pixel, and
@@ -205,11 +209,21 @@ enable_cache(_step)
 # --- Python side ----------------------------------------------------------------------------------------------------
 
 
+def vector_bits() -> int:
+    """The width of the vector registers Numba compiles for: 512 where its target CPU has AVX-512, else 256 (AVX2 or
+    narrower). The target is this machine's CPU unless NUMBA_CPU_FEATURES says otherwise (with NUMBA_CPU_NAME alone
+    and no features listed, 256 is assumed)."""
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = get_host_cpu_features()
+    return 512 if "+avx512f" in features.split(",") else 256
+
+
 def takes(arch: Architecture, dtype: str) -> bool:
     """Does this kernel compute a full-batch step of ``arch`` (one ReLU hidden layer, softmax output, at most 16
     classes, as :func:`gpunn.numba_cpu.supports` checks) in ``dtype`` faster than :mod:`gpunn.numba_cpu`'s? Up to
-    MAX_HIDDEN[dtype] hidden units (see there)."""
-    return arch.depth == 2 and arch.sizes[1] <= MAX_HIDDEN[str(np.dtype(dtype))]
+    MAX_HIDDEN[vector_bits()][dtype] hidden units (see there)."""
+    return arch.depth == 2 and arch.sizes[1] <= MAX_HIDDEN[vector_bits()][str(np.dtype(dtype))]
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,11 +1,12 @@
 """The narrow single pass (samples in the vectors' lanes) against the generic math (one step: hidden sizes from 1 to
 the widest it takes, L2, one and two chunks, steps of about one block, super-tiles of 64, 32 and 16 blocks; the
-validation figures of its forward pass alone; 10 epochs of fit); its zero-skipping against its dense twin, bit for bit; the layout it
-reads; how the chunks are cut; and which networks take it. Its float64 variant is checked in test_numba_cpu's
-read-only-package test (a compile of its own)."""
+validation figures of its forward pass alone; 10 epochs of fit); its zero-skipping against its dense twin, bit for
+bit; the layout it reads; how the chunks are cut; and which networks take it, by the CPU's vector width. Its float64
+variant is checked in test_numba_cpu's read-only-package test (a compile of its own)."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -33,7 +34,8 @@ def test_one_step_matches_the_generic_pass(sample, hidden, l2, threads):
     # 2,501 samples: 157 blocks, the last holding 5 samples; several super-tiles, cut into two chunks
     pixels, labels = sample[0][:, :2501], sample[1][:2501]
     arch, params = weights((784, hidden, 10), "float32")
-    with SinglePassCpu(arch, "float32", 2501, threads=threads) as single:
+    # narrow=True: h = 28 takes the narrow kernel by default only with AVX-512 (see test_which_networks_take_it)
+    with SinglePassCpu(arch, "float32", 2501, threads=threads, narrow=True) as single:
         assert single.full_batch_kernel == "16 samples per vector"
         result = single(params, pixels, None, labels, l2=l2)
     assert_same_step(result, reference(params, pixels, labels, arch, "float32", l2), "float32")
@@ -124,9 +126,14 @@ def test_chunks_are_whole_super_tiles_of_about_equal_work():
         assert max(shares) <= work.sum() / chunks + work.max()
 
 
-def test_which_networks_take_it():
-    assert takes(Architecture((784, 10, 10)), "float32") and takes(Architecture((784, 28, 10)), "float32")
-    assert not takes(Architecture((784, 29, 10)), "float32")
+@pytest.mark.parametrize("bits", [512, 256])
+def test_which_networks_take_it(monkeypatch, bits):
+    monkeypatch.setattr(numba_narrow, "vector_bits", lambda: bits)
+    widest = numba_narrow.MAX_HIDDEN[bits]
+    assert widest["float32"] == (28 if bits == 512 else 24) and widest["float64"] == 12
+    assert takes(Architecture((784, 10, 10)), "float32")
+    assert takes(Architecture((784, widest["float32"], 10)), "float32")
+    assert not takes(Architecture((784, widest["float32"] + 1, 10)), "float32")
     assert takes(Architecture((784, 12, 10)), "float64") and not takes(Architecture((784, 13, 10)), "float64")
     assert not takes(Architecture((784, 10, 10, 10)), "float32")
     # a super-tile's dZ1 stays within DZ_BYTES
@@ -135,6 +142,16 @@ def test_which_networks_take_it():
         assert 8 <= blocks <= numba_narrow.SUPER and blocks * hidden * 16 * np.dtype(dtype).itemsize <= \
             max(numba_narrow.DZ_BYTES, 8 * hidden * 16 * np.dtype(dtype).itemsize)
     assert super_blocks_for(10, "float32") == 64 and super_blocks_for(16, "float32") == 32
+
+
+def test_the_vector_width_is_the_one_numba_compiles_for(monkeypatch):
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert numba_narrow.vector_bits() == 256
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx2,+avx512f,+fma")
+    assert numba_narrow.vector_bits() == 512
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", None)  # this machine's own
+    monkeypatch.setattr(numba_narrow, "get_host_cpu_features", lambda: "+sse2,+avx,+avx2")
+    assert numba_narrow.vector_bits() == 256
 
 
 def test_mini_batches_run_the_other_kernel(sample):
