@@ -361,8 +361,11 @@ def enable_cache(kernel: Any) -> None:
         kernel.enable_caching()
     except RuntimeError:  # "cannot cache function ...: no locator available"
         return
-    cache_file = kernel._cache._cache_file  # Numba's IndexDataCacheFile: its stamp is checked against the index's
-    cache_file._source_stamp = (cache_file._source_stamp, _THIS_SOURCE)
+    # Numba's IndexDataCacheFile compares this stamp with the one its index was written with (a private attribute,
+    # there in the Numba versions gpunn supports; a test checks it works)
+    cache_file = getattr(kernel._cache, "_cache_file", None)
+    if hasattr(cache_file, "_source_stamp"):
+        cache_file._source_stamp = (cache_file._source_stamp, _THIS_SOURCE)
 
 
 #: what this module's source holds, for the kernels' caches (see enable_cache)
