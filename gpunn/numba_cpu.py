@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -727,14 +727,12 @@ class SinglePassCpu:
         self._db2 = _aligned_zeros((chunks, LANES), dt)
         self._loss = np.zeros(chunks, np.float64)
         self._hits = np.zeros(chunks, np.int64)
-        self._full: FullBatch | None = None
-        self._blocks: tuple[np.ndarray, numba_narrow.Blocks] | None = None
-        self._block_labels: tuple[np.ndarray, numba_narrow.Blocks, np.ndarray] | None = None
-        self._samples: Samples | None = None
+        # what the steps read, made once per data set and kept by role (see _kept): the layouts of the training
+        # pixels ("full", "narrow", "batches") and of the validation pixels ("validation"), and labels in their order
+        self._layouts: dict[str, tuple[tuple[Any, ...], Any]] = {}
+        self._labels: dict[str, tuple[tuple[Any, ...], np.ndarray]] = {}
         self._no_mask = np.zeros((0, 1), np.uint64)  # a full-batch step reads no masks
         self._checked_labels: list[np.ndarray] = []
-        self._evaluated: tuple[np.ndarray, np.ndarray, numba_narrow.Blocks, np.ndarray] | None = None
-        self._ordered_labels: tuple[np.ndarray, FullBatch, np.ndarray] | None = None
         self._saved_threads: int | None = None
         self._blas: Any = None
 
@@ -748,21 +746,32 @@ class SinglePassCpu:
         over chosen samples of X read."""
         self._check_pixels(X)
         if batches:
-            if self._samples is None or self._samples.X is not X:
-                self._samples = samples_of(X)
-            return self._samples
+            return self._kept(self._layouts, "batches", (X,), lambda: samples_of(X))
         if self._narrow is not None:
-            if self._blocks is None or self._blocks[0] is not X:
-                self._blocks = None  # the old layout goes before the new one is made
-                samples = X.T
-                order = support_order(samples) if self.sort else np.arange(samples.shape[0])
-                self._blocks = (X, numba_narrow.blocks_of(samples, order, super_blocks=self._narrow.super_blocks,
-                                                          dense=not self.sparse))
-            return self._blocks[1]
-        if self._full is None or self._full.X is not X:
-            self._full = None  # the old index goes before the new one is made
-            self._full = full_batch(X, sort=self.sort)
-        return self._full
+            return self._narrow_layout(X, "narrow")
+        return self._kept(self._layouts, "full", (X,), lambda: full_batch(X, sort=self.sort))
+
+    def _narrow_layout(self, X: np.ndarray, role: str) -> numba_narrow.Blocks:
+        """X's layout for the narrow kernel (numba_narrow.blocks_of), kept under ``role``."""
+
+        def make() -> numba_narrow.Blocks:
+            samples = X.T
+            order = support_order(samples) if self.sort else np.arange(samples.shape[0])
+            return numba_narrow.blocks_of(samples, order, super_blocks=self._narrow.super_blocks,
+                                          dense=not self.sparse)
+
+        return self._kept(self._layouts, role, (X,), make)
+
+    @staticmethod
+    def _kept(store: dict[str, Any], role: str, sources: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """store[role]'s value while it was made from these very ``sources`` (compared by identity), else ``make()``,
+        kept in its place: a run's steps reuse what was built for its data, once. The old value goes first, so that
+        two training sets' layouts are never held at once."""
+        kept = store.get(role)
+        if kept is None or any(a is not b for a, b in zip(kept[0], sources)):
+            store.pop(role, None)
+            kept = store[role] = (sources, make())
+        return kept[1]
 
     def _check_pixels(self, X: np.ndarray) -> None:
         _check_pixels(X)
@@ -803,13 +812,16 @@ class SinglePassCpu:
         self._check_shapes(params)
         if index is None and self._narrow is not None:
             blocks = self.prepare(X)
-            loss, accuracy, (dW1, db1, dW2, db2) = self._narrow(params, blocks, self._labels_of(blocks, y), l2)
+            labels = self._kept(self._labels, "narrow", (y, blocks), lambda: self._narrow.labels(blocks, y))
+            loss, accuracy, (dW1, db1, dW2, db2) = self._narrow(params, blocks, labels, l2)
         else:
             if index is None:
                 full = self.prepare(X)
                 dense = (self._all_pixels, np.zeros(1, np.int64))  # every pixel, for every group
                 lists, list_start = (full.lists, full.list_start) if self.sparse else dense
-                batch = (full.positions, self._labels_in(full, y), full.rows, self._no_mask, lists, list_start)
+                labels = self._kept(self._labels, "full", (y, full),
+                                    lambda: np.ascontiguousarray(y[full.order], np.int64))
+                batch = (full.positions, labels, full.rows, self._no_mask, lists, list_start)
             else:
                 order = np.ascontiguousarray(index, dtype=np.int64)
                 if order.min() < 0 or order.max() >= X.shape[1]:
@@ -836,11 +848,9 @@ class SinglePassCpu:
             raise ValueError("an evaluation needs at least one sample")
         self._check_labels(X, y)
         self._check_shapes(params)
-        if self._evaluated is None or self._evaluated[0] is not X or self._evaluated[1] is not y:
-            self._evaluated = None
-            blocks = numba_narrow.blocks_of(X.T, support_order(X.T), super_blocks=self._narrow.super_blocks)
-            self._evaluated = (X, y, blocks, self._narrow.labels(blocks, y))
-        loss, accuracy = self._narrow.evaluate(params, *self._evaluated[2:])
+        blocks = self._narrow_layout(X, "validation")
+        labels = self._kept(self._labels, "validation", (y, blocks), lambda: self._narrow.labels(blocks, y))
+        loss, accuracy = self._narrow.evaluate(params, blocks, labels)
         return np.asarray(loss, self.dtype), np.asarray(accuracy, self.dtype)
 
     @property
@@ -863,18 +873,6 @@ class SinglePassCpu:
         expected = [(n_out, n_in) for n_in, n_out in zip(self.arch.sizes[:-1], self.arch.sizes[1:])]
         if [W.shape for W, _ in params] != expected or [b.shape for _, b in params] != [(n, 1) for n, _ in expected]:
             raise ValueError(f"the weights' shapes {[(W.shape, b.shape) for W, b in params]} are not {self.arch}'s")
-
-    def _labels_of(self, blocks: numba_narrow.Blocks, y: np.ndarray) -> np.ndarray:
-        """y in the order of the blocks' lanes (made once per labels and layout)."""
-        if self._block_labels is None or self._block_labels[0] is not y or self._block_labels[1] is not blocks:
-            self._block_labels = (y, blocks, self._narrow.labels(blocks, y))
-        return self._block_labels[2]
-
-    def _labels_in(self, full: FullBatch, y: np.ndarray) -> np.ndarray:
-        """y in the order of the full batch's rows (made once per labels and index)."""
-        if self._ordered_labels is None or self._ordered_labels[0] is not y or self._ordered_labels[1] is not full:
-            self._ordered_labels = (y, full, np.ascontiguousarray(y[full.order], np.int64))
-        return self._ordered_labels[2]
 
     def _arguments(self, params: Sequence[Layer], order: np.ndarray, y: np.ndarray, rows: np.ndarray,
                    mask: np.ndarray, lists: np.ndarray, list_start: np.ndarray, l2: float
