@@ -498,9 +498,7 @@ def fit(
     data_sha256 = fingerprint(split)
     epochs_done = 0 if resume is None else check_resumable(resume, config, data_sha256)
     rule = config.rule
-    m = len(split.y_train)
-    step = backend.step(arch, dtype=config.dtype, columns=config.batch_columns(m), dropout=config.dropout,
-                        pixels=config.normalize == "scale", batches=config.batch_columns(m) < m)
+    step = run_step(config, backend, arch, len(split.y_train))
     preprocessing, train, val = _to_device(split, config, backend, raw_pixels=step.pixels,
                                            val_pixels=step.evaluates_pixels)
     if resume is None:
@@ -558,6 +556,14 @@ def fit(
     if split.X_test is not None and split.y_test is not None and len(split.y_test):
         test_accuracy, n_test = evaluate(model, split.X_test, split.y_test, backend=backend), len(split.y_test)
     return FitResult(model, history, test_accuracy, n_test, len(split.y_train), len(split.y_val))
+
+
+def run_step(config: TrainConfig, backend: Backend, arch: Architecture, m: int) -> Step:
+    """How ``backend`` computes the steps of this run on ``m`` training samples: the one decision the header
+    (:func:`describe_run`) names and :func:`fit` acts on."""
+    columns = config.batch_columns(m)
+    return backend.step(arch, dtype=config.dtype, columns=columns, dropout=config.dropout,
+                        pixels=config.normalize == "scale", batches=columns < m)
 
 
 def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixels: bool, val_pixels: bool = False
@@ -734,9 +740,7 @@ def describe_run(config: TrainConfig, backend: Backend, split: Split, source: st
                      f"{c.optimizer}" + ("" if c.optimizer == "gd" else
                                          f" (beta1 {c.beta1:g}, beta2 {c.beta2:g}, eps {c.eps:g})")
                      + (f", L2 {c.l2:g}" if c.l2 else "") + (f", dropout {c.dropout:g}" if c.dropout else ""))
-    m = len(split.y_train)
-    step = backend.step(arch, dtype=c.dtype, columns=c.batch_columns(m), dropout=c.dropout,
-                        pixels=c.normalize == "scale", batches=c.batch_columns(m) < m)
+    step = run_step(c, backend, arch, len(split.y_train))
     lines.append(f"step:    {step.name}")
     if step.notice:
         lines.append(f"         {step.notice}")
