@@ -91,17 +91,6 @@ def vzero(typingctx: Any, like: Any) -> Any:
 
 
 @intrinsic
-def vsplat(typingctx: Any, like: Any, x: Any) -> Any:
-    """x in every lane, in the dtype of the array ``like``."""
-    vt = Vector(like.dtype)
-
-    def codegen(context, builder, sig, args):
-        return _as_vector(context, builder, args[1], x, vt)
-
-    return vt(like, x), codegen
-
-
-@intrinsic
 def vload(typingctx: Any, A: Any, i: Any) -> Any:
     """A[i : i + 16] of a contiguous float array, i counted in elements from its start."""
     vt = Vector(A.dtype)
@@ -150,18 +139,6 @@ def sget(typingctx: Any, A: Any, i: Any) -> Any:
 
 
 @intrinsic
-def sset(typingctx: Any, A: Any, i: Any, x: Any) -> Any:
-    """A[i] = x, i counted in elements from the start of a contiguous array, with no wraparound or bounds check."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_pointer(context, builder, A, args[0], args[1], i)
-        builder.store(context.cast(builder, args[2], x, A.dtype), ptr)
-        return context.get_dummy_value()
-
-    return types.none(A, i, x), codegen
-
-
-@intrinsic
 def vfma(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
     """a * b + c with one rounding (llvm.fma, never contracted or split by the compiler); a scalar or a vector."""
     vt = _vector_of(b, c)
@@ -189,7 +166,6 @@ def _binary(op: str) -> Any:
 
 vadd = _binary("fadd")
 vsub = _binary("fsub")
-vmul = _binary("fmul")
 vdiv = _binary("fdiv")
 
 
