@@ -95,3 +95,19 @@ def same_bits(a, b):
     (loss_a, acc_a, grads_a), (loss_b, acc_b, grads_b) = a, b
     return loss_a.tobytes() == loss_b.tobytes() and acc_a == acc_b and all(
         x.tobytes() == y.tobytes() for la, lb in zip(grads_a, grads_b) for x, y in zip(la, lb))
+
+
+def bundled_pixels():
+    """The bundled MNIST sample: X (784, m) uint8 as the transposed view of its IDX rows (the single pass's fast
+    layout), and its labels as int64."""
+    data = load_bundled_sample()
+    return data.train_images.T, data.train_labels.astype(np.int64)
+
+
+def sparse_pixels(m, n0, *, density, empty=slice(0), seed=0):
+    """(m, n0) uint8 rows, each pixel nonzero (1..255) with probability ``density``; the rows ``empty`` all zero
+    (samples with no ink)."""
+    rng = np.random.default_rng(seed)
+    rows = ((rng.random((m, n0)) < density) * rng.integers(1, 256, (m, n0))).astype(np.uint8)
+    rows[empty] = 0
+    return rows

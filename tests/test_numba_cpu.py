@@ -27,7 +27,7 @@ from gpunn.nn import Architecture, init_params
 from gpunn.numba_cpu import (SinglePassCpu, full_batch, needs_compile, samples_of, support_order, supports,
                              threads_for)
 
-from helpers import assert_same_step, reference, same_bits, weights
+from helpers import assert_same_step, bundled_pixels, reference, same_bits, sparse_pixels, weights
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +38,7 @@ def small_chunks(monkeypatch):
 
 @pytest.fixture(scope="module")
 def sample():
-    """The bundled MNIST sample: X (784, m) uint8 as the transposed view of its IDX rows (the fast layout)."""
-    data = load_bundled_sample()
-    return data.train_images.T, data.train_labels.astype(np.int64)
+    return bundled_pixels()
 
 
 @pytest.mark.parametrize("hidden", [10, 40], ids=["h10", "h40"])  # one hidden vector; three (two at a time, then one)
@@ -117,10 +115,7 @@ def test_pixel_major_and_sample_major_x_give_the_same_step(sample):
 
 
 def _sparse_rows(m, n0, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = ((rng.random((m, n0)) < 0.1) * rng.integers(1, 256, (m, n0))).astype(np.uint8)
-    rows[8:16] = 0  # samples with no nonzero pixel
-    return rows
+    return sparse_pixels(m, n0, density=0.1, empty=slice(8, 16), seed=seed)
 
 
 def test_a_full_batch_is_summed_in_the_order_of_the_samples_coarse_masks():

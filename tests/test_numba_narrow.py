@@ -18,13 +18,12 @@ from gpunn.numba_cpu import SinglePassCpu, support_order
 from gpunn.numba_narrow import blocks_of, chunk_bounds, super_blocks_for, takes
 from gpunn.train import TrainConfig, fit
 
-from helpers import assert_same_step, reference, same_bits, weights
+from helpers import assert_same_step, bundled_pixels, reference, same_bits, sparse_pixels, weights
 
 
 @pytest.fixture(scope="module")
 def sample():
-    data = load_bundled_sample()
-    return data.train_images.T, data.train_labels.astype(np.int64)
+    return bundled_pixels()
 
 
 @pytest.mark.parametrize("hidden", [1, 10, 28])  # super-tiles of 64, 64 and 16 blocks
@@ -43,9 +42,8 @@ def test_one_step_matches_the_generic_pass(sample, hidden, l2, threads):
 
 def test_another_shape_of_network():
     """Not MNIST's: 100 inputs, 5 hidden units, 3 classes, pixels of any value."""
-    rng = np.random.default_rng(4)
-    pixels = ((rng.random((100, 1500)) < 0.3) * rng.integers(1, 256, (100, 1500))).astype(np.uint8)
-    labels = rng.integers(0, 3, 1500)
+    pixels = sparse_pixels(100, 1500, density=0.3, seed=4)  # (n0, m)
+    labels = np.random.default_rng(4).integers(0, 3, 1500)
     arch, params = weights((100, 5, 3), "float32")
     with SinglePassCpu(arch, "float32", 1500, threads=2) as single:
         assert single.full_batch_kernel == "16 samples per vector"
@@ -80,10 +78,7 @@ def test_skipping_zero_pixels_changes_no_bit(sample):
 
 
 def _sparse_rows(m, n0, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = ((rng.random((m, n0)) < 0.05) * rng.integers(1, 256, (m, n0))).astype(np.uint8)
-    rows[100:140] = 0  # samples with no nonzero pixel: blocks with nothing to visit
-    return rows
+    return sparse_pixels(m, n0, density=0.05, empty=slice(100, 140), seed=seed)  # empty rows: blocks with nothing
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -116,8 +111,9 @@ def test_the_layout_holds_every_pair_in_the_order_each_pass_reads_it(dense):
 
 
 def test_chunks_are_whole_super_tiles_of_about_equal_work():
-    blocks = blocks_of(_sparse_rows(3000, 70, seed=2), support_order(_sparse_rows(3000, 70, seed=2)),
-                       super_blocks=8)  # 188 blocks in 24 super-tiles, whose work differs in support order
+    rows = _sparse_rows(3000, 70, seed=2)
+    # 188 blocks in 24 super-tiles, whose work differs in support order
+    blocks = blocks_of(rows, support_order(rows), super_blocks=8)
     work = np.diff(blocks.list_start[np.minimum(np.arange(0, 25) * 8, 188)])
     for chunks in (1, 2, 3, 24, 30):
         bounds = chunk_bounds(blocks, chunks)
