@@ -190,8 +190,6 @@ def summary(row: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     first = next(iter(result["rows"][0]["ms"]), None) if result["rows"] else None  # the first implementation timed
-    names = ["numba-sparse", "numba-dense", "numba-unsorted", "numba-wide", "numba-narrow", "fused-cpu", "generic",
-             "numpy"]
     lines = [
         f"# The Numba single pass, interleaved: {result['name']}",
         "",
@@ -213,10 +211,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["rows"]:
         base = row["ms"].get(first)
-        for name in names:
-            if name not in row["ms"]:
-                continue
-            ms = row["ms"][name]
+        for name, ms in row["ms"].items():  # in the order they were made (make_runners)
             ratio = statistics.median(a / b for a, b in zip(ms, base)) if base else float("nan")
             slower = sum(a > b for a, b in zip(ms, base)) if base else 0
             lines.append(f"| {row['dtype']} | {row['hidden']} | {name} | {min(ms):.2f} | {statistics.median(ms):.2f} "
