@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers package an
 import gpunn  # noqa: E402
 from epoch_throughput import machine, machine_lines  # noqa: E402
 
-from gpunn.diagnostics import usable_cores  # noqa: E402
 from gpunn.backend import Backend, get_backend  # noqa: E402
 from gpunn.data import Dataset, Split  # noqa: E402
+from gpunn.diagnostics import usable_cores  # noqa: E402
 from gpunn.nn import Architecture, init_params  # noqa: E402
 from gpunn.optim import learning_rate  # noqa: E402
 

@@ -130,9 +130,10 @@ class Rounds:
     epoch alone lasts that long): a slot's first epoch starts cold (the other implementations' data in the caches,
     threads waking after the rest), while the epochs of a training run follow one another, so a slot must be long
     beside one cold start (measured: gpunn's 784-10-10 epoch on MNIST, 2 cores, 7.6 ms min and 9.2 median with slots
-    of 20 ms, k = 2, against 4.2 and 5.2 with slots of 200 ms, k = 27, in one session). ``settle_ms``: a pause after each slot, untimed, so that the threads one
-    implementation leaves spinning are asleep when the next one starts: OpenBLAS's worker threads spin for about
-    0.1 s after its last call (measured on the 2-core machine: half a core's time over that 0.1 s, nothing after).
+    of 20 ms, k = 2, against 4.2 and 5.2 with slots of 200 ms, k = 27, in one session). ``settle_ms``: a pause after
+    each slot, untimed, so that the threads one implementation leaves spinning are asleep when the next one starts:
+    OpenBLAS's worker threads spin for about 0.1 s after its last call (measured on the 2-core machine: half a
+    core's time over that 0.1 s, nothing after).
     """
 
     rounds: int = 7

@@ -118,7 +118,6 @@ def _read_idx_file(handle: BinaryIO, path: Path) -> np.ndarray:
                         "again") from error
 
 
-
 def _read_exactly(stream: BinaryIO, count: int) -> bytes:
     """Up to ``count`` bytes; fewer only at the end of the stream (a gzip stream returns short reads)."""
     parts, left = [], count
