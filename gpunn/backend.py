@@ -184,11 +184,13 @@ class NumpyBackend(Backend):
              batches: bool = False) -> Step:
         if not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
             return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches)
+        refused = None  # why the single pass does not run, where it would have
         if pixels and arch.depth == 2 and arch.sizes[1] <= self.SINGLE_PASS_MAX_HIDDEN:
             # imported here: Numba takes a few tenths of a second to import, which `gpunn --help` need not pay
             from gpunn import numba_cpu, numba_narrow
 
-            if numba_cpu.supports(arch, dropout=dropout, dtype=dtype):
+            refused = numba_cpu.refusal(arch, dropout=dropout, dtype=dtype)
+            if refused is None:
                 threads = numba_cpu.threads_for(columns, arch.sizes[1])
                 narrow = not batches and numba_narrow.takes(arch, dtype)
                 notice = ""
@@ -205,7 +207,8 @@ class NumpyBackend(Backend):
                             lambda: numba_cpu.SinglePassCpu(arch, dtype, columns), pixels=True, notice=notice,
                             evaluates_pixels=narrow)
         threads = fused_cpu.threads_for(columns)
-        return Step(f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}",
+        return Step(f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}"
+                    + (f" ({refused})" if refused else ""),
                     lambda: fused_cpu.FusedCpuPass(arch, dtype, columns))
 
     def describe(self) -> dict[str, str]:

@@ -535,6 +535,9 @@ enable_cache(_step_on_one_thread)
 
 def refusal(arch: Architecture, *, dropout: float = 0.0, dtype: str = "float32") -> str | None:
     """Why the single pass cannot compute this step, or None when it can."""
+    if numba.config.DISABLE_JIT:
+        # its vector operations are LLVM intrinsics: they exist only as compiled code
+        return "the single CPU pass needs Numba's compiler, which NUMBA_DISABLE_JIT turns off"
     if arch.depth != 2:
         return f"the single CPU pass has exactly one hidden layer, not {arch.depth - 1} ({arch})"
     if arch.activation != "relu" or arch.output != "softmax":

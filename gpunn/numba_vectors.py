@@ -332,7 +332,10 @@ def enable_cache(kernel: Any) -> None:
 
     Numba keeps a cached kernel while the file that defines it is unchanged; a kernel here also inlines this
     module's operations, so the cache is made to depend on this file's contents too (an edit of an operation alone
-    would otherwise leave every kernel running its old code)."""
+    would otherwise leave every kernel running its old code). With Numba's compiler off (NUMBA_DISABLE_JIT=1) the
+    kernel is a plain function, and there is nothing to cache."""
+    if not hasattr(kernel, "enable_caching"):
+        return
     try:
         kernel.enable_caching()
     except RuntimeError:  # "cannot cache function ...: no locator available"

@@ -199,6 +199,19 @@ def test_what_the_pass_refuses(arch, dropout, dtype, message):
             SinglePassCpu(arch, dtype, 100)
 
 
+def test_with_numbas_compiler_off_a_run_takes_the_blas_pass_and_says_why(tmp_path):
+    """NUMBA_DISABLE_JIT=1 (a way to debug Numba code) turns the kernels into plain functions, which cannot run their
+    vector operations: gpunn still imports, and `gpunn train` takes the fused BLAS pass, its header saying why."""
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    done = subprocess.run([sys.executable, "-m", "gpunn", "train", "--device", "cpu", "--epochs", "1", "--out",
+                           str(tmp_path / "model.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    step = next(line for line in done.stdout.splitlines() if line.startswith("step:"))
+    assert "fused CPU pass" in step and "NUMBA_DISABLE_JIT" in step
+    assert (tmp_path / "model.npz").is_file()
+
+
 def test_what_the_pass_refuses_to_read(sample):
     """The kernel reads without bounds checks, so what it would index with is checked before it runs."""
     pixels, labels = sample[0][:, :50], sample[1][:50]
