@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 BENCH_STAMP := $(STAMP)-bench
 
-.PHONY: train test bench clean gpu-check
+.PHONY: train test bench clean gpu-check gpu-wheels
 
 ## make train [ARGS='--epochs 100 ...']: train on the bundled MNIST sample (the GPU if one answers, else the CPU)
 train: $(STAMP)
@@ -40,3 +40,12 @@ DATA ?= ../shared/data/mnist
 gpu-check:
 	@test -n "$(OUT)" || { echo "make gpu-check needs OUT=DIR, the directory for its logs and results"; exit 2; }
 	$(GPU_PYTHON) benchmarks/gpu_check.py --out '$(OUT)' --data-dir '$(DATA)'
+
+## make gpu-wheels: with network, the pure-Python packages gpunn and its tests import that the GPU machines lack, as
+## wheels in .whl/ for their Python (GPU_WHEELS_PYTHON). There: python3 -m pip install --no-index --no-deps --target
+## /tmp/site .whl/*.whl, and PYTHONPATH=/tmp/site:$$PWD for make gpu-check.
+GPU_WHEELS ?= array-api-compat array-api-strict tqdm
+GPU_WHEELS_PYTHON ?= 3.12
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_WHEELS_PYTHON) --implementation cp --platform manylinux_2_17_x86_64 -d .whl $(GPU_WHEELS)
