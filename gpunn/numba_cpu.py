@@ -73,9 +73,9 @@ from threadpoolctl import threadpool_limits
 from gpunn import numba_narrow
 from gpunn.diagnostics import usable_cores
 from gpunn.nn import Architecture, Layer
-from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, half_squares, is_ready, read_only, sget, vadd,
-                                 vadd_lane, vdiv, vexp, vfirst_max, vfma, vlane, vload, vload_u8, vmax, vpositive,
-                                 vstore, vsub, vsum, vzero)
+from gpunn.numba_vectors import (LANES, aligned_zeros, clear, cttz, enable_cache, half_squares, is_ready, read_only,
+                                 sget, vadd, vadd_lane, vdiv, vexp, vfirst_max, vfma, vlane, vload, vload_u8, vmax,
+                                 vpositive, vstore, vsub, vsum, vzero)
 
 TILE = 8  #: samples per tile: its pixels as floats (25 KB for MNIST), activations and deltas stay in L1
 GROUP = 8  #: samples whose terms meet each row of W1T and dW1T together (eight independent sums per row)
@@ -648,16 +648,6 @@ def samples_of(X: np.ndarray) -> Samples:
     return Samples(X, rows, pixel_masks(rows))
 
 
-def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Zeros starting on a 64-byte boundary: each chunk's scratch is a multiple of 64 bytes long, so no cache line
-    is written by two threads (NumPy aligns to 16 bytes; the chunks' per-sample updates of db1, db2 and P would
-    otherwise share lines between the cores)."""
-    size = int(np.prod(shape))
-    raw = np.zeros(size * dtype.itemsize + 64, np.uint8)
-    offset = -raw.ctypes.data % 64
-    return raw[offset : offset + size * dtype.itemsize].view(dtype).reshape(shape)
-
-
 class SinglePassCpu:
     """``loss_and_gradients`` for one run, as one compiled single pass per step over raw uint8 pixels.
 
@@ -711,23 +701,24 @@ class SinglePassCpu:
         hp = -(-h // LANES) * LANES
         chunks, dt = self.threads, self.dtype
         # weights in the kernel's layout, with their padding set once (see _load_weights)
-        self._W1T = np.zeros((n0, hp), dt)
-        self._W2p = np.zeros((C, hp), dt)
-        self._W2T = np.zeros((hp, LANES), dt)
-        self._b1p = np.zeros(hp, dt)
-        self._b2p = np.full(LANES, -np.inf, dt)
+        self._W1T = aligned_zeros((n0, hp), dt)
+        self._W2p = aligned_zeros((C, hp), dt)
+        self._W2T = aligned_zeros((hp, LANES), dt)
+        self._b1p = aligned_zeros(hp, dt)
+        self._b2p = aligned_zeros(LANES, dt)
+        self._b2p[:] = -np.inf
         # per chunk: the tile's buffers and the chunk's gradient sums. Zeros, not empty: the last group of a short
         # tile reads rows of D that hold finite values from earlier tiles, or these zeros
-        self._D = _aligned_zeros((chunks, TILE, n0), dt)
-        self._A1 = _aligned_zeros((chunks, TILE, hp), dt)
-        self._dZ1 = _aligned_zeros((chunks, TILE, hp), dt)
+        self._D = aligned_zeros((chunks, TILE, n0), dt)
+        self._A1 = aligned_zeros((chunks, TILE, hp), dt)
+        self._dZ1 = aligned_zeros((chunks, TILE, hp), dt)
         self._pixels = np.zeros((chunks, TILE // GROUP, n0), np.uint16)
         self._all_pixels = np.arange(n0, dtype=np.uint16)
-        self._P = _aligned_zeros((chunks, TILE, LANES), dt)
-        self._dW1T = _aligned_zeros((chunks, n0, hp), dt)
-        self._dW2T = _aligned_zeros((chunks, hp, LANES), dt)
-        self._db1 = _aligned_zeros((chunks, hp), dt)
-        self._db2 = _aligned_zeros((chunks, LANES), dt)
+        self._P = aligned_zeros((chunks, TILE, LANES), dt)
+        self._dW1T = aligned_zeros((chunks, n0, hp), dt)
+        self._dW2T = aligned_zeros((chunks, hp, LANES), dt)
+        self._db1 = aligned_zeros((chunks, hp), dt)
+        self._db2 = aligned_zeros((chunks, LANES), dt)
         self._loss = np.zeros(chunks, np.float64)
         self._hits = np.zeros(chunks, np.int64)
         # what the steps read, made once per data set and kept by role (see _kept): the layouts of the training

@@ -49,10 +49,10 @@ from numba import njit, prange
 from numba.core.codegen import get_host_cpu_features
 
 from gpunn.nn import Architecture, Layer
-from gpunn.numba_vectors import (LANES, clear, cttz, enable_cache, half_squares, is_ready, radd_outer, radd_store,
-                                 rdeltas, read_only, rexp_below, rfirst_max, rfma_scalars, rfma_vectors, rmatvec, rmax,
-                                 rpick, rpositive, rrelu, rsplat, rstore, rsum, rzero, vload, vload_u8, vprod64, vsub,
-                                 vsum, vsum64, vwhere_eq, vwhere_ge)
+from gpunn.numba_vectors import (LANES, aligned_zeros, clear, cttz, enable_cache, half_squares, is_ready, radd_outer,
+                                 radd_store, rdeltas, read_only, rexp_below, rfirst_max, rfma_scalars, rfma_vectors,
+                                 rmatvec, rmax, rpick, rpositive, rrelu, rsplat, rstore, rsum, rzero, vload, vload_u8,
+                                 vprod64, vsub, vsum, vsum64, vwhere_eq, vwhere_ge)
 
 #: the most hidden units for which this kernel is the faster one, by the width of the vector registers Numba compiles
 #: for (see vector_bits) and dtype: its loops hold h sums and a vector of pixels in registers (AVX-512: 32 registers,
@@ -323,11 +323,12 @@ class NarrowPass:
         self._W1T = np.zeros((n0, h), dt)
         self._W2T = np.zeros((h, C), dt)
         self.super_blocks = super_blocks_for(h, dtype)
-        self._dZ = np.zeros((chunks, self.super_blocks * h * LANES), dt)
-        self._GW1 = np.zeros((chunks, n0 * h * LANES), dt)
-        self._G1 = np.zeros((chunks, h * LANES), dt)
-        self._G2 = np.zeros((chunks, C * h * LANES), dt)
-        self._G2b = np.zeros((chunks, C * LANES), dt)
+        # the vectors' scratch on cache lines (see aligned_zeros), each chunk's a whole number of lines long
+        self._dZ = aligned_zeros((chunks, self.super_blocks * h * LANES), dt)
+        self._GW1 = aligned_zeros((chunks, n0 * h * LANES), dt)
+        self._G1 = aligned_zeros((chunks, h * LANES), dt)
+        self._G2 = aligned_zeros((chunks, C * h * LANES), dt)
+        self._G2b = aligned_zeros((chunks, C * LANES), dt)
         self._loss = np.zeros(chunks)
         self._hits = np.zeros(chunks)
         self._units = (0,) * h  # the hidden layer's and the output's sizes as types: one compiled variant per size
@@ -335,7 +336,8 @@ class NarrowPass:
 
     def labels(self, blocks: Blocks, y: np.ndarray) -> np.ndarray:
         """y in the blocks' lane order, as floats, -1 in the lanes past the last sample."""
-        labels = np.full(blocks.blocks * LANES, -1, self.dtype)
+        labels = aligned_zeros(blocks.blocks * LANES, self.dtype)  # read a vector at a time
+        labels[:] = -1
         labels[: len(blocks.order)] = y[blocks.order]
         return labels
 
