@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,28 @@ def test_the_group_budget_cuts_rounds_but_not_below_the_minimum():
     assert all(len(row.epoch_ms) == 3 for row in rows.values())
     rows, record = group_of([], rounds=bench.Rounds(rounds=2, min_rounds=3, group_seconds=0, slot_ms=1, settle_ms=0))
     assert record["rounds"] == 2 and record["stopped_by"] == "rounds"
+
+
+def test_a_slot_is_calibrated_on_warm_epochs(monkeypatch):
+    """k comes from the fastest of the calibration's final runs: a runner whose first epochs run cold (10 ms, then
+    2 ms, on a clock that only its epochs move) gets slots that last the slot's length warm, not a fifth of it."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class Runner:
+        epochs = 0
+
+        def sync(self):
+            pass
+
+        def step(self):
+            clock.now += 0.010 if self.epochs < 5 else 0.002
+            self.epochs += 1
+
+    runner = Runner()
+    k = bench.epochs_per_slot(runner, slot_seconds=0.1)
+    assert k == 50  # 100 ms of 2 ms epochs (a cold calibration alone: 10)
+    assert bench.time_epochs(runner, k) == pytest.approx(0.1)
 
 
 def test_the_naive_program_stays_in_its_dtype():
