@@ -129,8 +129,11 @@ class Rounds:
     rounds past ``group_seconds``. A slot is k epochs, k the smallest count that lasts ``slot_ms`` (one epoch when an
     epoch alone lasts that long): a slot's first epoch starts cold (the other implementations' data in the caches,
     threads waking after the rest), while the epochs of a training run follow one another, so a slot must be long
-    beside one cold start (measured: gpunn's 784-10-10 epoch on MNIST, 2 cores, 7.6 ms min and 9.2 median with slots
-    of 20 ms, k = 2, against 4.2 and 5.2 with slots of 200 ms, k = 27, in one session). ``settle_ms``: a pause after
+    beside one cold start. Measured with gpunn's 784-10-10 epoch on MNIST, 2 cores: 7.6 ms min and 9.2 median with
+    slots of 20 ms (k = 2) against 4.2 and 5.2 with slots of 200 ms (k = 27), in one session; and in two runs of the
+    whole group minutes apart on another day, 5.06 and 6.35 with slots of 200 ms (k = 30) against 4.77 and 5.70 with
+    slots of 1 s (k = 193), where a training run's epochs took 4.6-4.8 ms (median of its 500). In a slot's first
+    epochs the pixels come back into the caches the other implementations' data took. ``settle_ms``: a pause after
     each slot, untimed, so that the threads one implementation leaves spinning are asleep when the next one starts:
     OpenBLAS's worker threads spin for about 0.1 s after its last call (measured on the 2-core machine: half a
     core's time over that 0.1 s, nothing after).
@@ -138,8 +141,8 @@ class Rounds:
 
     rounds: int = 7
     min_rounds: int = 3
-    group_seconds: float = 30.0
-    slot_ms: float = 200.0
+    group_seconds: float = 60.0
+    slot_ms: float = 1000.0
     settle_ms: float = 150.0
 
 
@@ -716,9 +719,9 @@ def default_name(backends: list[Backend]) -> str:
               help="Timed rounds per group, at most.")
 @click.option("--min-rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed rounds per group, at least (or --rounds, if fewer).")
-@click.option("--group-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--group-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Stop a group's rounds after --min-rounds once the next round would take them past this.")
-@click.option("--slot-ms", type=click.FloatRange(min=0), default=200.0, show_default=True,
+@click.option("--slot-ms", type=click.FloatRange(min=0), default=1000.0, show_default=True,
               help="A slot is the fewest epochs that last this long (1 when one epoch does): long beside a cold start.")
 @click.option("--settle-ms", type=click.FloatRange(min=0), default=150.0, show_default=True,
               help="Rest after each slot, untimed, so that the threads it left spinning (OpenBLAS's spin for about "

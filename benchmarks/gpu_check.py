@@ -244,8 +244,8 @@ class GpuCheck:
             self.record(Result("bench", "FAILED", 0.0, "benchmarks/epoch_throughput.py --help does not answer"))
             return
         # shorter than the script's defaults, where it has such options: the whole check must fit the budget
-        budget = {"--rounds": "5", "--min-rounds": "2", "--group-seconds": "8", "--row-seconds": "1",
-                  "--epochs": "5"}
+        budget = {"--rounds": "5", "--min-rounds": "2", "--group-seconds": "8", "--slot-ms": "200",
+                  "--row-seconds": "1", "--epochs": "5"}
         common = [*self.python(), "benchmarks/epoch_throughput.py", "--data-dir", str(self.data), "--out-dir",
                   str(self.out / "bench")]
         common += [item for option, value in budget.items() if option in options for item in (option, value)]
