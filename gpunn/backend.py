@@ -170,7 +170,7 @@ class NumpyBackend(Backend):
     pixels per step; for the rest, :class:`gpunn.fused_cpu.FusedCpuPass`, NumPy and BLAS in place on every core."""
 
     #: up to this many hidden units the Numba single pass beats the fused BLAS pass; measured interleaved on the 2-core
-    #: development machine on MNIST, float32: 7.6x faster at h = 10, 3.3x at 64, 2.7x at 256
+    #: development machine on MNIST, float32: 9.3x faster at h = 10, 3.4x at 64, 2.7x at 256
     #: (benchmarks/results/intel-xeon-cpu.md); in an earlier run, 1.2x at 512 and 0.9x at 1024
     #: (benchmarks/numba_single_pass.py)
     SINGLE_PASS_MAX_HIDDEN = 512
