@@ -238,4 +238,5 @@ def test_train_memory_at_toy_size(tmp_path):
     assert data["train_samples"] == 4000 and data["x_float32_mib"] == pytest.approx(784 * 4000 * 4 / 2**20)
     assert data["baseline_mib"] > 20 and data["peak_mib"] > 20  # an interpreter with NumPy in it, at least
     assert data["over_baseline_mib"] == pytest.approx(data["peak_mib"] - data["baseline_mib"])
+    assert data["single_pass_floor_mib"] > data["baseline_mib"]  # Numba's runtime, on top of the baseline
     assert "| over / X |" in (tmp_path / "toy.md").read_text()
