@@ -497,9 +497,14 @@ def data_info() -> None:
 def info() -> None:
     """Show gpunn's version, its libraries, and the devices it can use."""
 
-    libraries = ", ".join(f"{name} {version(name)}" for name in ("numpy", "array-api-compat", "click", "pandas"))
+    libraries = ", ".join(f"{name} {version(name)}"
+                          for name in ("numpy", "array-api-compat", "click", "pandas", "numba"))
     echo(f"gpunn {__version__}, Python {platform.python_version()}, {libraries}")
     echo(f"cpu:  {NumpyBackend().summary()}")
+    # imported here, as in NumpyBackend.step: the other commands' --help need not import Numba
+    from gpunn import numba_cpu
+
+    echo(f"      single pass: {numba_cpu.describe()}")
     try:
         devices = cuda_devices()
     except BackendError as error:

@@ -930,3 +930,21 @@ def threading_layer() -> str:
         return numba.threading_layer()
     except ValueError:
         return str(numba.config.THREADING_LAYER)
+
+
+def describe() -> str:
+    """One line for ``gpunn info``: the vector width Numba compiles for and what the narrow kernel takes at that
+    width, the threads and their layer, and where the kernels are cached; or why the single pass is off."""
+    if numba.config.DISABLE_JIT:
+        return "off: NUMBA_DISABLE_JIT is set, and CPU runs take the fused BLAS pass"
+    bits = numba_narrow.vector_bits()
+    narrow = numba_narrow.MAX_HIDDEN[bits]
+    layer = threading_layer()
+    if layer == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
+        layer = "workqueue"  # what the first run will choose (see _choose_threading_layer)
+    threads = min(usable_cores(), numba.config.NUMBA_NUM_THREADS)
+    where = cache_dir()
+    return (f"{bits}-bit vectors (16 samples per vector up to {narrow['float32']} hidden "
+            f"units in float32, {narrow['float64']} in float64), up to {threads} thread{'s' if threads > 1 else ''} "
+            f"({layer}), " + (f"kernels cached in {where}" if where else "no writable cache directory: each run "
+                              "compiles its kernel"))

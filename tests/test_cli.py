@@ -129,7 +129,23 @@ def test_info_lists_the_cpu_and_why_cuda_is_unusable(monkeypatch):
     result = run("info")
     assert result.exit_code == 0, result.output
     assert "cpu:  cpu (" in result.output
+    assert "numba " in result.output.splitlines()[0]
+    assert "      single pass: " in result.output
     assert "cuda: unavailable: CuPy is not installed" in result.output
+
+
+def test_info_says_how_the_single_pass_runs_here(monkeypatch):
+    from gpunn import numba_cpu, numba_narrow
+
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(numba_narrow, "vector_bits", lambda: 256)
+    monkeypatch.setattr(numba_cpu, "usable_cores", lambda: 1)
+    line = next(line for line in run("info").output.splitlines() if "single pass:" in line)
+    assert "256-bit vectors (16 samples per vector up to 24 hidden units in float32, 12 in float64)" in line
+    assert "up to 1 thread (" in line and ("cached in" in line or "each run compiles" in line)
+    monkeypatch.setattr(numba_cpu.numba.config, "DISABLE_JIT", True)
+    line = next(line for line in run("info").output.splitlines() if "single pass:" in line)
+    assert line.strip() == "single pass: off: NUMBA_DISABLE_JIT is set, and CPU runs take the fused BLAS pass"
 
 
 @pytest.mark.parametrize(
