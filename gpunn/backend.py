@@ -188,9 +188,12 @@ class NumpyBackend(Backend):
         refused = None  # why the single pass does not run, where it would have
         if pixels and arch.depth == 2 and arch.sizes[1] <= self.SINGLE_PASS_MAX_HIDDEN:
             # imported here: Numba takes a few tenths of a second to import, which `gpunn --help` need not pay
-            from gpunn import numba_cpu, numba_narrow
-
-            refused = numba_cpu.refusal(arch, dropout=dropout, dtype=dtype)
+            try:
+                from gpunn import numba_cpu, numba_narrow
+            except ImportError as error:  # a Numba built for another NumPy, say: the run goes on without it
+                refused = f"the single CPU pass needs Numba, which does not import: {error}"
+            else:
+                refused = numba_cpu.refusal(arch, dropout=dropout, dtype=dtype)
             if refused is None:
                 threads = numba_cpu.threads_for(columns, arch.sizes[1])
                 narrow = not batches and numba_narrow.takes(arch, dtype)

@@ -502,9 +502,12 @@ def info() -> None:
     echo(f"gpunn {__version__}, Python {platform.python_version()}, {libraries}")
     echo(f"cpu:  {NumpyBackend().summary()}")
     # imported here, as in NumpyBackend.step: the other commands' --help need not import Numba
-    from gpunn import numba_cpu
-
-    echo(f"      single pass: {numba_cpu.describe()}")
+    try:
+        from gpunn import numba_cpu
+    except ImportError as error:
+        echo(f"      single pass: unavailable: Numba does not import ({error}); CPU runs take the fused BLAS pass")
+    else:
+        echo(f"      single pass: {numba_cpu.describe()}")
     try:
         devices = cuda_devices()
     except BackendError as error:

@@ -212,6 +212,30 @@ def test_with_numbas_compiler_off_a_run_takes_the_blas_pass_and_says_why(tmp_pat
     assert (tmp_path / "model.npz").is_file()
 
 
+_BROKEN_NUMBA_CHILD = textwrap.dedent("""
+    import sys
+    sys.modules["numba"] = None  # what `import numba` meets when it cannot load (ImportError)
+    from gpunn.cli import main
+    main(sys.argv[1:], prog_name="gpunn")
+""")
+
+
+@pytest.mark.parametrize("command", [["info"], ["train", "--device", "cpu", "--epochs", "1"]], ids=["info", "train"])
+def test_a_numba_that_does_not_import_leaves_the_blas_pass(tmp_path, command):
+    """A Numba that cannot be imported (built for another NumPy, say) costs the single pass, not the command:
+    `gpunn info` says so, and a run takes the fused BLAS pass, its header saying why."""
+    args = command + (["--out", str(tmp_path / "model.npz")] if command[0] == "train" else [])
+    done = subprocess.run([sys.executable, "-c", _BROKEN_NUMBA_CHILD, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    if command[0] == "info":
+        assert "single pass: unavailable: Numba does not import" in done.stdout
+    else:
+        step = next(line for line in done.stdout.splitlines() if line.startswith("step:"))
+        assert "fused CPU pass" in step and "needs Numba, which does not import" in step
+        assert (tmp_path / "model.npz").is_file()
+
+
 def test_what_the_pass_refuses_to_read(sample):
     """The kernel reads without bounds checks, so what it would index with is checked before it runs."""
     pixels, labels = sample[0][:, :50], sample[1][:50]
