@@ -57,11 +57,13 @@ from gpunn.numba_vectors import (LANES, aligned_zeros, clear, cttz, enable_cache
 #: the most hidden units for which this kernel is the faster one, by the width of the vector registers Numba compiles
 #: for (see vector_bits) and dtype: its loops hold h sums and a vector of pixels in registers (AVX-512: 32 registers,
 #: one per float32 sum, two per float64 one; AVX2: 16 of half the width, and the compiler spills). Measured against
-#: numba_cpu's kernel on MNIST, warm steps interleaved, median of the rounds' ratios: with AVX-512
-#: (benchmarks/results/intel-xeon-numba-kernels.md) float32 h = 10 1.91x faster, 20 1.44x, 28 1.19x (at 32,
-#: 0.92-0.94x in a run while building it), float64 h = 10 1.87x, 12 1.39x, 14 0.94x; compiled for AVX2 on the same
-#: machine (benchmarks/results/intel-xeon-numba-kernels-avx2.md) float32 h = 10 1.11x, 16 0.91x (the other kernel's
-#: vectors of 16 units have no padding there), 20 1.32x, 24 1.08x, 28 0.83x, float64 h = 10 1.20x, 12 1.14x, 14 0.95x.
+#: numba_cpu's kernel on MNIST, warm steps interleaved, median of the rounds' ratios, both kernels' scratch on cache
+#: lines: with AVX-512 (benchmarks/results/intel-xeon-numba-kernels.md) float32 h = 10 1.52x faster, 16 1.35x, 20
+#: 1.52x, 24 1.32x, 28 1.10x, 32 1.01x, float64 h = 10 1.79x, 12 1.23x, 14 1.03x, 16 1.09x (a second run, 9 rounds:
+#: float32 28 1.18x, 32 0.96x; float64 14 1.10x, 16 1.06x, 18 1.08x, 20 1.01x, each with rounds the other way: on
+#: par past 12, so float64 stays at 12); compiled for AVX2 on the same machine
+#: (benchmarks/results/intel-xeon-numba-kernels-avx2.md) float32 h = 10 1.39x, 16 0.86x (the other kernel's vectors
+#: of 16 units have no padding there), 20 1.45x, 24 1.09x, 28 0.81x, float64 h = 10 1.52x, 12 1.08x, 14 1.03x.
 MAX_HIDDEN = {512: {"float32": 28, "float64": 12}, 256: {"float32": 24, "float64": 12}}
 #: the most blocks in a super-tile: the bits of one word say in which of them a pixel is nonzero
 SUPER = 64
