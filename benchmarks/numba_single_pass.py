@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+import numba
 import numpy as np
 
 from gpunn import diagnostics, numba_cpu, numba_narrow
@@ -336,9 +337,9 @@ def load(data_dir: Path | None, m: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 def environment(threads: int) -> dict[str, Any]:
     return {"cpu": diagnostics.cpu_model(), "cores": diagnostics.usable_cores(), "python": platform.python_version(),
-            "numpy": np.__version__, "numba": __import__("numba").__version__,
+            "numpy": np.__version__, "numba": numba.__version__,
             "threading_layer": numba_cpu.threading_layer(), "threads": threads,
-            "compiled_for": f"{__import__('numba').config.CPU_NAME or 'this CPU'}, "
+            "compiled_for": f"{numba.config.CPU_NAME or 'this CPU'}, "
                             f"{numba_narrow.vector_bits()}-bit vectors",
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 

@@ -187,14 +187,12 @@ class NumpyBackend(Backend):
             return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches)
         refused = None  # why the single pass does not run, where it would have
         if pixels and arch.depth == 2 and arch.sizes[1] <= self.SINGLE_PASS_MAX_HIDDEN:
-            # imported here: Numba takes a few tenths of a second to import, which `gpunn --help` need not pay
-            try:
-                from gpunn import numba_cpu, numba_narrow
-            except ImportError as error:  # a Numba built for another NumPy, say: the run goes on without it
-                refused = f"the single CPU pass needs Numba, which does not import: {error}"
-            else:
-                refused = numba_cpu.refusal(arch, dropout=dropout, dtype=dtype)
+            numba_cpu, error = _single_pass()
+            refused = (f"the single CPU pass needs Numba, which does not import: {error}" if numba_cpu is None else
+                       numba_cpu.refusal(arch, dropout=dropout, dtype=dtype))
             if refused is None:
+                from gpunn import numba_narrow
+
                 threads = numba_cpu.threads_for(columns, arch.sizes[1])
                 narrow = not batches and numba_narrow.takes(arch, dtype)
                 notice = ""
@@ -215,6 +213,13 @@ class NumpyBackend(Backend):
                     + (f" ({refused})" if refused else ""),
                     lambda: fused_cpu.FusedCpuPass(arch, dtype, columns))
 
+    def single_pass_summary(self) -> str:
+        """How the single pass runs on this CPU, in one line (for ``gpunn info``), or why it does not."""
+        numba_cpu, error = _single_pass()
+        if numba_cpu is None:
+            return f"unavailable: Numba does not import ({error}); CPU runs take the fused BLAS pass"
+        return numba_cpu.describe()
+
     def describe(self) -> dict[str, str]:
         return {
             "device": "cpu",
@@ -222,6 +227,17 @@ class NumpyBackend(Backend):
             "numpy": f"numpy {np.__version__}",
             "blas": diagnostics.numpy_blas(),
         }
+
+
+def _single_pass() -> tuple[ModuleType | None, ImportError | None]:
+    """gpunn.numba_cpu, imported on first use (Numba takes a few tenths of a second to import, which `gpunn --help`
+    need not pay), or None and the import's error: a Numba that does not import (built for another NumPy, say)
+    costs the single pass, not the command."""
+    try:
+        from gpunn import numba_cpu
+    except ImportError as error:
+        return None, error
+    return numba_cpu, None
 
 
 class CupyBackend(Backend):

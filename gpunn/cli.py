@@ -501,13 +501,7 @@ def info() -> None:
                           for name in ("numpy", "array-api-compat", "click", "pandas", "numba"))
     echo(f"gpunn {__version__}, Python {platform.python_version()}, {libraries}")
     echo(f"cpu:  {NumpyBackend().summary()}")
-    # imported here, as in NumpyBackend.step: the other commands' --help need not import Numba
-    try:
-        from gpunn import numba_cpu
-    except ImportError as error:
-        echo(f"      single pass: unavailable: Numba does not import ({error}); CPU runs take the fused BLAS pass")
-    else:
-        echo(f"      single pass: {numba_cpu.describe()}")
+    echo(f"      single pass: {NumpyBackend().single_pass_summary()}")
     try:
         devices = cuda_devices()
     except BackendError as error:

@@ -101,12 +101,17 @@ def _choose_threading_layer() -> None:
     parallel kernels at once; gpunn's training loop runs in one thread. Set in code, before the first launch, and
     only when neither NUMBA_THREADING_LAYER nor numba.config says otherwise; once a layer runs, it stays.
     """
-    if "NUMBA_THREADING_LAYER" in os.environ or numba.config.THREADING_LAYER != "default":
+    if _layer_chosen_elsewhere():
         return
     try:
         numba.threading_layer()  # raises ValueError until a layer has been launched
     except ValueError:
         numba.config.THREADING_LAYER = "workqueue"
+
+
+def _layer_chosen_elsewhere() -> bool:
+    """Did the user choose Numba's threading layer (NUMBA_THREADING_LAYER or numba.config)?"""
+    return "NUMBA_THREADING_LAYER" in os.environ or numba.config.THREADING_LAYER != "default"
 
 
 def threads_for(samples: int, hidden: int = LANES, cores: int | None = None) -> int:
@@ -925,11 +930,12 @@ def cache_dir() -> str | None:
 
 
 def threading_layer() -> str:
-    """The Numba threading layer the kernels run on (after the first parallel call; before it, the one chosen)."""
+    """The Numba threading layer the kernels run on: after the first parallel call, the one running; before it, the
+    one that call will take (the user's choice, else workqueue: see _choose_threading_layer)."""
     try:
         return numba.threading_layer()
     except ValueError:
-        return str(numba.config.THREADING_LAYER)
+        return str(numba.config.THREADING_LAYER) if _layer_chosen_elsewhere() else "workqueue"
 
 
 def describe() -> str:
@@ -939,12 +945,9 @@ def describe() -> str:
         return "off: NUMBA_DISABLE_JIT is set, and CPU runs take the fused BLAS pass"
     bits = numba_narrow.vector_bits()
     narrow = numba_narrow.MAX_HIDDEN[bits]
-    layer = threading_layer()
-    if layer == "default" and "NUMBA_THREADING_LAYER" not in os.environ:
-        layer = "workqueue"  # what the first run will choose (see _choose_threading_layer)
-    threads = min(usable_cores(), numba.config.NUMBA_NUM_THREADS)
+    threads = threads_for(2**62)  # a step with work for every thread there is
     where = cache_dir()
-    return (f"{bits}-bit vectors (16 samples per vector up to {narrow['float32']} hidden "
-            f"units in float32, {narrow['float64']} in float64), up to {threads} thread{'s' if threads > 1 else ''} "
-            f"({layer}), " + (f"kernels cached in {where}" if where else "no writable cache directory: each run "
-                              "compiles its kernel"))
+    cached = f"kernels cached in {where}" if where else "no writable cache directory: each run compiles its kernel"
+    return (f"{bits}-bit vectors (16 samples per vector up to {narrow['float32']} hidden units in float32, "
+            f"{narrow['float64']} in float64), up to {threads} thread{'s' if threads > 1 else ''} "
+            f"({threading_layer()}), {cached}")
