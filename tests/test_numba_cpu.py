@@ -199,40 +199,38 @@ def test_what_the_pass_refuses(arch, dropout, dtype, message):
             SinglePassCpu(arch, dtype, 100)
 
 
-def test_with_numbas_compiler_off_a_run_takes_the_blas_pass_and_says_why(tmp_path):
-    """NUMBA_DISABLE_JIT=1 (a way to debug Numba code) turns the kernels into plain functions, which cannot run their
-    vector operations: gpunn still imports, and `gpunn train` takes the fused BLAS pass, its header saying why."""
-    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
-    done = subprocess.run([sys.executable, "-m", "gpunn", "train", "--device", "cpu", "--epochs", "1", "--out",
-                           str(tmp_path / "model.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    step = next(line for line in done.stdout.splitlines() if line.startswith("step:"))
-    assert "fused CPU pass" in step and "NUMBA_DISABLE_JIT" in step
-    assert (tmp_path / "model.npz").is_file()
-
-
-_BROKEN_NUMBA_CHILD = textwrap.dedent("""
+# gpunn's command line in a child: with Numba's compiler off (NUMBA_DISABLE_JIT=1, a way to debug Numba code: the
+# kernels are plain functions, which cannot run their vector operations), or with a Numba that does not import
+# (built for another NumPy, say; `import numba` then raises ImportError)
+_CLI_CHILD = textwrap.dedent("""
     import sys
-    sys.modules["numba"] = None  # what `import numba` meets when it cannot load (ImportError)
+    if sys.argv.pop(1) == "no-import":
+        sys.modules["numba"] = None
     from gpunn.cli import main
     main(sys.argv[1:], prog_name="gpunn")
 """)
+_WITHOUT_NUMBA = {  # how, the environment, what the train header's step line says, what `gpunn info` says
+    "compiler-off": ({"NUMBA_DISABLE_JIT": "1"}, "NUMBA_DISABLE_JIT", "single pass: off: NUMBA_DISABLE_JIT is set"),
+    "no-import": ({}, "needs Numba, which does not import", "single pass: unavailable: Numba does not import"),
+}
 
 
-@pytest.mark.parametrize("command", [["info"], ["train", "--device", "cpu", "--epochs", "1"]], ids=["info", "train"])
-def test_a_numba_that_does_not_import_leaves_the_blas_pass(tmp_path, command):
-    """A Numba that cannot be imported (built for another NumPy, say) costs the single pass, not the command:
-    `gpunn info` says so, and a run takes the fused BLAS pass, its header saying why."""
-    args = command + (["--out", str(tmp_path / "model.npz")] if command[0] == "train" else [])
-    done = subprocess.run([sys.executable, "-c", _BROKEN_NUMBA_CHILD, *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+@pytest.mark.parametrize("command", ["info", "train"])
+@pytest.mark.parametrize("how", list(_WITHOUT_NUMBA))
+def test_without_a_working_numba_a_run_takes_the_blas_pass_and_says_why(tmp_path, how, command):
+    """gpunn still imports, `gpunn info` says why the single pass is off, and `gpunn train` takes the fused BLAS
+    pass, its header saying why."""
+    env, in_step, in_info = _WITHOUT_NUMBA[how]
+    args = ["info"] if command == "info" else ["train", "--device", "cpu", "--epochs", "1", "--out",
+                                               str(tmp_path / "model.npz")]
+    done = subprocess.run([sys.executable, "-c", _CLI_CHILD, how, *args], cwd=tmp_path,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    if command[0] == "info":
-        assert "single pass: unavailable: Numba does not import" in done.stdout
+    if command == "info":
+        assert in_info in done.stdout
     else:
         step = next(line for line in done.stdout.splitlines() if line.startswith("step:"))
-        assert "fused CPU pass" in step and "needs Numba, which does not import" in step
+        assert "fused CPU pass" in step and in_step in step
         assert (tmp_path / "model.npz").is_file()
 
 
