@@ -203,11 +203,11 @@ class NumpyBackend(Backend):
                               + (f" and {arch.sizes[1]} hidden units (once, about 4 s; " if narrow else
                                  " (once, about 7 s; ")
                               + (f"cached in {where})" if where else "no writable cache directory, so every run does)"))
-                lanes = "16 samples" if narrow else "16 hidden units"
-                return Step(f"single pass over uint8 pixels (Numba, {lanes} per vector), {threads} "
-                            f"thread{'s' if threads > 1 else ''}",
-                            lambda: numba_cpu.SinglePassCpu(arch, dtype, columns), pixels=True, notice=notice,
-                            evaluates_pixels=narrow)
+                # the pass runs the kernel named here: a run of mini-batches makes no scratch for the narrow one
+                return Step(f"single pass over uint8 pixels (Numba, {numba_cpu.lanes_hold(narrow=narrow)}), "
+                            f"{threads} thread{'s' if threads > 1 else ''}",
+                            lambda: numba_cpu.SinglePassCpu(arch, dtype, columns, narrow=narrow), pixels=True,
+                            notice=notice, evaluates_pixels=narrow)
         threads = fused_cpu.threads_for(columns)
         return Step(f"fused CPU pass, {threads} thread{'s' if threads > 1 else ''}"
                     + (f" ({refused})" if refused else ""),

@@ -738,7 +738,7 @@ class SinglePassCpu:
     @property
     def full_batch_kernel(self) -> str:
         """Which kernel a full-batch step runs, in words."""
-        return "16 samples per vector" if self._narrow is not None else "16 hidden units per vector"
+        return lanes_hold(narrow=self._narrow is not None)
 
     def prepare(self, X: np.ndarray, *, batches: bool = False) -> FullBatch | Samples | numba_narrow.Blocks:
         """Build (once per training set X) and keep what full-batch steps over X read, or with ``batches`` what steps
@@ -906,6 +906,12 @@ def _signature(dtype: str) -> tuple[Any, ...]:
     return tuple(numba.typeof(a) for a in args)
 
 
+def lanes_hold(*, narrow: bool) -> str:
+    """What a kernel's vectors hold in their lanes, in words: the narrow kernel's samples, or this module's hidden
+    units (for the header's step line and :attr:`SinglePassCpu.full_batch_kernel`)."""
+    return f"{LANES} samples per vector" if narrow else f"{LANES} hidden units per vector"
+
+
 def kernel_for(threads: int) -> Any:
     """The compiled kernel a run whose full steps use ``threads`` threads calls for all its steps (one variant per
     run, so that no step compiles another): _step, or _step_on_one_thread where one thread does it all."""
@@ -948,6 +954,6 @@ def describe() -> str:
     threads = threads_for(2**62)  # a step with work for every thread there is
     where = cache_dir()
     cached = f"kernels cached in {where}" if where else "no writable cache directory: each run compiles its kernel"
-    return (f"{bits}-bit vectors (16 samples per vector up to {narrow['float32']} hidden units in float32, "
+    return (f"{bits}-bit vectors ({lanes_hold(narrow=True)} up to {narrow['float32']} hidden units in float32, "
             f"{narrow['float64']} in float64), up to {threads} thread{'s' if threads > 1 else ''} "
             f"({threading_layer()}), {cached}")

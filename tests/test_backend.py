@@ -264,7 +264,7 @@ def test_every_fast_path_matches_the_generic_math(backend, dtype, sizes, m, l2):
 
 def test_the_cpu_chooses_its_fast_path_by_network(monkeypatch):
     """One hidden ReLU layer of up to SINGLE_PASS_MAX_HIDDEN units: the Numba single pass over uint8 pixels (the
-    narrow kernel for a full batch through up to 16 units); deeper or wider ReLU networks: the fused BLAS pass;
+    narrow kernel for a full batch through up to numba_narrow.MAX_HIDDEN units); deeper or wider ReLU networks: the fused BLAS pass;
     anything else: the generic math. A compile ahead is announced, for the kernel the run takes."""
     from gpunn import numba_cpu
     from gpunn.backend import NumpyBackend
@@ -280,6 +280,12 @@ def test_the_cpu_chooses_its_fast_path_by_network(monkeypatch):
     assert single.name.startswith("single pass over uint8 pixels (Numba, 16 samples per vector)") and single.pixels
     for wide in (step(784, 10, 10, batches=True), step(784, 29, 10)):
         assert wide.name.startswith("single pass over uint8 pixels (Numba, 16 hidden units per vector)")
+    # the pass runs the kernel the step names: a run of mini-batches holds no scratch for the narrow one
+    batches = step(784, 10, 10, batches=True)
+    assert single.evaluates_pixels and not batches.evaluates_pixels
+    for run in (single, batches):
+        with run.gradients() as gradients:
+            assert gradients.evaluates_pixels == run.evaluates_pixels
     assert step(784, NumpyBackend.SINGLE_PASS_MAX_HIDDEN, 10).pixels
     for fused in (step(784, NumpyBackend.SINGLE_PASS_MAX_HIDDEN + 1, 10), step(784, 16, 16, 10)):
         assert fused.name.startswith("fused CPU pass") and not fused.pixels
