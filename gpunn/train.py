@@ -299,25 +299,25 @@ def make_model(arch: Architecture, state: TrainState, config: TrainConfig, split
 
 @dataclass(frozen=True)
 class DeviceData:
-    """A labelled set on the device: X (n_0, m) in the training dtype, y (m,) int64, Y (classes, m) one-hot; and
-    ``pixels``, the uint8 pixels X was prepared from, where they are kept (see :meth:`from_host`), else None."""
+    """A labelled set on the device: X (n_0, m) in the training dtype (or its raw uint8 pixels, see
+    :meth:`from_host`), y (m,) int64, Y (classes, m) one-hot."""
 
     X: Any
     y: Any
     Y: Any
-    pixels: Any = None
 
     @classmethod
     def from_host(cls, X_uint8: Any, y: Any, *, backend: Backend, dtype: str,
-                  preprocessing: Preprocessing | None = None, keep_pixels: bool = False) -> DeviceData:
+                  preprocessing: Preprocessing | None = None) -> DeviceData:
         """The one host-to-device transfer of a data set: uint8 pixels and int64 labels, prepared on the device.
-        ``preprocessing`` None: X stays uint8 pixels (for a step that takes them raw, see :class:`Step`).
-        ``keep_pixels``: keep the uint8 pixels beside X (for a pass that evaluates on them)."""
+        ``preprocessing`` None: X stays uint8 pixels (for a step that takes them raw, or evaluates on them: see
+        :class:`Step`)."""
         float_dtype = getattr(backend.xp, dtype)
-        pixels = backend.asarray(X_uint8)
-        X = pixels if preprocessing is None else preprocessing(pixels, float_dtype)
+        X = backend.asarray(X_uint8)
+        if preprocessing is not None:
+            X = preprocessing(X, float_dtype)
         y_dev = backend.asarray(y)
-        return cls(X, y_dev, one_hot(y_dev, CLASSES, float_dtype), pixels if keep_pixels else None)
+        return cls(X, y_dev, one_hot(y_dev, CLASSES, float_dtype))
 
     @property
     def m(self) -> int:
@@ -389,10 +389,10 @@ class Epochs:
 
     Each epoch's figures go into row ``(epoch - 1) % capacity`` of :attr:`metrics`, a (capacity, 5) device array of
     loss, training accuracy, validation loss, validation accuracy and a finiteness flag for the weights, written
-    without waiting for the device. ``val``, ``train.X`` for the validation pass: prepared floats; ``train.X`` may be
-    raw pixels when the step takes them (:attr:`gpunn.backend.Step.pixels`). The validation pass is the generic
-    forward pass on ``val.X``, or, where ``val`` keeps its pixels and the gradient pass can evaluate on them
-    (:attr:`gpunn.backend.Step.evaluates_pixels`), the pass's own ``evaluate(params, val.pixels, val.y)``.
+    without waiting for the device. ``train.X`` holds prepared floats, or raw pixels when the step takes them
+    (:attr:`gpunn.backend.Step.pixels`). The validation pass is the generic forward pass on ``val.X`` in prepared
+    floats, or, where ``evaluate`` is given, ``evaluate(params, val.X, val.y)``: the gradient pass's own, on the raw
+    pixels ``val.X`` then holds (:attr:`gpunn.backend.Step.evaluates_pixels`).
     """
 
     #: rows of the metrics buffer: epochs that may wait on the device before the host reads them back
@@ -400,9 +400,10 @@ class Epochs:
 
     def __init__(self, arch: Architecture, config: TrainConfig, train: DeviceData, val: DeviceData | None,
                  backend: Backend, gradients: GradientPass, update: UpdateRule, *, capacity: int = CAPACITY,
-                 on_step: Callable[[int, int], None] | None = None) -> None:
+                 on_step: Callable[[int, int], None] | None = None,
+                 evaluate: Callable[[list[Layer], Any, Any], tuple[Any, Any]] | None = None) -> None:
         self.arch, self.config, self.train, self.val, self.backend = arch, config, train, val, backend
-        self.gradients, self.update = gradients, update
+        self.gradients, self.update, self.evaluate = gradients, update, evaluate
         self.on_step = on_step
         self.capacity = capacity
         xp = backend.xp
@@ -452,9 +453,8 @@ class Epochs:
                 self.on_step(done, steps)  # the host's view: the step is queued, not necessarily done
         val_loss = val_accuracy = self._nan
         if self.val is not None:
-            evaluate = getattr(self.gradients, "evaluate", None)
-            if self.val.pixels is not None and evaluate is not None:
-                val_loss, val_accuracy = evaluate(params, self.val.pixels, self.val.y)
+            if self.evaluate is not None:
+                val_loss, val_accuracy = self.evaluate(params, self.val.X, self.val.y)
             else:
                 trace = forward(params, self.val.X, self.arch)
                 val_loss = cost(trace.Z[-1], self.val.Y, self.arch.output)
@@ -568,8 +568,8 @@ def run_step(config: TrainConfig, backend: Backend, arch: Architecture, m: int) 
 
 def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixels: bool, val_pixels: bool = False
                ) -> tuple[Preprocessing, DeviceData, DeviceData | None]:
-    """The preprocessing fitted on the training split, and the training and validation sets on the device (the
-    validation set's uint8 pixels kept too with ``val_pixels``)."""
+    """The preprocessing fitted on the training split, and the training and validation sets on the device (each as
+    raw uint8 pixels where the step reads them so: ``raw_pixels``, ``val_pixels``)."""
     X_train = backend.asarray(split.X_train)
     # statistics from the training split only, then applied unchanged to validation, test and prediction inputs
     preprocessing = Preprocessing.fit(config.normalize, X_train,
@@ -577,7 +577,7 @@ def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixel
     train = DeviceData.from_host(X_train, split.y_train, backend=backend, dtype=config.dtype,
                                  preprocessing=None if raw_pixels else preprocessing)
     val = DeviceData.from_host(split.X_val, split.y_val, backend=backend, dtype=config.dtype,
-                               preprocessing=preprocessing, keep_pixels=val_pixels) if len(split.y_val) else None
+                               preprocessing=None if val_pixels else preprocessing) if len(split.y_val) else None
     return preprocessing, train, val
 
 
@@ -592,7 +592,8 @@ def _open_epochs(step: Step, arch: Architecture, config: TrainConfig, train: Dev
             yield runner
         return
     with step.gradients() as gradients, step.update(config.rule) as update:
-        yield Epochs(arch, config, train, val, backend, gradients, update, on_step=on_step)
+        yield Epochs(arch, config, train, val, backend, gradients, update, on_step=on_step,
+                     evaluate=gradients.evaluate if step.evaluates_pixels else None)
 
 
 def _run(epochs: Epochs, config: TrainConfig, backend: Backend, m: int, has_val: bool, epochs_done: int,
