@@ -142,6 +142,15 @@ def _chunk(s_lo, s_hi, S, nblocks, lists, list_start, rows, bits, back_rows, lab
     return loss, hits
 
 
+@njit(inline='always')
+def _lanes_total(G, offset):
+    """The sum of the vector at ``offset`` of every chunk's sums G[c]: its lanes, then the chunks in order."""
+    total = 0.0
+    for c in range(G.shape[0]):
+        total += vsum(vload(G[c], offset))
+    return total
+
+
 @njit
 def _finish(W1, W2, l2, m, scales, backward, GW1, G1, G2, G2b, lossc, hitsc, dW1, db1, dW2, db2):
     """The chunks' per-lane sums added up (lanes, then chunks in order), scaled, plus the L2 terms. scales: [1/m,
@@ -160,25 +169,13 @@ def _finish(W1, W2, l2, m, scales, backward, GW1, G1, G2, G2b, lossc, hitsc, dW1
         return loss / m, hits / m
     for p in range(n0):
         for i in range(h):
-            total = 0.0
-            for c in range(chunks):
-                total += vsum(vload(GW1[c], (p * h + i) * LANES))
-            dW1[i, p] = total * scales[1] + scales[2] * W1[i, p]
+            dW1[i, p] = _lanes_total(GW1, (p * h + i) * LANES) * scales[1] + scales[2] * W1[i, p]
     for i in range(h):
-        total = 0.0
-        for c in range(chunks):
-            total += vsum(vload(G1[c], i * LANES))
-        db1[i, 0] = total * scales[0]
+        db1[i, 0] = _lanes_total(G1, i * LANES) * scales[0]
     for k in range(C):
-        total = 0.0
-        for c in range(chunks):
-            total += vsum(vload(G2b[c], k * LANES))
-        db2[k, 0] = total * scales[0]
+        db2[k, 0] = _lanes_total(G2b, k * LANES) * scales[0]
         for i in range(h):
-            total = 0.0
-            for c in range(chunks):
-                total += vsum(vload(G2[c], (k * h + i) * LANES))
-            dW2[k, i] = total * scales[0] + scales[2] * W2[k, i]
+            dW2[k, i] = _lanes_total(G2, (k * h + i) * LANES) * scales[0] + scales[2] * W2[k, i]
     return loss / m, hits / m
 
 
