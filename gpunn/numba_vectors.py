@@ -435,6 +435,16 @@ def _vector_pointer(builder: Any, element: Any, offset: int, vty: Any) -> Any:
     return builder.bitcast(builder.gep(element, [ir.Constant(_I64, offset)]), vty.as_pointer())
 
 
+def _first_element(context: Any, builder: Any, arrty: types.Array, arr: Any) -> Any:
+    """Pointer to the array's first element (for offsets known when the kernel compiles)."""
+    return _element_pointer(context, builder, arrty, arr, ir.Constant(_I64, 0), types.int64)
+
+
+def _scalar_row(builder: Any, ptr: Any, k: int, vty: Any) -> Any:
+    """ptr[k] in every lane of a vector of type vty."""
+    return _splat(builder, builder.load(builder.gep(ptr, [ir.Constant(_I64, k)])), vty)
+
+
 def _fma(builder: Any, a: Any, b: Any, c: Any) -> Any:
     return builder.call(_llvm_intrinsic(builder, "fma", c.type, 3), [a, b, c])
 
@@ -456,11 +466,10 @@ def rsplat(typingctx: Any, b: Any, units: Any) -> Any:
     rt = Rows(b.dtype, units.count)
 
     def codegen(context, builder, sig, args):
-        start = _element_pointer(context, builder, b, args[0], ir.Constant(_I64, 0), types.int64)
+        start = _first_element(context, builder, b, args[0])
         vty = ir.VectorType(start.type.pointee, LANES)
         return _pack(builder, context.get_value_type(rt),
-                     [_splat(builder, builder.load(builder.gep(start, [ir.Constant(_I64, k)])), vty)
-                      for k in range(rt.count)])
+                     [_scalar_row(builder, start, k, vty) for k in range(rt.count)])
 
     return rt(b, units), codegen
 
@@ -479,10 +488,6 @@ def _rfma(multiplier: Any) -> Any:
         return acc(M, i, x, acc), codegen
 
     return intrinsic(typer)
-
-
-def _scalar_row(builder: Any, ptr: Any, k: int, vty: Any) -> Any:
-    return _splat(builder, builder.load(builder.gep(ptr, [ir.Constant(_I64, k)])), vty)
 
 
 def _vector_row(builder: Any, ptr: Any, k: int, vty: Any) -> Any:
@@ -522,10 +527,10 @@ def rrelu(typingctx: Any, acc: Any, scale: Any, b: Any) -> Any:
         rows = _unpack(builder, args[0], acc.count)
         vty = rows[0].type
         s = _splat(builder, context.cast(builder, args[1], scale, acc.dtype), vty)
-        start = _element_pointer(context, builder, b, args[2], ir.Constant(_I64, 0), types.int64)
+        start = _first_element(context, builder, b, args[2])
         out = []
         for k, r in enumerate(rows):
-            z = _fma(builder, r, s, _splat(builder, builder.load(builder.gep(start, [ir.Constant(_I64, k)])), vty))
+            z = _fma(builder, r, s, _scalar_row(builder, start, k, vty))
             out.append(builder.select(builder.fcmp_ordered(">", z, ir.Constant(vty, None)), z, ir.Constant(vty, None)))
         return _pack(builder, args[0].type, out)
 
@@ -537,14 +542,13 @@ def rmatvec(typingctx: Any, W: Any, x: Any, out: Any) -> Any:
     """Row r: out[r] + sum_k W[r, k] x[k], k ascending (W: contiguous (out.count, x.count))."""
 
     def codegen(context, builder, sig, args):
-        start = _element_pointer(context, builder, W, args[0], ir.Constant(_I64, 0), types.int64)
+        start = _first_element(context, builder, W, args[0])
         xs = _unpack(builder, args[1], x.count)
         vty = xs[0].type
         result = []
         for r, total in enumerate(_unpack(builder, args[2], out.count)):
             for k, xk in enumerate(xs):
-                w = builder.load(builder.gep(start, [ir.Constant(_I64, r * x.count + k)]))
-                total = _fma(builder, _splat(builder, w, vty), xk, total)
+                total = _fma(builder, _scalar_row(builder, start, r * x.count + k, vty), xk, total)
             result.append(total)
         return _pack(builder, args[2].type, result)
 
@@ -658,7 +662,7 @@ def radd_outer(typingctx: Any, G: Any, d: Any, a: Any) -> Any:
     """G[16 (c a.count + k) : ... + 16] += d[c] * a[k] for every row c of d and k of a (per-lane sums of dW2)."""
 
     def codegen(context, builder, sig, args):
-        start = _element_pointer(context, builder, G, args[0], ir.Constant(_I64, 0), types.int64)
+        start = _first_element(context, builder, G, args[0])
         align = G.dtype.bitwidth // 8
         ds, as_ = _unpack(builder, args[1], d.count), _unpack(builder, args[2], a.count)
         for c, dc in enumerate(ds):
