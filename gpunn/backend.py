@@ -191,10 +191,8 @@ class NumpyBackend(Backend):
             refused = (f"the single CPU pass needs Numba, which does not import: {error}" if numba_cpu is None else
                        numba_cpu.refusal(arch, dropout=dropout, dtype=dtype))
             if refused is None:
-                from gpunn import numba_narrow
-
                 threads = numba_cpu.threads_for(columns, arch.sizes[1])
-                narrow = not batches and numba_narrow.takes(arch, dtype)
+                narrow = numba_cpu.runs_narrow(arch, dtype, batches=batches)
                 notice = ""
                 if numba_cpu.needs_compile(dtype, threads=threads, arch=arch, batches=batches):
                     where = numba_cpu.cache_dir()

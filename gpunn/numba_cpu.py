@@ -922,12 +922,18 @@ def needs_compile(dtype: str = "float32", *, threads: int | None = None, arch: A
                   batches: bool = False) -> bool:
     """Will the first step in ``dtype`` of a run of ``threads`` threads (:func:`threads_for`; default: every usable
     core) compile its kernel (seconds) rather than load it from Numba's disk cache (a fraction of a second)? For a
-    one-line notice before the first step. With ``arch``, the run's network, and not ``batches`` (mini-batches), the
-    run's full-batch steps may take the narrow kernel (:func:`gpunn.numba_narrow.takes`), which is asked about. The
-    sparse and dense kernels are one compiled function."""
-    if arch is not None and not batches and numba_narrow.takes(arch, dtype):
+    one-line notice before the first step. With ``arch``, the run's network, and ``batches`` (a run of mini-batches):
+    where the run's steps take the narrow kernel (:func:`runs_narrow`), that one is asked about. The sparse and dense
+    kernels are one compiled function."""
+    if arch is not None and runs_narrow(arch, dtype, batches=batches):
         return numba_narrow.needs_compile(arch, dtype)
     return not is_ready(kernel_for(threads_for(2**62) if threads is None else threads), _signature(dtype))
+
+
+def runs_narrow(arch: Architecture, dtype: str, *, batches: bool) -> bool:
+    """Do the steps of a run of ``arch`` in ``dtype`` take the narrow kernel (:mod:`gpunn.numba_narrow`)? Full
+    batches through a layer it takes (:func:`gpunn.numba_narrow.takes`) do; mini-batches (``batches``) never do."""
+    return not batches and numba_narrow.takes(arch, dtype)
 
 
 def cache_dir() -> str | None:
