@@ -53,13 +53,13 @@ class Step:
 
     ``gradients()`` and ``update(rule)`` are context managers giving the run's gradient pass and update rule (a fast
     path may hold buffers, threads or library settings while they last). ``pixels``: the gradient pass takes the raw
-    uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats. ``notice``: what the first step will do that
-    takes a while (compile a kernel), for the header. ``evaluates_pixels``: the gradient pass also has
+    uint8 pixels, with the 1/255 folded into its arithmetic, instead of scaled floats. ``notice``: what the first step
+    will do that takes a while (compile a kernel), for the header. ``evaluates_pixels``: the gradient pass also has
     ``evaluate(params, X, y)``, the validation loss and accuracy from the raw uint8 pixels X, which the training loop
-    calls instead of the generic forward pass (the validation set then stays uint8 pixels on the device). ``epochs``: where a fast path
-    runs whole epochs itself (the CUDA graph of a full-batch epoch), ``epochs(config, train, val, capacity)`` makes
-    the object that does, as :class:`gpunn.train.Epochs` does for the rest, or returns None for a run it leaves to
-    them (mini-batches, for the CUDA graph).
+    calls instead of the generic forward pass (the validation set then stays uint8 pixels on the device). ``epochs``:
+    where a fast path runs whole epochs itself (the CUDA graph of a full-batch epoch), ``epochs(config, train, val,
+    capacity)`` makes the object that does, as :class:`gpunn.train.Epochs` does for the rest, or returns None for a run
+    it leaves to them (mini-batches, for the CUDA graph).
     """
 
     name: str
