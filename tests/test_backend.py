@@ -263,9 +263,9 @@ def test_every_fast_path_matches_the_generic_math(backend, dtype, sizes, m, l2):
 
 
 def test_the_cpu_chooses_its_fast_path_by_network(monkeypatch):
-    """One hidden ReLU layer of up to SINGLE_PASS_MAX_HIDDEN units: the Numba single pass over uint8 pixels (the
-    narrow kernel for a full batch through up to numba_narrow.MAX_HIDDEN units); deeper or wider ReLU networks: the fused BLAS pass;
-    anything else: the generic math. A compile ahead is announced, for the kernel the run takes."""
+    """One hidden ReLU layer of up to SINGLE_PASS_MAX_HIDDEN units: the Numba single pass over uint8 pixels (the narrow
+    kernel for a full batch through up to numba_narrow.MAX_HIDDEN units); deeper or wider ReLU networks: the fused BLAS
+    pass; anything else: the generic math. A compile ahead is announced, for the kernel the run takes."""
     from gpunn import numba_cpu
     from gpunn.backend import NumpyBackend
     from gpunn.nn import Architecture
