@@ -104,10 +104,11 @@ def _chunk(s_lo, s_hi, S, nblocks, lists, list_start, rows, bits, back_rows, lab
     """Super-tiles s_lo .. s_hi - 1 (of S blocks each) into this chunk's per-lane gradient sums (``backward``; else
     the forward pass only: loss and hits, for a validation set). Returns (summed cross-entropy, hits)."""
     n0, h = W1T.shape
-    clear(GW1)
-    clear(G1)
-    clear(G2)
-    clear(G2b)
+    if backward:  # the forward pass alone writes no sums: n0 * h * 16 of GW1 per chunk go uncleared
+        clear(GW1)
+        clear(G1)
+        clear(G2)
+        clear(G2b)
     loss = 0.0
     hits = 0.0
     for s in range(s_lo, s_hi):
