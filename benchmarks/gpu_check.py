@@ -9,16 +9,22 @@ installs nothing (the GPU machines have no network). In order, each step with it
 1. ``gpunn info`` (printed too): versions, the CPU, the GPU or why there is none;
 2. the data: MNIST's four IDX files in --data-dir;
 3. the GPU: CuPy imports and cuda:0 answers. Where it does not, the check stops here with one line and exit 1;
-4. ``pytest -m gpu``: every test marked gpu, the CuPy case of each backend-parametrized test and the CuPy variant
-   of each CUDA fast-path parity test among them;
-5. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator);
-6. ``gpunn train`` of the default 784-10-10 for 500 epochs on the full MNIST, on cuda and on cpu from the same
-   seed, each with its fast path (--fast) and with --generic (--metrics-out and --out under DIR);
-7. the comparison of those runs: test accuracy within 0.1 point and final weights within 1e-4 (relative to each
+4. ``gpunn train`` of the default 784-10-10 for 500 epochs on the full MNIST, on cuda and on cpu from the same
+   seed, each with its fast path (--fast) and with --generic (--metrics-out and --out under DIR); each step's
+   seconds are the command's, from its start to the model on disk, and the metrics hold the training's share;
+5. the comparison of those runs: test accuracy within 0.1 point and final weights within 1e-4 (relative to each
    array's largest weight) between cuda and cpu, and between cuda's fast path and its generic math;
-8. benchmarks/epoch_throughput.py on cuda with the PyTorch peers (eager, and CUDA graphs where the script has
-   them; not torch.compile, whose compilations alone would take minutes), then the CPU rows, with shorter timing
-   options than its defaults where it has them; its JSON and markdown go to DIR/bench.
+6. benchmarks/gpu_memory.py: CuPy's pool after each epoch (flat from the second on) and the most it held, with
+   the fast path and with the generic math;
+7. benchmarks/epoch_throughput.py on cuda with the PyTorch peers (eager, and CUDA graphs where the script has
+   them), with shorter timing options than its defaults where it has them; its JSON and markdown go to DIR/bench;
+8. torch.compile beside gpunn and the other peers on cuda, for 784-10-10 in float32 alone (its compilations take
+   tens of seconds per shape);
+9. ``pytest -m gpu``: every test marked gpu, the CuPy case of each backend-parametrized test and the CuPy variant
+   of each CUDA fast-path parity test among them (after the figures: how long the tests take on a GPU is unknown);
+10. the CPU rows of the benchmark on the same machine;
+11. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator),
+    last, since CI runs them too.
 
 A step that fails is recorded and the next ones still run (except after step 3); the exit status is 1 when any
 step failed. The last thing printed is a summary table, also written as DIR/summary.md and DIR/summary.json.
@@ -38,7 +44,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 MNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -178,10 +184,20 @@ class GpuCheck:
         pytest = [*self.python(), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"]
         self.command("pytest -m gpu", [*pytest, "-m", "gpu", f"--junitxml={self.out / 'pytest-gpu.xml'}", "tests"],
                      limit=300, log="pytest-gpu.log")
+
+    def cpu_side_tests(self) -> None:
+        pytest = [*self.python(), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"]
         self.command("pytest fast path (cpu)", [*pytest, "-m", "not gpu",
                                                 f"--junitxml={self.out / 'pytest-fast-path.xml'}",
                                                 "tests/test_kernels.py", "tests/test_fused_cuda.py"],
                      limit=240, log="pytest-fast-path.log")
+
+    def memory(self) -> None:
+        for choice in ("--fast", "--generic"):
+            name = f"gpu-memory{'-generic' if choice == '--generic' else ''}"
+            self.command(f"memory cuda {choice[2:]}", [*self.python(), "benchmarks/gpu_memory.py", "--data-dir",
+                                                       str(self.data), choice, "--out-dir", str(self.out / "bench"),
+                                                       "--name", name], limit=120, log=f"{name}.log")
 
     def trainings(self) -> dict[str, dict[str, Any]]:
         runs: dict[str, dict[str, Any]] = {}
@@ -238,27 +254,43 @@ class GpuCheck:
                                    env=self.env, capture_output=True, text=True, timeout=120).stdout
         return set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text)), help_text
 
-    def benchmarks(self) -> None:
+    def benchmark(self) -> tuple[list[str], Callable[..., str]] | None:
+        """The benchmark's command line up to --devices, and a function naming those of the given peers it has."""
         options, help_text = self.benchmark_options()
         if "--devices" not in options:
             self.record(Result("bench", "FAILED", 0.0, "benchmarks/epoch_throughput.py --help does not answer"))
-            return
+            return None
         # shorter than the script's defaults, where it has such options: the whole check must fit the budget
         budget = {"--rounds": "5", "--min-rounds": "2", "--group-seconds": "8", "--slot-ms": "200",
                   "--row-seconds": "1", "--epochs": "5"}
         common = [*self.python(), "benchmarks/epoch_throughput.py", "--data-dir", str(self.data), "--out-dir",
                   str(self.out / "bench")]
         common += [item for option, value in budget.items() if option in options for item in (option, value)]
-        if importlib.util.find_spec("torch") is None:
-            self.record(Result("torch", "FAILED", 0.0, f"PyTorch is not installed for {sys.executable}: the "
-                                                       "benchmark runs without its torch peers"))
 
         def peers(*names: str) -> str:
             return ",".join(name for name in names if name in help_text) or "none"
 
-        # torch.compile is left out: compiling each of the 8 shapes takes longer than the rest of the benchmark
+        return common, peers
+
+    def cuda_benchmarks(self) -> None:
+        if (benchmark := self.benchmark()) is None:
+            return
+        common, peers = benchmark
+        if importlib.util.find_spec("torch") is None:
+            self.record(Result("torch", "FAILED", 0.0, f"PyTorch is not installed for {sys.executable}: the "
+                                                       "benchmark runs without its torch peers"))
+        # torch.compile has a step of its own, on one shape: compiling each of the 8 takes tens of seconds
         self.command("bench cuda", [*common, "--devices", "cuda", "--peers", peers("torch-eager", "torch-graph"),
                                     "--name", "gpu-check-cuda"], limit=240, log="bench-cuda.log")
+        self.command("bench cuda compile", [*common, "--devices", "cuda", "--hidden", "10", "--dtypes", "float32",
+                                            "--peers", peers("torch-eager", "torch-graph", "torch-compile"),
+                                            "--name", "gpu-check-cuda-compile"], limit=180,
+                     log="bench-cuda-compile.log")
+
+    def cpu_benchmarks(self) -> None:
+        if (benchmark := self.benchmark()) is None:
+            return
+        common, peers = benchmark
         self.command("bench cpu", [*common, "--devices", "cpu", "--peers", peers("numpy-naive", "torch-eager"),
                                    "--name", "gpu-check-cpu"], limit=200, log="bench-cpu.log")
 
@@ -276,9 +308,12 @@ class GpuCheck:
         self.info()
         self.check_data()
         self.check_gpu()
-        self.tests()
         self.compare(self.trainings())
-        self.benchmarks()
+        self.memory()
+        self.cuda_benchmarks()
+        self.tests()
+        self.cpu_benchmarks()
+        self.cpu_side_tests()
         table = self.write_summary()
         failed = [r.step for r in self.results if r.status != "ok"]
         print(f"\n{table}\n")

@@ -74,9 +74,10 @@ def test_the_benchmark_steps_pass_only_options_the_benchmark_takes(tmp_path, mon
     check = module.GpuCheck(tmp_path, tmp_path, budget_s=60)
     commands = {}
     monkeypatch.setattr(check, "command", lambda step, argv, **kwargs: commands.setdefault(step, argv))
-    check.benchmarks()
+    check.cuda_benchmarks()
+    check.cpu_benchmarks()
     options, help_text = check.benchmark_options()
-    assert set(commands) == {"bench cuda", "bench cpu"}
+    assert set(commands) == {"bench cuda", "bench cuda compile", "bench cpu"}
     for argv in commands.values():
         assert {arg for arg in argv if arg.startswith("--")} <= options
         for peer in argv[argv.index("--peers") + 1].split(","):
