@@ -50,9 +50,11 @@ from gpunn.errors import BackendError  # noqa: E402
 from gpunn.model import Preprocessing  # noqa: E402
 from gpunn.nn import Architecture, Layer, cost, forward, init_params, one_hot  # noqa: E402
 from gpunn.optim import Optimizer  # noqa: E402
-from gpunn.train import DeviceData, train_step  # noqa: E402
+from gpunn.train import DeviceData, Epochs, TrainConfig, train_step  # noqa: E402
 
 CHECK_EPOCHS = 3
+#: epochs a whole-epoch runner is built for (its learning-rate table); GpunnRunner starts it over after as many
+RUNNER_EPOCHS = 2**16
 CHECK_SAMPLES = 1024
 LR = 0.1
 
@@ -75,12 +77,12 @@ KNOWN = ("gpunn", "gpunn-generic", *PEERS, "gpunn-fused-blas")
 
 def gpunn_variants(device: str) -> list[tuple[str, Backend]]:
     """gpunn's implementations to time on ``device``, named; the first is gpunn with its fast path (as `gpunn train`
-    runs it on the CPU, and with --fast on CUDA).
+    runs it by default).
 
     A later one is timed only where its step differs from the first's (Backend.step(...).name), and it must agree
     with the first like a peer. One line per variant: a named backend that makes a different step decision.
     """
-    variants = [("gpunn", get_backend(device, fast=True))]  # the fast path even where not yet the default (CUDA)
+    variants = [("gpunn", get_backend(device, fast=True))]
     if device == "cpu":
         variants.append(("gpunn-fused-blas", _FusedBlasEverywhere(fast=True)))
     variants.append(("gpunn-generic", get_backend(device, fast=False)))
@@ -152,7 +154,9 @@ class Rounds:
 class GpunnRunner:
     """gpunn's own training step, as `gpunn train` runs it (loss and accuracy computed on the device included), with
     the backend's step for ``columns`` samples (default: the data's), so that the equivalence check on a few samples
-    runs the very step that is timed on all of them.
+    runs the very step that is timed on all of them. Where the step runs whole epochs itself (``Step.epochs``: the
+    CUDA graph of a full-batch epoch), an epoch is that runner's, as in `gpunn train`: one replay, its metrics row
+    written on the device.
 
     The step's gradient pass and update rule are made once, and entered only while the runner is :meth:`active`:
     a fast path may change process-wide settings while entered (the fused CPU pass sets BLAS to one thread), which
@@ -172,9 +176,31 @@ class GpunnRunner:
         self._step = step
         self._contexts = [_Reenterable(step.gradients), _Reenterable(lambda: step.update(self.rule))]
         self.gradients = self.update = None
+        self._scope = ExitStack()
+        self._epochs = self._open_epochs(dtype)
+
+    def _open_epochs(self, dtype: str) -> Any:
+        """The step's whole-epoch runner, entered and loaded with the weights, or None where it has none. It stays
+        entered until :meth:`close` (leaving it drops its CUDA graph) and changes no process-wide setting."""
+        if self._step.epochs is None:
+            return None
+        config = TrainConfig(hidden=self.arch.sizes[1:-1], dtype=dtype, epochs=RUNNER_EPOCHS, lr=self.lr)
+        runner = self._step.epochs(config, self.data, None, Epochs.CAPACITY)
+        if runner is not None:
+            self._scope.enter_context(runner)
+            runner.load(self.weights, {}, epochs_done=0)
+            self._epoch = 0
+        return runner
+
+    def close(self) -> None:
+        self._scope.close()
+        self._epochs = None
 
     @contextmanager
     def active(self) -> Iterator[None]:
+        if self._epochs is not None:
+            yield
+            return
         with ExitStack() as scope:
             self.gradients, self.update = (scope.enter_context(context) for context in self._contexts)
             try:
@@ -183,6 +209,13 @@ class GpunnRunner:
                 self.gradients = self.update = None
 
     def step(self) -> None:
+        if self._epochs is not None:
+            if self._epoch == RUNNER_EPOCHS:  # its learning-rate table is spent: start it over where it stands
+                self._epochs.load(*self._epochs.state(), epochs_done=0)
+                self._epoch = 0
+            self._epoch += 1
+            self._epochs.run(self._epoch)
+            return
         if self.gradients is None:
             raise RuntimeError("GpunnRunner.step outside active()")
         self.weights, _, _, _ = train_step(self.weights, {}, self.data, self.arch, lr=self.lr, t=1, rule=self.rule,
@@ -192,7 +225,8 @@ class GpunnRunner:
         self.backend.synchronize()
 
     def params(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(self.backend.to_numpy(W), self.backend.to_numpy(b)) for W, b in self.weights]
+        weights = self.weights if self._epochs is None else self._epochs.state()[0]
+        return [(self.backend.to_numpy(W), self.backend.to_numpy(b)) for W, b in weights]
 
 
 class _Reenterable:
@@ -274,11 +308,14 @@ def reference_loss(params: list[tuple[np.ndarray, np.ndarray]], images: np.ndarr
 def loss_after_steps(make: Callable[..., Any], images, labels, params, *, dtype: str, **kwargs) -> float:
     """Run ``make``'s runner for CHECK_EPOCHS epochs from ``params`` and return the loss of its new weights."""
     runner = make(images, labels, params, lr=LR, dtype=dtype, **kwargs)
-    with active(runner):
-        for _ in range(CHECK_EPOCHS):
-            runner.step()
-        runner.sync()
-    return reference_loss(runner.params(), images, labels)
+    try:
+        with active(runner):
+            for _ in range(CHECK_EPOCHS):
+                runner.step()
+            runner.sync()
+        return reference_loss(runner.params(), images, labels)
+    finally:
+        getattr(runner, "close", lambda: None)()
 
 
 def same_step(loss: float, reference: float, dtype: str) -> bool:

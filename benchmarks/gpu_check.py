@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 MNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 ACCURACY_POINTS = 0.1  # test accuracies may differ by this many percentage points
 WEIGHTS_RTOL = 1e-4  # max |W_a - W_b| / max |W_b|, per array
-# name -> (device, the option choosing the step): --fast where the fast path is not the default yet (CUDA)
+# name -> (device, the option choosing the step): each device's fast path, and its generic math
 TRAININGS = {"cuda": ("cuda", "--fast"), "cuda-generic": ("cuda", "--generic"), "cpu": ("cpu", "--fast"),
              "cpu-generic": ("cpu", "--generic")}
 PAIRS = [("cuda", "cpu"), ("cuda-generic", "cpu-generic"), ("cuda", "cuda-generic")]

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -94,7 +94,6 @@ class Backend:
         #: why this backend was chosen, when ``auto`` chose it; empty otherwise
         self.reason = reason
         self.fast = self.FAST_BY_DEFAULT if fast is None else fast
-        self.fast_asked = fast
 
     @property
     def is_cuda(self) -> bool:
@@ -243,10 +242,9 @@ class CupyBackend(Backend):
 
     Its fast paths are in :mod:`gpunn.fused_cuda`, for ReLU networks with a softmax output, without dropout: one
     kernel's single pass over the uint8 pixels per step for one hidden layer of up to 16 units, else cuBLAS and a few
-    fused kernels; a full-batch epoch as one CUDA graph. They are off unless asked for (``fast=True``,
-    ``gpunn train --fast``) until they have been measured on a GPU."""
-
-    FAST_BY_DEFAULT = False  # no GPU has run the fused kernels yet: the generic math stays the default until one has
+    fused kernels; a full-batch epoch as one CUDA graph. They are the default: on an H200 they beat the generic
+    math at every size and dtype benchmarks/epoch_throughput.py times (benchmarks/results/nvidia-h200-cuda.md), and
+    ``fast=False`` (``gpunn train --generic``) turns them off."""
 
     def __init__(self, cupy: ModuleType, index: int, reason: str = "", *, fast: bool | None = None) -> None:
         import array_api_compat.cupy as xp
@@ -271,11 +269,7 @@ class CupyBackend(Backend):
                                          device=self._kernels)
             if fused is not None:
                 return fused
-        generic = super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches)
-        if self.fast_asked is None and fused_cuda.supports(arch, dropout=dropout):
-            return replace(generic, name=f"{generic.name} (the fused CUDA kernels are opt-in with --fast until "
-                                         "measured on a GPU)")
-        return generic
+        return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches)
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         # row-major on the GPU whatever the host's layout (a split's X is a transposed view): the fused kernels read
@@ -328,7 +322,7 @@ def get_backend(device: str = "auto", *, fast: bool | None = None) -> Backend:
     ``auto`` uses cuda:0 when CuPy imports and the GPU answers, else the CPU; ``Backend.reason`` says which and
     why. An explicit ``cuda`` raises BackendError naming the cause and the fix when the GPU cannot be used.
     ``fast=False``: the generic code only, no fast paths; ``fast=True``: the device's fast paths even where they are
-    not yet the default; None: the device's default (:attr:`Backend.FAST_BY_DEFAULT`).
+    not the default; None: the device's default (:attr:`Backend.FAST_BY_DEFAULT`).
     """
     kind, index = parse_device(device)
     if kind == "cpu":

@@ -174,8 +174,8 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               "(dask-cuda), tcp://HOST:PORT joins a running scheduler. Needs gpunn[dask].")
 @click.option("--fast/--generic", "fast", default=None,
               help="--generic: the generic array-API math even where the device has a fast path (to compare, or to "
-              "read). --fast: the device's fast path even where it is not the default yet (CUDA, until measured). "
-              "Default: the device's choice, named in the header's step: line.")
+              "read). --fast (the default on every device): the device's fast path wherever it has one for the "
+              "network. The header's step: line names the one that runs.")
 @click.option("--hidden", default="10", show_default=True, callback=_parse_hidden,
               help="Hidden layer sizes, comma-separated: 10 is the seed network 784-10-10; 16,16 has two layers.")
 @click.option("--activation", type=click.Choice(ACTIVATIONS), default="relu", show_default=True,

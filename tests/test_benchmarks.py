@@ -240,3 +240,32 @@ def test_train_memory_at_toy_size(tmp_path):
     assert data["over_baseline_mib"] == pytest.approx(data["peak_mib"] - data["baseline_mib"])
     assert data["single_pass_floor_mib"] > data["baseline_mib"]  # Numba's runtime, on top of the baseline
     assert "| over / X |" in (tmp_path / "toy.md").read_text()
+
+
+@pytest.mark.parametrize("hidden", [10, 32])  # the single pass's graph, and the fused kernels' graph
+def test_gpunn_is_timed_on_the_whole_epoch_runner_where_its_step_has_one(monkeypatch, hidden):
+    """On CUDA `gpunn train` runs a full-batch epoch as one graph replay; the benchmark times that same runner (not
+    the step's gradient pass and update called from Python), and it computes the generic math's epochs, also past
+    the end of its learning-rate table, where it starts over from where it stands."""
+    from conftest import emulated_cuda_or_skip
+
+    backend = emulated_cuda_or_skip()
+    monkeypatch.setattr(bench, "RUNNER_EPOCHS", 2)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, 48)
+    params = bench.init_params(bench.Architecture((784, hidden, 10)), init="he", seed=0, dtype="float32")
+    fast = bench.GpunnRunner(images, labels, params, lr=bench.LR, dtype="float32", backend=backend)
+    generic = bench.GpunnRunner(images, labels, params, lr=bench.LR, dtype="float32",
+                                backend=bench.get_backend("cpu", fast=False))
+    assert fast._epochs is not None and generic._epochs is None
+    for runner in (fast, generic):
+        with bench.active(runner):
+            for _ in range(5):  # epochs 1, 2, then the table again from the weights after epoch 2
+                runner.step()
+            runner.sync()
+    for (W, b), (W_ref, b_ref) in zip(fast.params(), generic.params(), strict=True):
+        np.testing.assert_allclose(W, W_ref, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b, b_ref, rtol=1e-4, atol=1e-6)
+    fast.close()
+    assert fast._epochs is None

@@ -39,6 +39,14 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def run_compiler(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """``command`` (the compiler), without the LD_PRELOAD of the process that asks: a ThreadSanitizer scenario runs
+    with libtsan preloaded, and a compiler started under it can fail with no output at all (seen on a GPU machine,
+    whose g++ is not the one libtsan came with), or answer --version otherwise and so change the cache key."""
+    environment = {name: value for name, value in os.environ.items() if name != "LD_PRELOAD"}
+    return subprocess.run(command, capture_output=True, text=True, env=environment)
+
+
 @cache
 def compiler_missing() -> str | None:
     """Why the emulator cannot be built here, or None when it can (for a skip with the reason)."""
@@ -50,7 +58,7 @@ def compiler_missing() -> str | None:
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "probe.cpp"
         source.write_text(probe)
-        result = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", str(source)], capture_output=True, text=True)
+        result = run_compiler([cxx, "-std=c++20", "-fsyntax-only", str(source)])
     if result.returncode != 0:
         return f"{cxx} cannot build C++20 with std::barrier: {' '.join(result.stderr.split())[:300]}"
     return None
@@ -58,7 +66,7 @@ def compiler_missing() -> str | None:
 
 @cache
 def _compiler_version(cxx: str) -> str:
-    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    return run_compiler([cxx, "--version"]).stdout
 
 
 def cache_dir() -> Path:
@@ -96,7 +104,7 @@ def build_library(cu_file: str | Path, *, tsan: bool = False, kernel_dir: Path =
         launchers.write_text(source)
         built = Path(folder) / target.name
         command = [cxx, *flags, f"-I{kernel_dir}", "-include", str(HEADER), str(launchers), "-o", str(built)]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = run_compiler(command)
         if result.returncode != 0:
             raise BuildError(f"{' '.join(command)}\n{result.stdout}{result.stderr}")
         os.replace(built, target)  # atomic: a concurrent session sees the whole library or none
@@ -124,7 +132,7 @@ def tsan_runtime() -> tuple[Path | None, str]:
     cxx = compiler()
     if cxx is None:
         return None, compiler_missing() or "no compiler"
-    name = subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    name = run_compiler([cxx, "-print-file-name=libtsan.so"]).stdout.strip()
     path = Path(name).resolve() if name and Path(name).is_absolute() else None
     if path is None or not path.is_file():
         return None, f"{cxx} has no ThreadSanitizer runtime (libtsan.so not found)"
