@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import sys
 import time
@@ -36,6 +37,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, NamedTuple
 
 import click
@@ -611,6 +613,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
+        *([f"**Interrupted** ({result['interrupted']}).", ""] if result.get("interrupted") else []),
         f"Data: {result['data']}, m = {result['m']:,}, 784-h-10, learning rate {LR}, plain gradient descent.",
         "",
         *machine_lines(result["machine"]),
@@ -804,23 +807,60 @@ def main(data_dir, m, hidden, dtypes, devices, peers, rounds, min_rounds, group_
         "groups": [],
         "rows": [],
     }
-    for backend in backends:
-        limits = measure_limits(backend, dtype_list, size=min(784 * m, 64 * 2**20))
-        result["limits"][backend.name] = limits
-        for dtype in dtype_list:
-            for h in hidden_sizes:
-                arch = Architecture((784, h, 10))
-                params = init_params(arch, init="he", seed=0, dtype="float64")
-                candidates, unavailable = candidates_for(backend.name, arch, dtype, m, peer_list,
-                                                         variants[backend.name])
-                rows, record = run_group(backend.name, dtype, h, candidates, images, labels, params, settings,
-                                         bound_ms=lower_bound_ms(h, m, dtype, limits), echo=click.echo)
-                result["groups"].append(record)
-                result["rows"] += [asdict(row) for row in rows + unavailable]
-    torch_used = any(p.startswith("torch") for p in peer_list)
-    result["machine"] = machine(backends, torch_used)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    write_results(result, out_dir)
+    planned = len(backends) * len(dtype_list) * len(hidden_sizes)
+    with stopped_by_signals() as stop:
+        try:
+            for backend in backends:
+                limits = measure_limits(backend, dtype_list, size=min(784 * m, 64 * 2**20))
+                result["limits"][backend.name] = limits
+                for dtype in dtype_list:
+                    for h in hidden_sizes:
+                        arch = Architecture((784, h, 10))
+                        params = init_params(arch, init="he", seed=0, dtype="float64")
+                        candidates, unavailable = candidates_for(backend.name, arch, dtype, m, peer_list,
+                                                                 variants[backend.name])
+                        rows, record = run_group(backend.name, dtype, h, candidates, images, labels, params,
+                                                 settings, bound_ms=lower_bound_ms(h, m, dtype, limits),
+                                                 echo=click.echo)
+                        result["groups"].append(record)
+                        result["rows"] += [asdict(row) for row in rows + unavailable]
+        except Interrupted as interrupted:
+            # the groups done are kept: a time limit (timeout's SIGTERM) or Ctrl-C costs only the group under way
+            result["interrupted"] = (f"{signal.Signals(interrupted.signum).name} during group "
+                                     f"{len(result['groups']) + 1} of {planned}: the results hold the "
+                                     f"{len(result['groups'])} before it")
+            click.echo(f"interrupted: {result['interrupted']}")
+        torch_used = any(p.startswith("torch") for p in peer_list)
+        result["machine"] = machine(backends, torch_used)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        write_results(result, out_dir)
+    if stop.signum is not None:
+        sys.exit(128 + stop.signum)
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stopped_by_signals() -> Iterator[Any]:
+    """While entered, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (once: a second one, while the
+    results are written, is ignored). The context's ``signum`` is for the caller to record the one that came."""
+    state = SimpleNamespace(signum=None)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if state.signum is None:
+            state.signum = signum
+            raise Interrupted(signum)
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield state
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def load_data(data_dir: Path | None, m: int) -> tuple[np.ndarray, np.ndarray, str]:

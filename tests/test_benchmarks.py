@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import types
@@ -91,6 +92,28 @@ def test_epoch_throughput_at_toy_size(tmp_path):
     assert "toy.json" in result.stdout
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "toy.png").stat().st_size > 10_000
+
+
+
+def test_a_signal_keeps_the_groups_already_timed(tmp_path):
+    """SIGTERM (a time limit's `timeout`) or Ctrl-C in the middle of a run writes the groups done before it, says
+    so in the results, and exits with 128 + the signal's number, as a shell reports a process a signal ended."""
+    command = [sys.executable, "-u", str(BENCHMARKS / "epoch_throughput.py"), "--m", "256", "--hidden", "10,16,24,32",
+               "--dtypes", "float32,float64", "--rounds", "3", "--slot-ms", "50", "--settle-ms", "0", "--peers",
+               "numpy-naive", "--devices", "cpu", "--out-dir", str(tmp_path), "--name", "cut"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        for line in run.stdout:
+            if " rounds in " in line:  # the first group is done
+                run.send_signal(signal.SIGTERM)
+                break
+        out, err = run.communicate(timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, err
+    data = json.loads((tmp_path / "cut.json").read_text())
+    done = len(data["groups"])
+    assert 1 <= done < 8 and data["interrupted"].startswith(f"SIGTERM during group {done + 1} of 8")
+    assert {row["hidden"] for row in data["rows"]} <= {10, 16, 24, 32} and data["machine"]["cpu"]
+    assert "**Interrupted** (SIGTERM during group" in (tmp_path / "cut.md").read_text()
+    assert "interrupted: SIGTERM" in out
 
 
 def group_of(peers: list[str], *, m: int = 96, hidden: int = 8, dtype: str = "float64", rounds=None, bias=0.1,
