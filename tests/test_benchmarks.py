@@ -102,8 +102,12 @@ def test_a_signal_keeps_the_groups_already_timed(tmp_path):
                "--dtypes", "float32,float64", "--rounds", "3", "--slot-ms", "50", "--settle-ms", "0", "--peers",
                "numpy-naive", "--devices", "cpu", "--out-dir", str(tmp_path), "--name", "cut"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        # after the second group's line: the first group is then in the results (a group's line is printed just
+        # before the group is added to them)
+        groups = 0
         for line in run.stdout:
-            if " rounds in " in line:  # the first group is done
+            groups += " rounds in " in line
+            if groups == 2:
                 run.send_signal(signal.SIGTERM)
                 break
         out, err = run.communicate(timeout=300)
