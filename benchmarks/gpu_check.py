@@ -14,16 +14,19 @@ installs nothing (the GPU machines have no network). In order, each step with it
    seconds are the command's, from its start to the model on disk, and the metrics hold the training's share;
 5. the comparison of those runs: test accuracy within 0.1 point and final weights within 1e-4 (relative to each
    array's largest weight) between cuda and cpu, and between cuda's fast path and its generic math;
-6. benchmarks/gpu_memory.py: CuPy's pool after each epoch (flat from the second on) and the most it held, with
+6. ``gpunn train --device cuda`` with its defaults, three times, as a user waits for it: wall time and the training's
+   share (DIR/e2e.json);
+7. benchmarks/gpu_memory.py: CuPy's pool after each epoch (flat from the second on) and the most it held, with
    the fast path and with the generic math;
-7. benchmarks/epoch_throughput.py on cuda with the PyTorch peers (eager, and CUDA graphs where the script has
+8. benchmarks/epoch_throughput.py on cuda with the PyTorch peers (eager, and CUDA graphs where the script has
    them), with shorter timing options than its defaults where it has them; its JSON and markdown go to DIR/bench;
-8. torch.compile beside gpunn and the other peers on cuda, for 784-10-10 in float32 alone (its compilations take
+9. torch.compile beside gpunn and the other peers on cuda, for 784-10-10 in float32 alone (its compilations take
    tens of seconds per shape);
-9. ``pytest -m gpu``: every test marked gpu, the CuPy case of each backend-parametrized test and the CuPy variant
-   of each CUDA fast-path parity test among them (after the figures: how long the tests take on a GPU is unknown);
-10. the CPU rows of the benchmark on the same machine;
-11. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator),
+10. ``pytest -m gpu``: every test marked gpu, the CuPy case of each backend-parametrized test and the CuPy variant
+    of each CUDA fast-path parity test among them (after the figures: how long the tests take on a GPU is unknown);
+11. ``ncu`` (where it is on PATH) on the single pass's kernels: throughput, occupancy, stall reasons;
+12. the CPU rows of the benchmark on the same machine;
+13. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator),
     last, since CI runs them too.
 
 A step that fails is recorded and the next ones still run (except after step 3); the exit status is 1 when any
@@ -39,6 +42,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +58,7 @@ WEIGHTS_RTOL = 1e-4  # max |W_a - W_b| / max |W_b|, per array
 TRAININGS = {"cuda": ("cuda", "--fast"), "cuda-generic": ("cuda", "--generic"), "cpu": ("cpu", "--fast"),
              "cpu-generic": ("cpu", "--generic")}
 PAIRS = [("cuda", "cpu"), ("cuda-generic", "cpu-generic"), ("cuda", "cuda-generic")]
+E2E_RUNS = 3
 
 # Runs in a subprocess, so that this process never holds a CUDA context while the tests and trainings run.
 GPU_PROBE = """
@@ -72,7 +77,7 @@ else:
 @dataclass
 class Result:
     step: str
-    status: str  # "ok", "FAILED" or "skipped"
+    status: str  # "ok", "FAILED", "skipped" (the time budget was spent) or "n/a" (an optional tool is missing)
     seconds: float
     detail: str
     log: str | None = None
@@ -199,6 +204,38 @@ class GpuCheck:
                                                        str(self.data), choice, "--out-dir", str(self.out / "bench"),
                                                        "--name", name], limit=120, log=f"{name}.log")
 
+    def end_to_end(self) -> None:
+        """`gpunn train --device cuda` as a user runs it (the defaults: 784-10-10, 500 epochs), E2E_RUNS times: each
+        run's wall time from the command's start to the model on disk, beside its training's share (the metrics'
+        total_s), in DIR/e2e.json. The kernels are compiled by then (CuPy caches them on disk)."""
+        runs = []
+        for run in range(1, E2E_RUNS + 1):
+            metrics, model = self.out / f"e2e-{run}.jsonl", self.out / f"e2e-{run}.npz"
+            argv = [*self.python(), "-m", "gpunn", "train", "--device", "cuda", "--data-dir", str(self.data),
+                    "--quiet", "--metrics-out", str(metrics), "--out", str(model)]
+            result = self.command(f"e2e cuda {run}", argv, limit=60, log=f"e2e-{run}.log")
+            if result.status != "ok":
+                continue
+            training = json.loads(metrics.read_text().strip().splitlines()[-1])["total_s"]
+            runs.append({"command": " ".join(argv[1:]), "wall_s": result.seconds, "training_s": training,
+                         "rest_s": result.seconds - training})
+            result.detail = f"{result.seconds:.2f} s in all, {training:.3f} s of it training"
+        (self.out / "e2e.json").write_text(json.dumps(runs, indent=1) + "\n")
+
+    def profile(self) -> None:
+        """ncu's view of the single pass's kernels in a short default run: throughput, occupancy, memory, and the
+        warps' stall reasons, in DIR/ncu-single-pass.log (its clocks are ncu's, not a timed run's)."""
+        ncu = shutil.which("ncu")
+        if ncu is None:
+            self.record(Result("ncu single pass", "n/a", 0.0, "ncu is not on PATH"))
+            return
+        sections = [item for name in ("SpeedOfLight", "LaunchStats", "Occupancy", "MemoryWorkloadAnalysis",
+                                      "SchedulerStats", "WarpStateStats") for item in ("--section", name)]
+        self.command("ncu single pass", [ncu, "--target-processes", "all", "-k", "regex:single_pass",
+                                         "--launch-count", "3", *sections, *self.python(), "-m", "gpunn", "train",
+                                         "--device", "cuda", "--data-dir", str(self.data), "--epochs", "3", "--quiet",
+                                         "--out", str(self.out / "ncu.npz")], limit=120, log="ncu-single-pass.log")
+
     def trainings(self) -> dict[str, dict[str, Any]]:
         runs: dict[str, dict[str, Any]] = {}
         for name, (device, choice) in TRAININGS.items():
@@ -309,13 +346,15 @@ class GpuCheck:
         self.check_data()
         self.check_gpu()
         self.compare(self.trainings())
+        self.end_to_end()
         self.memory()
         self.cuda_benchmarks()
         self.tests()
+        self.profile()
         self.cpu_benchmarks()
         self.cpu_side_tests()
         table = self.write_summary()
-        failed = [r.step for r in self.results if r.status != "ok"]
+        failed = [r.step for r in self.results if r.status not in ("ok", "n/a")]
         print(f"\n{table}\n")
         print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps passed'} (logs in {self.out})")
         return 1 if failed else 0

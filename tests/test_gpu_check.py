@@ -83,3 +83,46 @@ def test_the_benchmark_steps_pass_only_options_the_benchmark_takes(tmp_path, mon
         for peer in argv[argv.index("--peers") + 1].split(","):
             assert peer == "none" or peer in help_text
     assert commands["bench cuda"][commands["bench cuda"].index("--devices") + 1] == "cuda"
+
+
+def test_end_to_end_runs_keep_wall_time_and_training_time(tmp_path, monkeypatch):
+    """Each run's wall time is the command's (start to model on disk); its training's share comes from the metrics;
+    a failed run is left out of DIR/e2e.json and stays a failed step."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check as module
+
+    check = module.GpuCheck(tmp_path, tmp_path / "mnist", budget_s=60)
+    walls = iter([1.5, 9.0, 1.25])
+
+    def command(step, argv, **kwargs):
+        wall = next(walls)
+        if wall == 9.0:
+            return check.record(module.Result(step, "FAILED", wall, "out of memory"))
+        metrics = Path(argv[argv.index("--metrics-out") + 1])
+        metrics.write_text('{"type": "epoch"}\n{"type": "summary", "total_s": 0.125}\n')
+        return check.record(module.Result(step, "ok", wall, ""))
+
+    monkeypatch.setattr(check, "command", command)
+    check.end_to_end()
+    runs = json.loads((tmp_path / "e2e.json").read_text())
+    assert [(r["wall_s"], r["training_s"], r["rest_s"]) for r in runs] == [(1.5, 0.125, 1.375), (1.25, 0.125, 1.125)]
+    assert all("--device cuda" in r["command"] and "--epochs" not in r["command"] for r in runs)  # the defaults
+    assert [r.status for r in check.results] == ["ok", "FAILED", "ok"]
+    assert check.results[0].detail == "1.50 s in all, 0.125 s of it training"
+
+
+def test_a_missing_profiler_is_not_a_failure(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check as module
+
+    check = module.GpuCheck(tmp_path, tmp_path, budget_s=60)
+    monkeypatch.setattr(module.shutil, "which", lambda name: None)
+    check.profile()
+    assert [(r.step, r.status) for r in check.results] == [("ncu single pass", "n/a")]
+    monkeypatch.setattr(module.shutil, "which", lambda name: f"/usr/local/cuda/bin/{name}")
+    commands = []
+    monkeypatch.setattr(check, "command", lambda step, argv, **kwargs: commands.append(argv))
+    check.profile()
+    argv = commands[0]
+    assert argv[0] == "/usr/local/cuda/bin/ncu" and argv[argv.index("-k") + 1] == "regex:single_pass"
+    assert argv[argv.index("--device") + 1] == "cuda" and "WarpStateStats" in argv
