@@ -182,16 +182,22 @@ class GpuCheck:
             self.stop("gpu", f"no usable CUDA device: {answer['why']}")
         self.record(Result("gpu", "ok", time.monotonic() - start, answer["gpu"]))
 
-    def tests(self) -> None:
+    def pytest(self) -> list[str] | None:
+        """pytest's command line, or None (and a failed step) where it is not installed."""
         if importlib.util.find_spec("pytest") is None:
             self.record(Result("pytest", "FAILED", 0.0, f"pytest is not installed for {sys.executable}"))
+            return None
+        return [*self.python(), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"]
+
+    def tests(self) -> None:
+        if (pytest := self.pytest()) is None:
             return
-        pytest = [*self.python(), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"]
         self.command("pytest -m gpu", [*pytest, "-m", "gpu", f"--junitxml={self.out / 'pytest-gpu.xml'}", "tests"],
                      limit=300, log="pytest-gpu.log")
 
     def cpu_side_tests(self) -> None:
-        pytest = [*self.python(), "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"]
+        if (pytest := self.pytest()) is None:
+            return
         self.command("pytest fast path (cpu)", [*pytest, "-m", "not gpu",
                                                 f"--junitxml={self.out / 'pytest-fast-path.xml'}",
                                                 "tests/test_kernels.py", "tests/test_fused_cuda.py"],

@@ -243,8 +243,8 @@ class CupyBackend(Backend):
     Its fast paths are in :mod:`gpunn.fused_cuda`, for ReLU networks with a softmax output, without dropout: one
     kernel's single pass over the uint8 pixels per step for one hidden layer of up to 16 units, else cuBLAS and a few
     fused kernels; a full-batch epoch as one CUDA graph. They are the default: on an H200 they beat the generic
-    math at every size and dtype benchmarks/epoch_throughput.py times (benchmarks/results/nvidia-h200-cuda.md), and
-    ``fast=False`` (``gpunn train --generic``) turns them off."""
+    math at every size and dtype benchmarks/epoch_throughput.py times (benchmarks/results/nvidia-h200-cuda-f32.log
+    and the files beside it), and ``fast=False`` (``gpunn train --generic``) turns them off."""
 
     def __init__(self, cupy: ModuleType, index: int, reason: str = "", *, fast: bool | None = None) -> None:
         import array_api_compat.cupy as xp

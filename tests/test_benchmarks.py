@@ -94,7 +94,6 @@ def test_epoch_throughput_at_toy_size(tmp_path):
         assert (tmp_path / "toy.png").stat().st_size > 10_000
 
 
-
 def test_a_signal_keeps_the_groups_already_timed(tmp_path):
     """SIGTERM (a time limit's `timeout`) or Ctrl-C in the middle of a run writes the groups done before it, says
     so in the results, and exits with 128 + the signal's number, as a shell reports a process a signal ended."""
