@@ -267,6 +267,19 @@ def as_grid(grid: int | tuple[int, ...]) -> tuple[int, int, int]:
 _MODULES: dict[tuple[str, tuple[str, ...]], Any] = {}  # (file, options) -> cupy.RawModule, compiled on first use
 
 
+_SINGLE_PASS_HP = re.compile(r"single_pass_h(\d+)_")
+
+
+def module_options(info: KernelInfo) -> tuple[str, ...]:
+    """The compile options, past RAWMODULE_OPTIONS, of the module a kernel is loaded from: a kernel of
+    single_pass.cu comes from a module of its own hidden size's passes (SP_ONLY_HP; 0 for prepare and reduce,
+    which every module has), since compiling all 16 passes would make a first run wait for them all."""
+    if info.file != "single_pass.cu":
+        return ()
+    match = _SINGLE_PASS_HP.match(info.name)
+    return (f"-DSP_ONLY_HP={match.group(1) if match else 0}",)
+
+
 def _raw_module(cupy: ModuleType, file: str, options: tuple[str, ...]) -> Any:
     """The RawModule of one .cu file, made once per process (CuPy compiles it on the first get_function, and keeps
     the binary in its own disk cache, keyed on the source and options)."""
@@ -489,7 +502,7 @@ class CupyDevice:
         function = self._functions.get(name)
         if function is None:
             info = kernel_signatures()[name]
-            function = _raw_module(self.cupy, info.file, self.options).get_function(name)
+            function = _raw_module(self.cupy, info.file, self.options + module_options(info)).get_function(name)
             self._functions[name] = function
         return function
 

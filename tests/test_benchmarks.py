@@ -295,3 +295,17 @@ def test_gpunn_is_timed_on_the_whole_epoch_runner_where_its_step_has_one(monkeyp
         np.testing.assert_allclose(b, b_ref, rtol=1e-4, atol=1e-6)
     fast.close()
     assert fast._epochs is None
+
+
+def test_cuda_compile_times_the_modules_a_run_loads():
+    """benchmarks/cuda_compile.py compiles what a CUDA run of 784-h-10 loads: every kernel file but single_pass.cu
+    whole, and of single_pass.cu the module of the run's hidden size (odd sizes run on the next even kernel) and the
+    one with prepare and reduce alone."""
+    import cuda_compile
+
+    for hidden, hp in [(10, 10), (7, 8), (16, 16)]:
+        modules = cuda_compile.run_modules(hidden)
+        assert set(modules) == {("layers.cu", ()), ("metrics.cu", ()), ("optimizer.cu", ()),
+                                ("single_pass.cu", ("-DSP_ONLY_HP=0",)), ("single_pass.cu", (f"-DSP_ONLY_HP={hp}",))}
+        assert set(modules[("single_pass.cu", (f"-DSP_ONLY_HP={hp}",))]) == {f"single_pass_h{hp}_f32",
+                                                                           f"single_pass_h{hp}_f64"}

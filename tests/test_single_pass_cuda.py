@@ -27,7 +27,9 @@ from gpunn.fused_cuda import (
     SinglePassCudaPass,
     SinglePassGraphStep,
     _SinglePass,
+    kernel_signatures,
     kernel_source,
+    module_options,
     single_pass_block,
     single_pass_limits,
     single_pass_step,
@@ -129,6 +131,27 @@ def test_launch_bounds_and_static_shared_memory_reach_the_ptx(nvrtc):
         assert f".minnctapersm {minimum}" in body, name
         shared = sum(int(size) for size in re.findall(r"\.shared \.align \d+ \.b8 \w+\[(\d+)\]", body))
         assert 40_000 < shared <= 48 * 1024, (name, shared)
+
+
+def test_each_single_pass_kernel_comes_from_a_module_of_its_own_hidden_size(nvrtc):
+    """CupyDevice loads a kernel of single_pass.cu from a module compiled with fused_cuda.module_options: the passes
+    of that hidden size alone, with prepare and reduce (SP_ONLY_HP=0: those two alone), so that a first run compiles
+    two of the 16 passes. Every kernel is in the module it is asked from, and no other size's pass is."""
+    signatures = kernel_signatures()
+    single_pass = [info for info in signatures.values() if info.file == "single_pass.cu"]
+    common = {name for name in (info.name for info in single_pass) if not re.match(r"single_pass_h\d+_", name)}
+    assert common == {f"single_pass_{kind}_{suffix}" for kind in ("prepare", "reduce") for suffix in ("f32", "f64")}
+    modules: dict[tuple[str, ...], set[str]] = {}
+    for info in single_pass:
+        modules.setdefault(module_options(info), set()).add(info.name)
+    assert len(modules) == 9 and modules[("-DSP_ONLY_HP=0",)] == common
+    for options, asked in modules.items():
+        ptx, log = nvrtc.compile(kernel_source("single_pass.cu"), "single_pass.cu",
+                                 RAWMODULE_OPTIONS + CUPY_ADDED_OPTIONS + options + ("-arch=compute_90",))
+        assert "warning" not in log.lower(), log
+        entries = set(re.findall(r"\.entry\s+(\w+)", ptx.decode()))
+        assert entries == asked | common, options
+    assert module_options(signatures["update_f32"]) == ()
 
 
 # --- one pass -----------------------------------------------------------------------------------------------------
@@ -295,7 +318,7 @@ def test_the_gpu_device_sizes_the_grid_from_the_drivers_occupancy(monkeypatch):
 
     class RawModule:
         def __init__(self, code, options):
-            assert "single_pass_h10_f32" in code and options == fused_cuda.RAWMODULE_OPTIONS
+            assert "single_pass_h10_f32" in code and options == fused_cuda.RAWMODULE_OPTIONS + ("-DSP_ONLY_HP=10",)
 
         def get_function(self, name):
             return SimpleNamespace(kernel=SimpleNamespace(ptr=0xBEEF), max_threads_per_block=256)

@@ -508,45 +508,72 @@ extern "C" __global__ void single_pass_reduce_f64(const double* part, int blocks
     single_pass_reduce<double>(part, blocks, n_total, n_w1, G);
 }
 
+// Which hidden sizes' passes a compilation holds: every one by default (the tests' builds, the emulator), or only
+// SP_ONLY_HP's (0: none; prepare and reduce are always there). gpunn.fused_cuda compiles each module it loads for
+// one size: NVRTC takes 10 s for all 16 passes for sm_90, 1.4 s for one size's two (measured on a 2-core Xeon), and
+// a first run on a machine waits for it. The host still finds every kernel in this text.
+#ifdef SP_ONLY_HP
+#define SP_BUILDS(hp) (SP_ONLY_HP == (hp))
+#else
+#define SP_BUILDS(hp) 1
+#endif
+
 // Launch bounds, declared apart inside braces (the host finds kernels by their unbraced definitions below): at
 // most 256 threads, and for float32 with up to 14 hidden units two blocks per SM, i.e. at most 128 registers per
 // thread (ptxas 13.0 for sm_90 then spills a few loop-invariant values, none inside the inner loops; at 16 units it
 // would spill inside the dW1 loop). float64 and 16 units: one block per SM, up to 255 registers, no spills.
 extern "C" {
+#if SP_BUILDS(2)
 __global__ void __launch_bounds__(256, 2) single_pass_h2_f32(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const float* P, const float* W1T, float* part, double* losses);
 __global__ void __launch_bounds__(256, 1) single_pass_h2_f64(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const double* P, const double* W1T, double* part, double* losses);
+#endif
+#if SP_BUILDS(4)
 __global__ void __launch_bounds__(256, 2) single_pass_h4_f32(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const float* P, const float* W1T, float* part, double* losses);
 __global__ void __launch_bounds__(256, 1) single_pass_h4_f64(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const double* P, const double* W1T, double* part, double* losses);
+#endif
+#if SP_BUILDS(6)
 __global__ void __launch_bounds__(256, 2) single_pass_h6_f32(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const float* P, const float* W1T, float* part, double* losses);
 __global__ void __launch_bounds__(256, 1) single_pass_h6_f64(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const double* P, const double* W1T, double* part, double* losses);
+#endif
+#if SP_BUILDS(8)
 __global__ void __launch_bounds__(256, 2) single_pass_h8_f32(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const float* P, const float* W1T, float* part, double* losses);
 __global__ void __launch_bounds__(256, 1) single_pass_h8_f64(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const double* P, const double* W1T, double* part, double* losses);
+#endif
+#if SP_BUILDS(10)
 __global__ void __launch_bounds__(256, 2) single_pass_h10_f32(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const float* P, const float* W1T, float* part, double* losses);
 __global__ void __launch_bounds__(256, 1) single_pass_h10_f64(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const double* P, const double* W1T, double* part, double* losses);
+#endif
+#if SP_BUILDS(12)
 __global__ void __launch_bounds__(256, 2) single_pass_h12_f32(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const float* P, const float* W1T, float* part, double* losses);
 __global__ void __launch_bounds__(256, 1) single_pass_h12_f64(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const double* P, const double* W1T, double* part, double* losses);
+#endif
+#if SP_BUILDS(14)
 __global__ void __launch_bounds__(256, 2) single_pass_h14_f32(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const float* P, const float* W1T, float* part, double* losses);
 __global__ void __launch_bounds__(256, 1) single_pass_h14_f64(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const double* P, const double* W1T, double* part, double* losses);
+#endif
+#if SP_BUILDS(16)
 __global__ void __launch_bounds__(256, 1) single_pass_h16_f32(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const float* P, const float* W1T, float* part, double* losses);
 __global__ void __launch_bounds__(256, 1) single_pass_h16_f64(const unsigned char* X, const long long* y, int n0, int m,
     int h, int classes, const double* P, const double* W1T, double* part, double* losses);
+#endif
 }
 
+#if SP_BUILDS(2)
 extern "C" __global__ void single_pass_h2_f32(const unsigned char* X, const long long* y, int n0, int m, int h,
                                               int classes, const float* P, const float* W1T, float* part,
                                               double* losses) {
@@ -557,6 +584,8 @@ extern "C" __global__ void single_pass_h2_f64(const unsigned char* X, const long
                                               double* losses) {
     single_pass<double, 2>(X, y, n0, m, h, classes, P, W1T, part, losses);
 }
+#endif
+#if SP_BUILDS(4)
 extern "C" __global__ void single_pass_h4_f32(const unsigned char* X, const long long* y, int n0, int m, int h,
                                               int classes, const float* P, const float* W1T, float* part,
                                               double* losses) {
@@ -567,6 +596,8 @@ extern "C" __global__ void single_pass_h4_f64(const unsigned char* X, const long
                                               double* losses) {
     single_pass<double, 4>(X, y, n0, m, h, classes, P, W1T, part, losses);
 }
+#endif
+#if SP_BUILDS(6)
 extern "C" __global__ void single_pass_h6_f32(const unsigned char* X, const long long* y, int n0, int m, int h,
                                               int classes, const float* P, const float* W1T, float* part,
                                               double* losses) {
@@ -577,6 +608,8 @@ extern "C" __global__ void single_pass_h6_f64(const unsigned char* X, const long
                                               double* losses) {
     single_pass<double, 6>(X, y, n0, m, h, classes, P, W1T, part, losses);
 }
+#endif
+#if SP_BUILDS(8)
 extern "C" __global__ void single_pass_h8_f32(const unsigned char* X, const long long* y, int n0, int m, int h,
                                               int classes, const float* P, const float* W1T, float* part,
                                               double* losses) {
@@ -587,6 +620,8 @@ extern "C" __global__ void single_pass_h8_f64(const unsigned char* X, const long
                                               double* losses) {
     single_pass<double, 8>(X, y, n0, m, h, classes, P, W1T, part, losses);
 }
+#endif
+#if SP_BUILDS(10)
 extern "C" __global__ void single_pass_h10_f32(const unsigned char* X, const long long* y, int n0, int m, int h,
                                                int classes, const float* P, const float* W1T, float* part,
                                                double* losses) {
@@ -597,6 +632,8 @@ extern "C" __global__ void single_pass_h10_f64(const unsigned char* X, const lon
                                                double* losses) {
     single_pass<double, 10>(X, y, n0, m, h, classes, P, W1T, part, losses);
 }
+#endif
+#if SP_BUILDS(12)
 extern "C" __global__ void single_pass_h12_f32(const unsigned char* X, const long long* y, int n0, int m, int h,
                                                int classes, const float* P, const float* W1T, float* part,
                                                double* losses) {
@@ -607,6 +644,8 @@ extern "C" __global__ void single_pass_h12_f64(const unsigned char* X, const lon
                                                double* losses) {
     single_pass<double, 12>(X, y, n0, m, h, classes, P, W1T, part, losses);
 }
+#endif
+#if SP_BUILDS(14)
 extern "C" __global__ void single_pass_h14_f32(const unsigned char* X, const long long* y, int n0, int m, int h,
                                                int classes, const float* P, const float* W1T, float* part,
                                                double* losses) {
@@ -617,6 +656,8 @@ extern "C" __global__ void single_pass_h14_f64(const unsigned char* X, const lon
                                                double* losses) {
     single_pass<double, 14>(X, y, n0, m, h, classes, P, W1T, part, losses);
 }
+#endif
+#if SP_BUILDS(16)
 extern "C" __global__ void single_pass_h16_f32(const unsigned char* X, const long long* y, int n0, int m, int h,
                                                int classes, const float* P, const float* W1T, float* part,
                                                double* losses) {
@@ -627,3 +668,4 @@ extern "C" __global__ void single_pass_h16_f64(const unsigned char* X, const lon
                                                double* losses) {
     single_pass<double, 16>(X, y, n0, m, h, classes, P, W1T, part, losses);
 }
+#endif
