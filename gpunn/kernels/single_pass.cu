@@ -510,8 +510,9 @@ extern "C" __global__ void single_pass_reduce_f64(const double* part, int blocks
 
 // Which hidden sizes' passes a compilation holds: every one by default (the tests' builds, the emulator), or only
 // SP_ONLY_HP's (0: none; prepare and reduce are always there). gpunn.fused_cuda compiles each module it loads for
-// one size: NVRTC takes 10 s for all 16 passes for sm_90, 1.4 s for one size's two (measured on a 2-core Xeon), and
-// a first run on a machine waits for it. The host still finds every kernel in this text.
+// one size: NVRTC takes 9.4 s for the whole file for sm_90, 1.3 s with one size's two passes (benchmarks/
+// cuda_compile.py, on the 2-core development machine), and a first run on a machine waits for it. The host still
+// finds every kernel in this text.
 #ifdef SP_ONLY_HP
 #define SP_BUILDS(hp) (SP_ONLY_HP == (hp))
 #else
