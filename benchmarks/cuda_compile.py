@@ -33,12 +33,13 @@ from gpunn.fused_cuda import (  # noqa: E402
     kernel_signatures,
     kernel_source,
     module_options,
+    single_pass_width,
 )
 
 
 def run_modules(hidden: int) -> dict[tuple[str, tuple[str, ...]], list[str]]:
     """The modules CupyDevice loads for a 784-h-10 run's fast path, both dtypes: (file, options) -> kernels."""
-    hp = hidden + hidden % 2  # the single pass's kernels come in even sizes (gpunn.fused_cuda._SinglePass)
+    hp = single_pass_width(hidden)
     wanted = [info for info in kernel_signatures().values()
               if info.file != "single_pass.cu" or module_options(info) in {(f"-DSP_ONLY_HP={hp}",), ("-DSP_ONLY_HP=0",)}]
     modules: dict[tuple[str, tuple[str, ...]], list[str]] = {}

@@ -74,6 +74,11 @@ else:
 """
 
 
+def run_summary(metrics: Path) -> dict[str, Any]:
+    """The summary record `gpunn train --metrics-out` writes last."""
+    return json.loads(metrics.read_text().strip().splitlines()[-1])
+
+
 @dataclass
 class Result:
     step: str
@@ -222,7 +227,7 @@ class GpuCheck:
             result = self.command(f"e2e cuda {run}", argv, limit=60, log=f"e2e-{run}.log")
             if result.status != "ok":
                 continue
-            training = json.loads(metrics.read_text().strip().splitlines()[-1])["total_s"]
+            training = run_summary(metrics)["total_s"]
             runs.append({"command": " ".join(argv[1:]), "wall_s": result.seconds, "training_s": training,
                          "rest_s": result.seconds - training})
             result.detail = f"{result.seconds:.2f} s in all, {training:.3f} s of it training"
@@ -251,7 +256,7 @@ class GpuCheck:
             result = self.command(f"train {name}", [*argv, choice],
                                   limit=150 if device == "cuda" else 300, log=f"train-{name}.log")
             if result.status == "ok":
-                summary = json.loads(metrics.read_text().strip().splitlines()[-1])
+                summary = run_summary(metrics)
                 step = next((line.split(":", 1)[1].strip() for line in Path(result.log).read_text().splitlines()
                              if line.startswith("step:")), "?")
                 result.detail = (f"test {100 * summary['test_accuracy']:.2f} %, median epoch "

@@ -500,8 +500,9 @@ def info() -> None:
     libraries = ", ".join(f"{name} {version(name)}"
                           for name in ("numpy", "array-api-compat", "click", "pandas", "numba"))
     echo(f"gpunn {__version__}, Python {platform.python_version()}, {libraries}")
-    echo(f"cpu:  {NumpyBackend().summary()}")
-    echo(f"      single pass: {NumpyBackend().single_pass_summary()}")
+    cpu = NumpyBackend()
+    echo(f"cpu:  {cpu.summary()}")
+    echo(f"      single pass: {cpu.single_pass_summary()}")
     try:
         devices = cuda_devices()
     except BackendError as error:

@@ -1042,6 +1042,12 @@ def single_pass_unsupported(arch: Architecture, *, dtype: str, dropout: float) -
     return None
 
 
+def single_pass_width(h: int) -> int:
+    """The hidden width of the kernel a single pass of ``h`` units runs (single_pass_hHP): the kernels come for even
+    widths, and an odd h runs with one zero unit."""
+    return h + (h & 1)
+
+
 def single_pass_block(n0: int, config: LaunchConfig) -> int:
     """Threads per block of the single pass: ``config.block`` (256 on a GPU), raised to the smallest power of two
     the kernel needs for n0 inputs: one forward slice, 3 pixels of dW1 per thread plus 16 kept in shared memory,
@@ -1073,7 +1079,7 @@ class _SinglePass:
         self.n0, self.h, self.classes = arch.sizes
         self.layout = FlatLayout(arch.sizes)
         self.tile = limits["TILE"]
-        self.hp = self.h + (self.h & 1)  # the kernels come for even widths; an odd h runs with one zero unit
+        self.hp = single_pass_width(self.h)
         self.hp4 = -(-self.hp // 4) * 4
         self.kernel = f"single_pass_h{self.hp}_{self.suffix}"
         self.block = single_pass_block(self.n0, device.config)
