@@ -176,10 +176,13 @@ class GpunnRunner:
         self.weights = [Layer(backend.asarray(W.astype(dtype)), backend.asarray(b.astype(dtype))) for W, b in params]
         self.lr = lr
         self._step = step
-        self._contexts = [_Reenterable(step.gradients), _Reenterable(lambda: step.update(self.rule))]
         self.gradients = self.update = None
         self._scope = ExitStack()
         self._epochs = self._open_epochs(dtype)
+        # the step's gradient pass and update rule, for steps called from Python: made only where no runner of
+        # whole epochs runs them (a fast path's pass may hold buffers from the moment it is made)
+        self._contexts = [] if self._epochs is not None else [_Reenterable(step.gradients),
+                                                              _Reenterable(lambda: step.update(self.rule))]
 
     def _open_epochs(self, dtype: str) -> Any:
         """The step's whole-epoch runner, entered and loaded with the weights, or None where it has none. It stays
