@@ -87,14 +87,17 @@ def test_the_benchmark_steps_pass_only_options_the_benchmark_takes(tmp_path, mon
 
 def test_end_to_end_runs_keep_wall_time_and_training_time(tmp_path, monkeypatch):
     """Each run's wall time is the command's (start to model on disk); its training's share comes from the metrics;
-    a failed run is left out of DIR/e2e.json and stays a failed step."""
+    a failed run is left out of DIR/e2e.json and stays a failed step. The first run finds CuPy's and the driver's
+    kernel caches empty; the others run with the caches the environment already names."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gpu_check as module
 
     check = module.GpuCheck(tmp_path, tmp_path / "mnist", budget_s=60)
-    walls = iter([1.5, 9.0, 1.25])
+    walls = iter([4.5, 1.5, 9.0, 1.25])
+    caches = []
 
-    def command(step, argv, **kwargs):
+    def command(step, argv, env=None, **kwargs):
+        caches.append(None if env is None else {name: sorted(Path(env[name]).parent.iterdir()) for name in env})
         wall = next(walls)
         if wall == 9.0:
             return check.record(module.Result(step, "FAILED", wall, "out of memory"))
@@ -105,10 +108,13 @@ def test_end_to_end_runs_keep_wall_time_and_training_time(tmp_path, monkeypatch)
     monkeypatch.setattr(check, "command", command)
     check.end_to_end()
     runs = json.loads((tmp_path / "e2e.json").read_text())
-    assert [(r["wall_s"], r["training_s"], r["rest_s"]) for r in runs] == [(1.5, 0.125, 1.375), (1.25, 0.125, 1.125)]
+    assert [(r["run"], r["kernels"], r["wall_s"], r["training_s"], r["rest_s"]) for r in runs] == [
+        ("cold", "compiled", 4.5, 0.125, 4.375), (1, "cached", 1.5, 0.125, 1.375), (3, "cached", 1.25, 0.125, 1.125)]
     assert all("--device cuda" in r["command"] and "--epochs" not in r["command"] for r in runs)  # the defaults
-    assert [r.status for r in check.results] == ["ok", "FAILED", "ok"]
-    assert check.results[0].detail == "1.50 s in all, 0.125 s of it training"
+    assert [r.status for r in check.results] == ["ok", "ok", "FAILED", "ok"]
+    assert check.results[1].detail == "1.50 s in all, 0.125 s of it training"
+    assert caches[0] == {"CUPY_CACHE_DIR": [], "CUDA_CACHE_PATH": []}  # an empty folder, made for the cold run
+    assert caches[1:] == [None] * module.E2E_RUNS
 
 
 def test_a_missing_profiler_is_not_a_failure(tmp_path, monkeypatch):
