@@ -248,7 +248,10 @@ class GpuCheck:
 
     def profile(self) -> None:
         """ncu's view of the single pass's kernels in a short default run: throughput, occupancy, memory, and the
-        warps' stall reasons, in DIR/ncu-single-pass.log (its clocks are ncu's, not a timed run's)."""
+        warps' stall reasons, in DIR/ncu-single-pass.log. Under a training run's clocks and caches: by default ncu
+        locks the SM clock at its base (1.49 GHz on the H200, against the 1.98 GHz a timed run gets) and flushes the
+        caches before each kernel, so the reduce read the pass's partial sums from DRAM, where a training run may
+        find them still in L2."""
         ncu = shutil.which("ncu")
         if ncu is None:
             self.record(Result("ncu single pass", "n/a", 0.0, "ncu is not on PATH"))
@@ -256,7 +259,8 @@ class GpuCheck:
         sections = [item for name in ("SpeedOfLight", "LaunchStats", "Occupancy", "MemoryWorkloadAnalysis",
                                       "SchedulerStats", "WarpStateStats") for item in ("--section", name)]
         self.command("ncu single pass", [ncu, "--target-processes", "all", "-k", "regex:single_pass",
-                                         "--launch-count", "3", *sections, *self.python(), "-m", "gpunn", "train",
+                                         "--launch-count", "3", "--clock-control", "none", "--cache-control", "none",
+                                         *sections, *self.python(), "-m", "gpunn", "train",
                                          "--device", "cuda", "--data-dir", str(self.data), "--epochs", "3", "--quiet",
                                          "--out", str(self.out / "ncu.npz")], limit=120, log="ncu-single-pass.log")
 

@@ -132,3 +132,5 @@ def test_a_missing_profiler_is_not_a_failure(tmp_path, monkeypatch):
     argv = commands[0]
     assert argv[0] == "/usr/local/cuda/bin/ncu" and argv[argv.index("-k") + 1] == "regex:single_pass"
     assert argv[argv.index("--device") + 1] == "cuda" and "WarpStateStats" in argv
+    # a training run's clocks and caches, not ncu's base clock and flushed caches
+    assert argv[argv.index("--clock-control") + 1] == "none" and argv[argv.index("--cache-control") + 1] == "none"
