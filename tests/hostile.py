@@ -216,6 +216,7 @@ def model_corpus(good: bytes) -> dict[str, tuple[bytes, str]]:
         return lambda m: m.__delitem__(key)
 
     W1 = arrays["W1"]
+    flip = good.index(b"\x93NUMPY", good.index(b"W1.npy")) + 400  # a byte of W1's values: its entry's CRC-32 fails
     nan3 = W1.copy()
     nan3.flat[:3] = np.nan
     not_a_model = "is not a gpunn model file (an .npz written by gpunn train): it looks like"
@@ -231,7 +232,7 @@ def model_corpus(good: bytes) -> dict[str, tuple[bytes, str]]:
         "IDX": (idx((1, 28, 28)), f"{not_a_model} an IDX data file"),
         "truncated": (good[: len(good) // 2], "the archive is damaged or truncated"),
         "zip magic only": (b"PK\x03\x04", "the archive is damaged or truncated"),
-        "flipped byte": (good[:3000] + bytes([good[3000] ^ 0xFF]) + good[3001:], "is"),
+        "flipped byte": (good[:flip] + bytes([good[flip] ^ 0xFF]) + good[flip + 1:], "is"),
         "empty zip": (b"PK\x05\x06" + b"\0" * 18, "its 'meta' entry is missing"),
         "zip of text": (zipped(("notes.txt", b"hi")), "it holds 'notes.txt', which is not a NumPy array"),
         "duplicate entry": (_with_duplicate(good, "W1.npy"), "the array W1 appears twice"),
