@@ -4,6 +4,7 @@ compared interleaved in one run.
     python benchmarks/epoch_throughput.py                        # synthetic data of MNIST's shape, m = 60,000
     python benchmarks/epoch_throughput.py --data-dir DIR         # real MNIST training images
     python benchmarks/epoch_throughput.py --m 512 --hidden 10 --rounds 3 --out-dir /tmp/b   # toy size
+    python benchmarks/epoch_throughput.py --devices cuda --dtypes float32 --precision tf32  # tensor-core GEMMs
 
 The runs fall into groups, one per device, dtype and hidden size. In a group, every implementation (gpunn's
 variants, from gpunn_variants(), and the peers of benchmarks/peers/) is first checked to compute gpunn's step (its
@@ -13,6 +14,12 @@ to round, so that a drift of the machine's load falls on all of them alike. Per 
 the min and the median over the rounds, and in each round its time over gpunn's in the same round. The machine's own
 read bandwidth and GEMM rate give each row a lower bound (X read once; 3196·h·m FLOPs per epoch for one hidden
 layer of h units), and the ratio to it.
+
+``--precision tf32`` or ``bf16`` (float32 only, on CUDA): every implementation's float32 matrix products may run on
+tensor cores, gpunn's as `gpunn train --precision` runs them (its generic math refuses, and says so), PyTorch's as
+``torch.set_float32_matmul_precision`` lets them ("high": TF32, "medium": bfloat16 where its cuBLAS calls take it);
+the check of each step against gpunn's allows for the inputs' rounding, and the bound's GEMM rate is that of
+gpunn's own cuBLAS call in that precision.
 
 Writes NAME.json (machine, command, every slot's time and order), NAME.md (the table) and, with matplotlib,
 NAME.png.
@@ -48,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peers package be
 import gpunn  # noqa: E402
 from gpunn import diagnostics  # noqa: E402
 from gpunn.backend import Backend, NumpyBackend, get_backend  # noqa: E402
-from gpunn.errors import BackendError  # noqa: E402
+from gpunn.errors import BackendError, ConfigError  # noqa: E402
 from gpunn.model import Preprocessing  # noqa: E402
-from gpunn.nn import Architecture, Layer, cost, forward, init_params, one_hot  # noqa: E402
+from gpunn.nn import PRECISIONS, Architecture, Layer, cost, forward, init_params, one_hot  # noqa: E402
 from gpunn.optim import Optimizer  # noqa: E402
 from gpunn.train import DeviceData, Epochs, TrainConfig, train_step  # noqa: E402
 
@@ -59,6 +66,9 @@ CHECK_EPOCHS = 3
 RUNNER_EPOCHS = 2**16
 CHECK_SAMPLES = 1024
 LR = 0.1
+#: how far a step's loss after CHECK_EPOCHS epochs may be from gpunn's, relative: float32's and float64's rounding,
+#: or a reduced precision's (its GEMMs' inputs keep 10 or 7 mantissa bits; gpunn's and a peer's round differently)
+CHECK_RTOL = {"float64": 1e-9, "float32": 1e-4, "tf32": 2e-3, "bf16": 1e-2}
 
 
 class Peer(NamedTuple):
@@ -105,6 +115,7 @@ class Row:
     hidden: int
     implementation: str
     status: str = "ok"  # ok | refused: ... | failed: ...
+    precision: str = "float32"  # what float32 matrix products compute in (gpunn.nn.PRECISIONS)
     step: str | None = None  # gpunn's variants: the step the backend chose (Backend.step(...).name)
     first_epoch_ms: float | None = None  # the first epoch after building, apart (context creation, compilation)
     epochs_per_slot: int = 0  # k: epochs in each timed slot
@@ -165,11 +176,13 @@ class GpunnRunner:
     must not reach the other implementations' slots.
     """
 
-    def __init__(self, images, labels, params, *, lr, dtype, backend: Backend, columns: int | None = None):
+    def __init__(self, images, labels, params, *, lr, dtype, backend: Backend, columns: int | None = None,
+                 precision: str = "float32"):
         self.backend = backend
         self.arch = Architecture((images.shape[1], *(W.shape[0] for W, _ in params[:-1]), 10))
         self.rule = Optimizer("gd")
-        step = backend.step(self.arch, dtype=dtype, columns=columns or len(labels))
+        self.precision = precision
+        step = backend.step(self.arch, dtype=dtype, columns=columns or len(labels), precision=precision)
         self.step_name = step.name
         self.data = DeviceData.from_host(np.ascontiguousarray(images.T), labels, backend=backend, dtype=dtype,
                                          preprocessing=None if step.pixels else Preprocessing())
@@ -189,7 +202,8 @@ class GpunnRunner:
         entered until :meth:`close` (leaving it drops its CUDA graph) and changes no process-wide setting."""
         if self._step.epochs is None:
             return None
-        config = TrainConfig(hidden=self.arch.sizes[1:-1], dtype=dtype, epochs=RUNNER_EPOCHS, lr=self.lr)
+        config = TrainConfig(hidden=self.arch.sizes[1:-1], dtype=dtype, epochs=RUNNER_EPOCHS, lr=self.lr,
+                             precision=self.precision)
         runner = self._step.epochs(config, self.data, None, Epochs.CAPACITY)
         if runner is not None:
             self._scope.enter_context(runner)
@@ -323,15 +337,14 @@ def loss_after_steps(make: Callable[..., Any], images, labels, params, *, dtype:
         getattr(runner, "close", lambda: None)()
 
 
-def same_step(loss: float, reference: float, dtype: str) -> bool:
-    """Do two losses after CHECK_EPOCHS epochs agree within the rounding of ``dtype``?"""
-    tolerance = 1e-9 if dtype == "float64" else 1e-4
-    return abs(loss - reference) <= tolerance * abs(reference)
+def same_step(loss: float, reference: float, dtype: str, precision: str = "float32") -> bool:
+    """Do two losses after CHECK_EPOCHS epochs agree within the rounding of ``dtype`` (or of ``precision``'s GEMMs)?"""
+    return abs(loss - reference) <= CHECK_RTOL[precision if precision != "float32" else dtype] * abs(reference)
 
 
-def verdict(loss: float, reference: float, dtype: str) -> str:
+def verdict(loss: float, reference: float, dtype: str, precision: str = "float32") -> str:
     """A row's status after the check: "ok" when its loss matches gpunn's, else why it is refused."""
-    if same_step(loss, reference, dtype):
+    if same_step(loss, reference, dtype, precision):
         return "ok"
     return (f"refused: its loss after {CHECK_EPOCHS} epochs is {loss:.8g}, gpunn's {reference:.8g}: it does not "
             "compute the same step")
@@ -354,18 +367,26 @@ class Candidate:
 
 
 def candidates_for(backend_name: str, arch: Architecture, dtype: str, m: int, peers: list[str],
-                   variants: list[tuple[str, Backend]]) -> tuple[list[Candidate], list[Row]]:
-    """The implementations of a group, gpunn first, and rows for peers that cannot run here (not installed)."""
+                   variants: list[tuple[str, Backend]], precision: str = "float32"
+                   ) -> tuple[list[Candidate], list[Row]]:
+    """The implementations of a group, gpunn first, and rows for what cannot run here: peers not installed, and
+    gpunn's variants whose step refuses the precision (the generic math computes in float32 only)."""
     kind = backend_name.split(":")[0]
     gpunn_step = None
-    candidates, unavailable = [], []
+    candidates, unavailable, refused = [], [], []
     for name, backend in variants:
-        step = backend.step(arch, dtype=dtype, columns=m).name
+        try:
+            step = backend.step(arch, dtype=dtype, columns=m, precision=precision).name
+        except ConfigError as error:
+            refused.append(Row(backend_name, dtype, arch.sizes[1], name, status=f"refused: {error}",
+                               precision=precision))
+            continue
         if gpunn_step is None:
             gpunn_step = step
         elif step == gpunn_step:
             continue  # the same step as gpunn's here: nothing to compare
-        candidates.append(Candidate(name, lambda *a, _b=backend, **k: GpunnRunner(*a, **k, backend=_b), step))
+        candidates.append(Candidate(name, lambda *a, _b=backend, **k: GpunnRunner(*a, **k, backend=_b,
+                                                                                  precision=precision), step))
     for name in peers:
         peer = PEERS[name]
         module = import_module(peer.module)
@@ -375,19 +396,26 @@ def candidates_for(backend_name: str, arch: Architecture, dtype: str, m: int, pe
             unavailable.append(name)
             continue
         factory = getattr(module, peer.factory)
-        candidates.append(Candidate(name, lambda *a, _f=factory, columns=None, **k: _f(*a, **k, device=backend_name)))
-    rows = [Row(backend_name, dtype, arch.sizes[1], name, status="failed: not installed") for name in unavailable]
-    return candidates, rows
+        # a reduced precision is asked of the peers that take one (PyTorch's); the others are left out of its runs
+        if precision != "float32" and not getattr(module, "PRECISIONS", False):
+            continue
+        extra = {} if precision == "float32" else {"precision": precision}
+        candidates.append(Candidate(name, lambda *a, _f=factory, _x=extra, columns=None, **k:
+                                    _f(*a, **k, **_x, device=backend_name)))
+    rows = [Row(backend_name, dtype, arch.sizes[1], name, status="failed: not installed", precision=precision)
+            for name in unavailable]
+    return candidates, refused + rows
 
 
 def run_group(device: str, dtype: str, hidden: int, candidates: list[Candidate], images: np.ndarray,
               labels: np.ndarray, params: list[tuple[np.ndarray, np.ndarray]], rounds: Rounds, *,
-              bound_ms: float | None = None, echo: Callable[[str], None] = lambda _: None
+              bound_ms: float | None = None, echo: Callable[[str], None] = lambda _: None, precision: str = "float32"
               ) -> tuple[list[Row], dict[str, Any]]:
     """Check, build, warm up and time ``candidates`` (gpunn first) interleaved; their rows and the group's record."""
     m = len(labels)
     check_images, check_labels = images[:CHECK_SAMPLES], labels[:CHECK_SAMPLES]
-    rows = [Row(device, dtype, hidden, c.name, step=c.step, bound_ms=bound_ms) for c in candidates]
+    rows = [Row(device, dtype, hidden, c.name, precision=precision, step=c.step, bound_ms=bound_ms)
+            for c in candidates]
     runners: dict[str, Any] = {}
     reference = None
     for candidate, row in zip(candidates, rows):
@@ -402,7 +430,7 @@ def run_group(device: str, dtype: str, hidden: int, candidates: list[Candidate],
         if reference is None:
             reference = row.check_loss
         row.reference_loss = reference
-        row.status = verdict(row.check_loss, reference, dtype)
+        row.status = verdict(row.check_loss, reference, dtype, precision)
     for candidate, row in zip(candidates, rows):
         if rows[0].status != "ok":
             break
@@ -417,7 +445,7 @@ def run_group(device: str, dtype: str, hidden: int, candidates: list[Candidate],
             row.status = failure(error)
         runner = None
     order = [row for row in rows if row.implementation in runners]
-    record: dict[str, Any] = {"device": device, "dtype": dtype, "hidden": hidden,
+    record: dict[str, Any] = {"device": device, "dtype": dtype, "precision": precision, "hidden": hidden,
                               "implementations": [row.implementation for row in order], "order": [],
                               "rounds": 0, "seconds": 0.0, "stopped_by": "rounds", "load_before": load_average(),
                               "load_after": None}
@@ -465,6 +493,8 @@ def run_group(device: str, dtype: str, hidden: int, candidates: list[Candidate],
 
 def _echo_group(rows: list[Row], record: dict[str, Any], echo: Callable[[str], None]) -> None:
     device, dtype, hidden = record["device"], record["dtype"], record["hidden"]
+    if record.get("precision", "float32") != "float32":
+        dtype = f"{dtype} ({record['precision']} GEMMs)"
     echo(f"{device:>7} {dtype} h={hidden:<5} {record['rounds']} rounds in {record['seconds']:.1f} s "
          f"(stopped by --{record['stopped_by']}; load average {record['load_before']} -> {record['load_after']})")
     for row in rows:
@@ -491,8 +521,9 @@ def _without_gpunn(rows: list[Row], record: dict[str, Any], echo: Callable[[str]
 # --- the machine's limits -------------------------------------------------------------------------------------
 
 
-def measure_limits(backend: Backend, dtypes: list[str], *, size: int) -> dict[str, float]:
-    """Read bandwidth (bytes/s) and GEMM rate (FLOP/s per dtype), best of a few runs, on ``backend``."""
+def measure_limits(backend: Backend, dtypes: list[str], *, size: int, precision: str = "float32") -> dict[str, float]:
+    """Read bandwidth (bytes/s) and GEMM rate (FLOP/s per dtype, and in a reduced ``precision``), best of a few runs,
+    on ``backend``."""
     xp = backend.xp
     limits: dict[str, float] = {}
     rows = max(size // 4096, 1)
@@ -508,7 +539,23 @@ def measure_limits(backend: Backend, dtypes: list[str], *, size: int) -> dict[st
     for dtype in dtypes:
         a = xp.ones((n, n), dtype=getattr(xp, dtype), device=backend.device)
         limits[f"gemm_flops_per_s_{dtype}"] = 2 * n**3 / _best(lambda: a @ a, backend)
+    if precision != "float32":
+        limits[f"gemm_flops_per_s_{precision}"] = _gemm_rate(backend, precision, n)
     return limits
+
+
+def _gemm_rate(backend: Backend, precision: str, n: int) -> float:
+    """FLOP/s of gpunn's own cuBLAS call (gpunn.fused_cuda.CupyDevice.gemm) on float32 (n, n) matrices in a reduced
+    ``precision``: CuPy's ``@`` computes float32 products in float32."""
+    from gpunn import fused_cuda
+
+    device = fused_cuda.CupyDevice(backend.cupy)
+    a = backend.cupy.ones((n, n), dtype=backend.cupy.float32)
+    c = backend.cupy.empty_like(a)
+    try:
+        return 2 * n**3 / _best(lambda: device.gemm(c, a, a, precision=precision), backend)
+    finally:
+        device.close()
 
 
 def _best(work: Callable[[], Any], backend: Backend, repeats: int = 5) -> float:
@@ -523,11 +570,12 @@ def _best(work: Callable[[], Any], backend: Backend, repeats: int = 5) -> float:
     return best
 
 
-def lower_bound_ms(hidden: int, m: int, dtype: str, limits: dict[str, float]) -> float:
-    """X (784 x m, in the dtype) read once, or the GEMM FLOPs 3196·h·m done at the measured rate: the larger."""
+def lower_bound_ms(hidden: int, m: int, dtype: str, limits: dict[str, float], precision: str = "float32") -> float:
+    """X (784 x m, in the dtype) read once, or the GEMM FLOPs 3196·h·m done at the rate measured for the dtype (or
+    the reduced precision): the larger."""
     itemsize = np.dtype(dtype).itemsize
     read = 784 * m * itemsize / limits["read_bytes_per_s"]
-    flops = 3196 * hidden * m / limits[f"gemm_flops_per_s_{dtype}"]
+    flops = 3196 * hidden * m / limits[f"gemm_flops_per_s_{dtype if precision == 'float32' else precision}"]
     return max(read, flops) * 1e3
 
 
@@ -642,7 +690,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in ok:
         lines.append(
-            f"| {r.device} | {r.dtype} | {r.hidden} | {r.implementation} | {len(r.epoch_ms)} | {r.epochs_per_slot} | "
+            f"| {r.device} | {r.dtype}{'' if r.precision == 'float32' else f' ({r.precision} GEMMs)'} | {r.hidden} "
+            f"| {r.implementation} | {len(r.epoch_ms)} | {r.epochs_per_slot} | "
             f"{r.min_ms:.2f} | {r.median_ms:.2f} | {r.ratio_median:.2f} | {r.ratio_min:.2f}–{r.ratio_max:.2f} | "
             f"{r.first_epoch_ms:.1f} | {r.bound_ms:.2f} | {r.median_ms / r.bound_ms:.2f} |"
         )
@@ -661,7 +710,9 @@ def markdown(result: dict[str, Any]) -> str:
     skipped = [r for r in rows if r.status != "ok"]
     if skipped:
         lines += ["", "Not reported:", ""]
-        lines += [f"- {r.implementation} on {r.device}, {r.dtype}, hidden {r.hidden}: {r.status}" for r in skipped]
+        lines += [f"- {r.implementation} on {r.device}, {r.dtype}"
+                  f"{'' if r.precision == 'float32' else f' ({r.precision} GEMMs)'}, hidden {r.hidden}: {r.status}"
+                  for r in skipped]
     speedups = gpu_speedups(ok)
     if speedups:
         lines += ["", "GPU over CPU (gpunn's median CPU time over its median GPU time; the two come from different "
@@ -769,14 +820,21 @@ def default_name(backends: list[Backend]) -> str:
 @click.option("--settle-ms", type=click.FloatRange(min=0), default=150.0, show_default=True,
               help="Rest after each slot, untimed, so that the threads it left spinning (OpenBLAS's spin for about "
               "0.1 s after its last call) are asleep when the next slot starts.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+              help="tf32 or bf16: float32's matrix products on the GPU's tensor cores (with --devices cuda and "
+              "--dtypes float32), as `gpunn train --precision` runs them.")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("benchmarks/results"), show_default=True)
 @click.option("--name", help="File name stem of the results; default: the CPU or GPU model.")
-def main(data_dir, m, hidden, dtypes, devices, peers, rounds, min_rounds, group_seconds, slot_ms, settle_ms, out_dir,
-         name) -> None:
+def main(data_dir, m, hidden, dtypes, devices, peers, rounds, min_rounds, group_seconds, slot_ms, settle_ms,
+         precision, out_dir, name) -> None:
     """Time full-batch epochs of gpunn and its peers, interleaved in rounds, on every device present."""
     settings = Rounds(rounds, min_rounds, group_seconds, slot_ms, settle_ms)
     hidden_sizes = [int(h) for h in hidden.split(",")]
     dtype_list = dtypes.split(",")
+    if precision != "float32" and (dtype_list != ["float32"] or not devices.startswith("cuda") or "cpu" in devices):
+        raise click.BadParameter(f"{precision} is for float32 matrix products on CUDA tensor cores: give it with "
+                                 f"--dtypes float32 --devices cuda, not --dtypes {dtypes} --devices {devices}",
+                                 param_hint="--precision")
     peer_list = [] if peers == "none" else peers.split(",")
     for peer in peer_list:
         if peer not in PEERS:
@@ -805,6 +863,7 @@ def main(data_dir, m, hidden, dtypes, devices, peers, rounds, min_rounds, group_
         "m": m,
         "rounds": asdict(settings),
         "check": {"epochs": CHECK_EPOCHS, "samples": min(CHECK_SAMPLES, m), "lr": LR},
+        "precision": precision,
         "machine": {},
         "limits": {},
         "groups": [],
@@ -814,17 +873,17 @@ def main(data_dir, m, hidden, dtypes, devices, peers, rounds, min_rounds, group_
     with stopped_by_signals() as stop:
         try:
             for backend in backends:
-                limits = measure_limits(backend, dtype_list, size=min(784 * m, 64 * 2**20))
+                limits = measure_limits(backend, dtype_list, size=min(784 * m, 64 * 2**20), precision=precision)
                 result["limits"][backend.name] = limits
                 for dtype in dtype_list:
                     for h in hidden_sizes:
                         arch = Architecture((784, h, 10))
                         params = init_params(arch, init="he", seed=0, dtype="float64")
                         candidates, unavailable = candidates_for(backend.name, arch, dtype, m, peer_list,
-                                                                 variants[backend.name])
+                                                                 variants[backend.name], precision)
                         rows, record = run_group(backend.name, dtype, h, candidates, images, labels, params,
-                                                 settings, bound_ms=lower_bound_ms(h, m, dtype, limits),
-                                                 echo=click.echo)
+                                                 settings, bound_ms=lower_bound_ms(h, m, dtype, limits, precision),
+                                                 echo=click.echo, precision=precision)
                         result["groups"].append(record)
                         result["rows"] += [asdict(row) for row in rows + unavailable]
         except Interrupted as interrupted:

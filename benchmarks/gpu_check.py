@@ -1,7 +1,7 @@
 """Check gpunn on a machine with an NVIDIA GPU, in one command, and keep everything it saw.
 
     make gpu-check OUT=DIR [DATA=../shared/data/mnist]
-    python3 benchmarks/gpu_check.py --out DIR [--data-dir DIR] [--budget-s 450]
+    python3 benchmarks/gpu_check.py --out DIR [--data-dir DIR] [--budget-s 450] [--steps trainings,precision,...]
 
 It runs with the interpreter that starts it and the PYTHONPATH it finds: it makes no virtual environment and
 installs nothing (the GPU machines have no network). In order, each step with its output in its own log under DIR:
@@ -23,17 +23,22 @@ installs nothing (the GPU machines have no network). In order, each step with it
    them), with shorter timing options than its defaults where it has them; its JSON and markdown go to DIR/bench;
 9. torch.compile beside gpunn and the other peers on cuda, for 784-10-10 in float32 alone (its compilations take
    tens of seconds per shape);
-10. ``pytest -m gpu``: every test marked gpu, the CuPy case of each backend-parametrized test and the CuPy variant
+10. the tensor-core precisions: ``gpunn train --device cuda --hidden 256`` in float32, tf32 and bf16 from the same
+    seed, their test accuracies within 0.3 point of float32's (DIR/precision.json), and the benchmark's rows for
+    h = 256 and 1024 in tf32 and bf16 (--precision), beside PyTorch's in the same precision;
+11. ``pytest -m gpu``: every test marked gpu, the CuPy case of each backend-parametrized test and the CuPy variant
     of each CUDA fast-path parity test among them (after the figures: how long the tests take on a GPU is unknown);
-11. ``ncu`` (where it is on PATH) on the single pass's kernels: throughput, occupancy, stall reasons;
-12. the CPU rows of the benchmark on the same machine;
-13. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator),
+12. ``ncu`` (where it is on PATH) on the single pass's kernels: throughput, occupancy, stall reasons;
+13. the CPU rows of the benchmark on the same machine;
+14. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator),
     last, since CI runs them too.
 
 A step that fails is recorded and the next ones still run (except after step 3); the exit status is 1 when any
-step failed. The last thing printed is a summary table, also written as DIR/summary.md and DIR/summary.json.
-Every step has a time limit, and all of them together share --budget-s (7.5 minutes by default), so that the
-check fits the 10 minutes a GPU session has.
+step failed. ``--steps`` runs only the named ones, after steps 1-3 (which every check needs): trainings (4 and 5),
+e2e, memory, bench-cuda (8 and 9), precision, tests, profile, bench-cpu and cpu-tests, in that order. The last thing
+printed is a summary table, also written as DIR/summary.md and DIR/summary.json. Every step has a time limit, and
+all of them together share --budget-s (7.5 minutes by default), so that the check fits the 10 minutes a GPU
+session has: what the budget leaves out is marked skipped, for a second call with --steps.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 MNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -61,6 +66,9 @@ TRAININGS = {"cuda": ("cuda", "--fast"), "cuda-generic": ("cuda", "--generic"), 
              "cpu-generic": ("cpu", "--generic")}
 PAIRS = [("cuda", "cpu"), ("cuda-generic", "cpu-generic"), ("cuda", "cuda-generic")]
 E2E_RUNS = 3
+#: the tensor-core precisions' runs: test accuracy within this many points of the float32 run's (the issue's target)
+PRECISION_POINTS = 0.3
+PRECISION_HIDDEN = 256
 
 # Runs in a subprocess, so that this process never holds a CUDA context while the tests and trainings run.
 GPU_PROBE = """
@@ -352,6 +360,52 @@ class GpuCheck:
                                             "--name", "gpu-check-cuda-compile"], limit=180,
                      log="bench-cuda-compile.log")
 
+    def precisions(self) -> None:
+        """784-256-10 on CUDA, 500 epochs from one seed, with float32 GEMMs and on TF32 and bfloat16 tensor cores:
+        each reduced precision's test accuracy against float32's (DIR/precision.json); then the benchmark's rows in
+        each precision, h = 256 and 1024, beside PyTorch's."""
+        start_all = time.monotonic()
+        runs: dict[str, dict[str, Any]] = {}
+        for precision in ("float32", "tf32", "bf16"):
+            metrics, model = self.out / f"precision-{precision}.jsonl", self.out / f"precision-{precision}.npz"
+            argv = [*self.python(), "-m", "gpunn", "train", "--data-dir", str(self.data), "--device", "cuda",
+                    "--hidden", str(PRECISION_HIDDEN), "--seed", "0", "--epochs", "500", "--precision", precision,
+                    "--quiet", "--metrics-out", str(metrics), "--out", str(model)]
+            result = self.command(f"train {precision}", argv, limit=120, log=f"precision-{precision}.log")
+            if result.status == "ok":
+                summary = run_summary(metrics)
+                runs[precision] = {"test_accuracy": summary["test_accuracy"],
+                                   "median_epoch_ms": 1e3 * summary["median_epoch_s"], "training_s": summary["total_s"],
+                                   "wall_s": result.seconds}
+                result.detail = (f"test {100 * summary['test_accuracy']:.2f} %, median epoch "
+                                 f"{1e3 * summary['median_epoch_s']:.3f} ms")
+        problems = [f"{name}: no run" for name in ("float32", "tf32", "bf16") if name not in runs]
+        if "float32" in runs:
+            for name in ("tf32", "bf16"):
+                if name in runs:
+                    points = 100 * abs(runs[name]["test_accuracy"] - runs["float32"]["test_accuracy"])
+                    runs[name]["points_from_float32"] = points
+                    if points > PRECISION_POINTS:
+                        problems.append(f"{name}: {points:.2f} points from float32's test accuracy")
+        path = self.out / "precision.json"
+        path.write_text(json.dumps({"hidden": PRECISION_HIDDEN, "points_allowed": PRECISION_POINTS, "runs": runs},
+                                   indent=2) + "\n")
+        self.record(Result("compare precisions", "FAILED" if problems else "ok", time.monotonic() - start_all,
+                           "; ".join(problems) or ", ".join(f"{n} {100 * r['test_accuracy']:.2f} %"
+                                                            for n, r in runs.items()), str(path)))
+        if (benchmark := self.benchmark()) is None:
+            return
+        common, peers = benchmark
+        if "--precision" not in self.benchmark_options()[0]:
+            self.record(Result("bench precision", "FAILED", 0.0, "benchmarks/epoch_throughput.py has no --precision"))
+            return
+        for precision in ("tf32", "bf16"):
+            self.command(f"bench cuda {precision}", [*common, "--devices", "cuda", "--dtypes", "float32", "--hidden",
+                                                     "256,1024", "--precision", precision, "--peers",
+                                                     peers("torch-eager", "torch-graph"), "--name",
+                                                     f"gpu-check-cuda-{precision}"],
+                         limit=120, log=f"bench-cuda-{precision}.log")
+
     def cpu_benchmarks(self) -> None:
         if (benchmark := self.benchmark()) is None:
             return
@@ -369,23 +423,33 @@ class GpuCheck:
         (self.out / "summary.json").write_text(json.dumps([asdict(r) for r in self.results], indent=2) + "\n")
         return table
 
-    def run(self) -> int:
+    def run(self, steps: Sequence[str] = ()) -> int:
+        """The check: steps 1-3, then the named ``steps`` of :data:`STEPS` in their order (every one by default)."""
         self.info()
         self.check_data()
         self.check_gpu()
-        self.compare(self.trainings())
-        self.end_to_end()
-        self.memory()
-        self.cuda_benchmarks()
-        self.tests()
-        self.profile()
-        self.cpu_benchmarks()
-        self.cpu_side_tests()
+        for name, method in STEPS.items():
+            if not steps or name in steps:
+                method(self)
         table = self.write_summary()
         failed = [r.step for r in self.results if r.status not in ("ok", "n/a")]
         print(f"\n{table}\n")
         print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps passed'} (logs in {self.out})")
         return 1 if failed else 0
+
+
+#: the check's steps after the prerequisites, in order, by the names --steps takes
+STEPS: dict[str, Callable[[GpuCheck], Any]] = {
+    "trainings": lambda check: check.compare(check.trainings()),
+    "e2e": GpuCheck.end_to_end,
+    "memory": GpuCheck.memory,
+    "bench-cuda": GpuCheck.cuda_benchmarks,
+    "precision": GpuCheck.precisions,
+    "tests": GpuCheck.tests,
+    "profile": GpuCheck.profile,
+    "bench-cpu": GpuCheck.cpu_benchmarks,
+    "cpu-tests": GpuCheck.cpu_side_tests,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,13 +458,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "mnist",
                         help="MNIST's four IDX files (default: ../shared/data/mnist)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="all steps together, at most (seconds)")
+    parser.add_argument("--steps", type=lambda text: text.split(","), default=[],
+                        help=f"only these steps, comma-separated, after the prerequisites: {', '.join(STEPS)} "
+                        "(default: all)")
     options = parser.parse_args(argv)
+    unknown = sorted(set(options.steps) - set(STEPS))
+    if unknown:
+        parser.error(f"unknown steps {', '.join(unknown)}; expected some of {', '.join(STEPS)}")
     try:
         options.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         print(f"gpu-check: FAILED: cannot create --out {options.out}: {error}")
         return 1
-    return GpuCheck(options.out.resolve(), options.data_dir.resolve(), options.budget_s).run()
+    return GpuCheck(options.out.resolve(), options.data_dir.resolve(), options.budget_s).run(options.steps)
 
 
 if __name__ == "__main__":

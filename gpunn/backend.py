@@ -25,7 +25,7 @@ import array_api_compat
 import numpy as np
 
 from gpunn import diagnostics, fused_cpu
-from gpunn.errors import BackendError, DeviceSpecError
+from gpunn.errors import BackendError, ConfigError, DeviceSpecError
 from gpunn.nn import Architecture, loss_and_gradients
 from gpunn.optim import Optimizer
 
@@ -127,16 +127,23 @@ class Backend:
         return _HostDrawn(np.random.default_rng(seed), self)
 
     def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
-             batches: bool = False) -> Step:
+             batches: bool = False, precision: str = "float32") -> Step:
         """How a run of ``arch`` in ``dtype`` with ``columns`` samples per step computes its steps. ``pixels``: the
         run's inputs are the pixels / 255 and nothing more, so a step may take the raw uint8 pixels and fold the 1/255
         in (not with standardized inputs). ``batches``: the steps are over chosen samples of the training set
-        (mini-batches), not all of it.
+        (mini-batches), not all of it. ``precision`` (:data:`gpunn.nn.PRECISIONS`): ``"tf32"`` or ``"bf16"`` asks
+        for a float32 run's matrix products on tensor cores, which only the CUDA fast path's cuBLAS GEMMs compute;
+        a step that cannot raises ConfigError.
 
         Here, and wherever a backend's fast path does not cover the run, it is the generic
         :func:`gpunn.nn.loss_and_gradients` and :meth:`gpunn.optim.Optimizer.step`, which the fast paths are
         tested against.
         """
+        if precision != "float32":
+            raise ConfigError(f"precision {precision} runs a network's matrix products on CUDA tensor cores, which "
+                              f"only the CUDA fast path does (its cuBLAS GEMMs: ReLU hidden layers, no dropout); this "
+                              f"run on {self.name} would compute them in {dtype}: use --device cuda (not --generic) "
+                              f"with --dtype float32, or --precision float32")
         return Step(GENERIC, lambda: nullcontext(partial(loss_and_gradients, arch=arch)))
 
     def describe(self) -> dict[str, str]:
@@ -181,9 +188,11 @@ class NumpyBackend(Backend):
         return np.random.default_rng(seed)
 
     def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
-             batches: bool = False) -> Step:
-        if not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
-            return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches)
+             batches: bool = False, precision: str = "float32") -> Step:
+        # the CPU's fast paths compute in the run's dtype: a reduced precision is the generic step's refusal
+        if precision != "float32" or not (self.fast and fused_cpu.supports(arch, dropout=dropout)):
+            return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches,
+                                precision=precision)
         refused = None  # why the single pass does not run, where it would have
         if pixels and arch.depth == 2 and arch.sizes[1] <= self.SINGLE_PASS_MAX_HIDDEN:
             numba_cpu, error = _single_pass()
@@ -258,7 +267,7 @@ class CupyBackend(Backend):
         self._kernels: Any = None
 
     def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
-             batches: bool = False) -> Step:
+             batches: bool = False, precision: str = "float32") -> Step:
         # imported here: gpunn.fused_cuda builds on this module's Step, and only a CUDA run needs it
         from gpunn import fused_cuda
 
@@ -266,10 +275,11 @@ class CupyBackend(Backend):
             if self._kernels is None:
                 self._kernels = fused_cuda.CupyDevice(self.cupy)
             fused = fused_cuda.cuda_step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
-                                         device=self._kernels)
+                                         precision=precision, device=self._kernels)
             if fused is not None:
                 return fused
-        return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches)
+        return super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels, batches=batches,
+                            precision=precision)
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         # row-major on the GPU whatever the host's layout (a split's X is a transposed view): the fused kernels read

@@ -33,7 +33,7 @@ from gpunn.gradcheck import check_gradients, passed, random_problem
 from gpunn.gradcheck import format_report as gradient_report
 from gpunn.metrics import confusion_matrix, format_report, report
 from gpunn.model import Model, load_model, save_model
-from gpunn.nn import ACTIVATIONS, DTYPES, INITS, Architecture
+from gpunn.nn import ACTIVATIONS, DTYPES, INITS, PRECISIONS, Architecture
 from gpunn.optim import OPTIMIZERS, SCHEDULES
 from gpunn.progress import DownloadProgress, TrainingProgress
 # matplotlib itself is imported by gpunn.plots on first use, so `gpunn --help` does not pay for it
@@ -185,6 +185,10 @@ def _parse_hidden(ctx: click.Context, param: click.Parameter, value: str) -> tup
               "notebook's rand - 0.5.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Floating-point type of the weights and the arithmetic.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+              help="What a float32 network's matrix products compute in: float32, or on the GPU's tensor cores with "
+              "the inputs rounded to tf32 or bf16 and the sums in float32 (weights and updates stay float32). "
+              "tf32 and bf16 need --device cuda and its fast path.")
 @click.option("--epochs", type=click.IntRange(min=1, max=MAX_EPOCHS), default=500, show_default=True,
               help="Epochs in all (with --resume: the new total, counting those already done).")
 @click.option("--lr", type=_Finite(min=0, min_open=True), default=0.1, show_default=True,

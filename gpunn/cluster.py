@@ -270,14 +270,14 @@ class ClusterBackend(Backend):
         return np.random.default_rng(seed)
 
     def step(self, arch: Architecture, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
-             batches: bool = False) -> Step:
+             batches: bool = False, precision: str = "float32") -> Step:
         """A step computed by every worker on its shard: named after the workers' own step (asked of them, for a
         worker's share of ``columns``), run by :class:`ClusterEpochs`. It takes the raw uint8 pixels: the training
         set stays as it is here, and each worker prepares its shard on its own device."""
         share = -(-columns // self.n_workers)
-        key = (arch, dtype, share, dropout, pixels, batches)
+        key = (arch, dtype, share, dropout, pixels, batches, precision)
         if key not in self._steps:
-            futures = [self.client.submit(_worker_step, arch, dtype, share, dropout, pixels, batches,
+            futures = [self.client.submit(_worker_step, arch, dtype, share, dropout, pixels, batches, precision,
                                           self.worker_device, self.worker_fast, workers=[w.address],
                                           allow_other_workers=False, pure=False)
                        for w in self.workers]
@@ -418,6 +418,7 @@ class ShardSpec:
     normalize: str  # Preprocessing kind: "scale" or "standardize"
     mean: np.ndarray | None = None  # the training split's statistics, for "standardize"
     std: np.ndarray | None = None
+    precision: str = "float32"  # what the matrix products compute in (gpunn.nn.PRECISIONS)
 
 
 class ClusterEpochs:
@@ -476,7 +477,8 @@ class ClusterEpochs:
         def send(r: int, address: str) -> Any:
             start, stop = self.bounds[r], self.bounds[r + 1]
             spec = ShardSpec(self.arch, config.dtype, self.backend.worker_device, self.backend.worker_fast,
-                             min(batch, stop - start), batch < m, config.dropout, kind, mean, std)
+                             min(batch, stop - start), batch < m, config.dropout, kind, mean, std,
+                             config.precision)
             # straight to that worker, once; the actor made there from it keeps it for the run (and the scattered
             # copy is released when this function's futures go)
             shard = client.scatter([X[:, start:stop], y[start:stop]], workers=[address], hash=False)
@@ -690,9 +692,9 @@ def _pin_process(cores: set[int]) -> None:
 
 
 def _worker_step(arch: Architecture, dtype: str, columns: int, dropout: float, pixels: bool, batches: bool,
-                 device: str, fast: bool | None) -> tuple[str, str]:
+                 precision: str, device: str, fast: bool | None) -> tuple[str, str]:
     step = worker_backend(device, fast).step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
-                                             batches=batches)
+                                             batches=batches, precision=precision)
     return step.name, step.notice
 
 
@@ -719,7 +721,7 @@ class ShardWorker:
         backend = worker_backend(spec.device, spec.fast)
         # a pass over raw pixels folds in the 1/255 and nothing more: standardized inputs need the prepared floats
         step = backend.step(spec.arch, dtype=spec.dtype, columns=spec.columns, dropout=spec.dropout,
-                            pixels=spec.normalize == "scale", batches=spec.batches)
+                            pixels=spec.normalize == "scale", batches=spec.batches, precision=spec.precision)
         float_dtype = getattr(backend.xp, spec.dtype)
         preprocessing = Preprocessing(spec.normalize, *(None if a is None else backend.asarray(a, dtype=float_dtype)
                                                          for a in (spec.mean, spec.std)))

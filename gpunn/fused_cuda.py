@@ -3,8 +3,9 @@ buffers made once, and a whole full-batch epoch as one CUDA graph.
 
 The generic :func:`gpunn.nn.loss_and_gradients` and :meth:`gpunn.optim.Optimizer.step` are the reference; this
 computes the same quantities for ReLU hidden layers of any depth and a softmax output, in float32 or float64, with
-or without L2, without dropout. The kernels are CUDA C++ files in ``gpunn/kernels/`` (the math of each is written
-above it there); this module holds no CUDA code, only the order of the launches and the buffers they use:
+or without L2, without dropout; in float32, its GEMMs may run on tensor cores (``precision``, below). The kernels
+are CUDA C++ files in ``gpunn/kernels/`` (the math of each is written above it there); this module holds no CUDA
+code, only the order of the launches and the buffers they use:
 
     forward   Z[l] = W[l] @ A[l-1]          GEMM (cuBLAS, alpha = 1, beta = 0)
               A[l] = max(Z[l] + b[l], 0)     bias_relu, in place (hidden layers)
@@ -28,6 +29,12 @@ Why cuBLAS through ctypes rather than CuPy's ``cupy.cuda.cublas``: CuPy's cuBLAS
 stream is being captured (``setStream`` raises NotImplementedError during capture, CuPy 13 and 14), and
 ``cupy.matmul`` goes through them. So the device makes its own cuBLAS handle from the library CuPy has already
 loaded, with a workspace of its own (cuBLAS otherwise allocates one, which a capture must not do).
+
+``precision`` (:data:`gpunn.nn.PRECISIONS`): "float32" runs cublasSgemm, the products exact to float32 rounding, as
+the generic math computes them; "tf32" and "bf16" run cublasGemmEx on float32 matrices with the compute type
+CUBLAS_COMPUTE_32F_FAST_TF32 or CUBLAS_COMPUTE_32F_FAST_16BF, which lets cuBLAS round the inputs to TF32 or
+bfloat16 for the tensor cores and sum the products in float32. Only the GEMMs change: the weights, the gradients,
+the kernels of our own and the update stay float32, so the precision is a property of the device's GEMM calls.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from gpunn.backend import Step
-from gpunn.nn import Architecture, Layer
+from gpunn.nn import PRECISIONS, Architecture, Layer
 from gpunn.optim import Optimizer
 
 Array = Any  # a device array: cupy.ndarray on a GPU, numpy.ndarray on the emulated device
@@ -60,6 +67,14 @@ RULES = {"gd": 0, "momentum": 1, "rmsprop": 2, "adam": 3}
 SUFFIX = {"float32": "f32", "float64": "f64"}
 #: cuBLAS workspace: 32 MiB is what the cuBLAS guide recommends for Hopper (4 MiB before it)
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
+#: cublasComputeType_t of a reduced precision's cublasGemmEx (cublas_api.h): CUBLAS_COMPUTE_32F_FAST_TF32,
+#: CUBLAS_COMPUTE_32F_FAST_16BF; their matrices are CUDA_R_32F, the algorithm CUBLAS_GEMM_DEFAULT
+COMPUTE_TYPES = {"tf32": 77, "bf16": 75}
+CUDA_R_32F = 0
+CUBLAS_GEMM_DEFAULT = -1
+#: how the step's name says what the GEMMs compute in
+PRECISION_NAMES = {"float32": "", "tf32": ", cuBLAS GEMMs on TF32 tensor cores",
+                   "bf16": ", cuBLAS GEMMs on bfloat16 tensor cores"}
 
 _C_TYPES = {"float": np.float32, "double": np.float64, "int": np.int32, "long long": np.int64,
             "unsigned char": np.uint8}
@@ -184,8 +199,10 @@ def check_launch(name: str, grid: tuple[int, int, int], block: int, args: Sequen
     return info
 
 
-def check_gemm(C: Array, A: Array, B: Array, trans_a: bool, trans_b: bool) -> tuple[int, int, int]:
-    """(M, N, K) of C (M, N) = op(A) (M, K) @ op(B) (K, N), after checking shapes, dtypes and contiguity."""
+def check_gemm(C: Array, A: Array, B: Array, trans_a: bool, trans_b: bool, precision: str = "float32"
+               ) -> tuple[int, int, int]:
+    """(M, N, K) of C (M, N) = op(A) (M, K) @ op(B) (K, N), after checking shapes, dtypes, contiguity and the
+    precision (a reduced one is for float32 operands)."""
     M, N = C.shape
     K = A.shape[0] if trans_a else A.shape[1]
     a_rows = A.shape[1] if trans_a else A.shape[0]
@@ -195,6 +212,10 @@ def check_gemm(C: Array, A: Array, B: Array, trans_a: bool, trans_b: bool) -> tu
                          f"op(B) {B.shape}{'.T' if trans_b else ''}")
     if not (A.dtype == B.dtype == C.dtype) or not all(x.flags.c_contiguous for x in (A, B, C)):
         raise ValueError("GEMM operands must be C-contiguous and of one dtype")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown GEMM precision {precision!r}; expected one of {PRECISIONS}")
+    if precision != "float32" and C.dtype != np.float32:
+        raise ValueError(f"a {precision} GEMM takes float32 operands, not {C.dtype}")
     return M, N, K
 
 
@@ -241,8 +262,9 @@ class Device(Protocol):
     def launch(self, name: str, grid: int | tuple[int, ...], block: int, args: Sequence[Any]) -> None: ...
 
     def gemm(self, C: Array, A: Array, B: Array, *, trans_a: bool = False, trans_b: bool = False,
-             alpha: float = 1.0, beta: float = 0.0) -> None:
-        """C = alpha op(A) @ op(B) + beta C, all row-major; op(X) is X.T where trans_x."""
+             alpha: float = 1.0, beta: float = 0.0, precision: str = "float32") -> None:
+        """C = alpha op(A) @ op(B) + beta C, all row-major; op(X) is X.T where trans_x; a float32 product on tensor
+        cores where ``precision`` is "tf32" or "bf16"."""
 
     def prepare(self, names: Sequence[str]) -> None:
         """Load these kernels now, outside any capture."""
@@ -333,9 +355,10 @@ class Cublas:
     """One cuBLAS handle of our own, called through ctypes, for row-major GEMMs on a chosen stream.
 
     Host pointer mode: alpha and beta are read at the call (and baked into a captured graph, which is what we
-    want: they are constants). Default math mode: no TF32 for float32 (cuBLAS's default; set explicitly because
-    the comparison with the CPU needs full float32 products). ``cublasSetStream`` resets the workspace to cuBLAS's
-    own pool, so the workspace is set again after every change of stream.
+    want: they are constants). Default math mode: no TF32 for cublasSgemm (cuBLAS's default; set explicitly because
+    the comparison with the CPU needs full float32 products); a reduced precision asks for tensor cores per call,
+    through cublasGemmEx's compute type. ``cublasSetStream`` resets the workspace to cuBLAS's own pool, so the
+    workspace is set again after every change of stream.
     """
 
     #: the functions used, with their argument types (cuBLAS's exported names; the unsuffixed name is tried too)
@@ -352,6 +375,11 @@ class Cublas:
         "cublasDgemm_v2": [ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.POINTER(ctypes.c_double), ctypes.c_void_p,
                            ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_double),
                            ctypes.c_void_p, ctypes.c_int],
+        # (handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType,
+        # algo): alpha and beta are floats for the CUBLAS_COMPUTE_32F_* types
+        "cublasGemmEx": [ctypes.c_void_p, *[ctypes.c_int] * 5, ctypes.POINTER(ctypes.c_float),
+                         *[ctypes.c_void_p, ctypes.c_int, ctypes.c_int] * 2, ctypes.POINTER(ctypes.c_float),
+                         ctypes.c_void_p, *[ctypes.c_int] * 4],
     }
 
     def __init__(self, lib: Any, workspace_ptr: int, workspace_bytes: int) -> None:
@@ -384,10 +412,19 @@ class Cublas:
             self.stream = stream_ptr
 
     def gemm(self, dtype: np.dtype, C: tuple[int, tuple[int, int]], A: tuple[int, tuple[int, int]],
-             B: tuple[int, tuple[int, int]], trans_a: bool, trans_b: bool, alpha: float, beta: float) -> None:
-        """Row-major C (M, N) = alpha op(A) @ op(B) + beta C, each operand given as (pointer, shape)."""
+             B: tuple[int, tuple[int, int]], trans_a: bool, trans_b: bool, alpha: float, beta: float,
+             precision: str = "float32") -> None:
+        """Row-major C (M, N) = alpha op(A) @ op(B) + beta C, each operand given as (pointer, shape); float32 with
+        a reduced ``precision`` through cublasGemmEx."""
         single, (transa, transb, m, n, k, lda, ldb, ldc), (alpha_c, beta_c), (a_ptr, b_ptr, c_ptr) = \
             _gemm_call(dtype, C, A, B, trans_a, trans_b, alpha, beta)
+        if precision != "float32":
+            status = self.fn["cublasGemmEx"](
+                self.handle, transa, transb, m, n, k, ctypes.byref(alpha_c), ctypes.c_void_p(b_ptr), CUDA_R_32F,
+                lda, ctypes.c_void_p(a_ptr), CUDA_R_32F, ldb, ctypes.byref(beta_c), ctypes.c_void_p(c_ptr),
+                CUDA_R_32F, ldc, COMPUTE_TYPES[precision], CUBLAS_GEMM_DEFAULT)
+            self._check(status, f"cublasGemmEx ({precision})")
+            return
         status = self.fn["cublasSgemm_v2" if single else "cublasDgemm_v2"](
             self.handle, transa, transb, m, n, k, ctypes.byref(alpha_c), ctypes.c_void_p(b_ptr), lda,
             ctypes.c_void_p(a_ptr), ldb, ctypes.byref(beta_c), ctypes.c_void_p(c_ptr), ldc)
@@ -411,16 +448,22 @@ class CupyBlas:
         pass  # CuPy's bindings set the current stream on every call
 
     def gemm(self, dtype: np.dtype, C: tuple[int, tuple[int, int]], A: tuple[int, tuple[int, int]],
-             B: tuple[int, tuple[int, int]], trans_a: bool, trans_b: bool, alpha: float, beta: float) -> None:
+             B: tuple[int, tuple[int, int]], trans_a: bool, trans_b: bool, alpha: float, beta: float,
+             precision: str = "float32") -> None:
         single, (transa, transb, m, n, k, lda, ldb, ldc), (alpha_c, beta_c), (a_ptr, b_ptr, c_ptr) = \
             _gemm_call(dtype, C, A, B, trans_a, trans_b, alpha, beta)
         handle = self.cupy.cuda.device.get_cublas_handle()
         mode = self.cublas.getPointerMode(handle)
         self.cublas.setPointerMode(handle, 0)  # alpha and beta are host scalars
         try:
-            (self.cublas.sgemm if single else self.cublas.dgemm)(
-                handle, transa, transb, m, n, k, ctypes.addressof(alpha_c), b_ptr, lda, a_ptr, ldb,
-                ctypes.addressof(beta_c), c_ptr, ldc)
+            if precision != "float32":
+                self.cublas.gemmEx(handle, transa, transb, m, n, k, ctypes.addressof(alpha_c), b_ptr, CUDA_R_32F,
+                                   lda, a_ptr, CUDA_R_32F, ldb, ctypes.addressof(beta_c), c_ptr, CUDA_R_32F, ldc,
+                                   COMPUTE_TYPES[precision], CUBLAS_GEMM_DEFAULT)
+            else:
+                (self.cublas.sgemm if single else self.cublas.dgemm)(
+                    handle, transa, transb, m, n, k, ctypes.addressof(alpha_c), b_ptr, lda, a_ptr, ldb,
+                    ctypes.addressof(beta_c), c_ptr, ldc)
         finally:
             self.cublas.setPointerMode(handle, mode)
 
@@ -541,12 +584,12 @@ class CupyDevice:
         return self._cublas
 
     def gemm(self, C: Array, A: Array, B: Array, *, trans_a: bool = False, trans_b: bool = False,
-             alpha: float = 1.0, beta: float = 0.0) -> None:
-        check_gemm(C, A, B, trans_a, trans_b)
+             alpha: float = 1.0, beta: float = 0.0, precision: str = "float32") -> None:
+        check_gemm(C, A, B, trans_a, trans_b, precision)
         blas = self._blas()
         blas.use_stream(self._stream().ptr)
         blas.gemm(np.dtype(C.dtype), (C.data.ptr, C.shape), (A.data.ptr, A.shape), (B.data.ptr, B.shape),
-                  trans_a, trans_b, alpha, beta)
+                  trans_a, trans_b, alpha, beta, precision)
 
     # graphs
     def capture_unavailable(self) -> str | None:
@@ -616,14 +659,19 @@ class FlatLayout:
 
 
 class _Network:
-    """Buffers for samples of up to ``columns`` columns, and the launches of a forward and a backward pass."""
+    """Buffers for samples of up to ``columns`` columns, and the launches of a forward and a backward pass, whose
+    GEMMs compute in ``precision``."""
 
-    def __init__(self, arch: Architecture, dtype: str, device: Device, columns: int) -> None:
+    def __init__(self, arch: Architecture, dtype: str, device: Device, columns: int, precision: str = "float32"
+                 ) -> None:
         if not supports(arch, dropout=0.0):
             raise ValueError(f"the CUDA fast path needs ReLU hidden layers and a softmax output, not {arch}")
         if dtype not in SUFFIX:
             raise ValueError(f"the CUDA fast path runs float32 or float64, not {dtype}")
-        self.arch, self.device, self.columns = arch, device, columns
+        if precision not in PRECISIONS or (precision != "float32" and dtype != "float32"):
+            raise ValueError(f"the CUDA fast path's GEMMs compute float64 in float64 and float32 in one of "
+                             f"{PRECISIONS}, not {dtype} in {precision}")
+        self.arch, self.device, self.columns, self.precision = arch, device, columns, precision
         self.dtype = np.dtype(dtype)
         self.suffix = SUFFIX[dtype]
         self.layout = FlatLayout(arch.sizes)
@@ -651,7 +699,7 @@ class _Network:
         previous = X
         for l, (W, b) in enumerate(params, start=1):
             Z = self.matrix(self.A[l], sizes[l], m)
-            device.gemm(Z, W, previous)
+            device.gemm(Z, W, previous, precision=self.precision)
             if l < L:
                 rows = min(sizes[l], config.rows)
                 columns = max(1, min(-(-m // config.block), config.blocks // rows))
@@ -671,12 +719,12 @@ class _Network:
         for l in range(L, 0, -1):
             previous = X if l == 1 else self.matrix(self.A[l - 1], sizes[l - 1], m)
             dW, db = self.grads[l - 1]
-            device.gemm(dW, dZ, previous, trans_b=True)
+            device.gemm(dW, dZ, previous, trans_b=True, precision=self.precision)
             device.launch(self.kernel("row_sum"), min(sizes[l], config.rows), config.block,
                           (dZ, db, np.int32(sizes[l]), np.int32(m)))
             if l > 1:
                 dA = self.matrix(self.dA[l - 1], sizes[l - 1], m)
-                device.gemm(dA, params[l - 1].W, dZ, trans_a=True)
+                device.gemm(dA, params[l - 1].W, dZ, trans_a=True, precision=self.precision)
                 size = sizes[l - 1] * m
                 device.launch(self.kernel("relu_mask"), config.elementwise_grid(size), config.block,
                               (dA, previous, np.int64(size)))
@@ -731,8 +779,9 @@ class FusedCudaPass(_HoldsNothing):
     called every step. Returns what :func:`gpunn.nn.loss_and_gradients` returns (new device arrays: the loss and
     the accuracy 0-d, the gradients normalized by m with the L2 term), and never waits for the device."""
 
-    def __init__(self, arch: Architecture, dtype: str, columns: int, *, device: Device) -> None:
-        self.net = _Network(arch, dtype, device, columns)
+    def __init__(self, arch: Architecture, dtype: str, columns: int, *, device: Device, precision: str = "float32"
+                 ) -> None:
+        self.net = _Network(arch, dtype, device, columns, precision)
         self.device = device
         _call_buffers(self, self.net.layout, self.net.dtype, device)
 
@@ -832,11 +881,11 @@ class CudaGraphStep:
 
     def __init__(self, arch: Architecture, dtype: str, rule: Optimizer, l2: float, learning_rates: Sequence[float],
                  train: tuple[Array, Array], val: tuple[Array, Array] | None, capacity: int, device: Device, *,
-                 graph: bool = True) -> None:
+                 graph: bool = True, precision: str = "float32") -> None:
         X, y = train
         m_val = 0 if val is None else int(val[1].shape[0])
         # the layer-wise kernels' activations, for the training set and the validation set alike
-        net = _Network(arch, dtype, device, max(int(y.shape[0]), m_val))
+        net = _Network(arch, dtype, device, max(int(y.shape[0]), m_val), precision)
         self._setup(arch, net, net.check_data(X, y, "training data"), rule, l2, learning_rates, train, val, capacity,
                     device, graph)
 
@@ -871,7 +920,8 @@ class CudaGraphStep:
         self._next: int | None = None
         reason = None if graph else "graphs turned off"
         reason = reason or device.capture_unavailable()
-        self.name = self.GRAPH_NAME if reason is None else f"{self.EAGER_NAME} ({reason})"
+        self._precision_name = PRECISION_NAMES[net.precision]  # the validation pass's GEMMs, the training's too
+        self.name = (self.GRAPH_NAME if reason is None else f"{self.EAGER_NAME} ({reason})") + self._precision_name
         self._want_graph = reason is None
 
     def __enter__(self) -> CudaGraphStep:
@@ -915,7 +965,8 @@ class CudaGraphStep:
             self._graph = self.device.capture(self._enqueue_epoch)
         except Exception as error:  # noqa: BLE001 - any failure of the capture means: run without a graph
             self._want_graph = False
-            self.name = f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
+            self.name = (f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
+                         + self._precision_name)
 
     def _enqueue_epoch(self) -> None:
         """One epoch's launches, the same whether captured or issued one by one. Nothing here reads the host's
@@ -980,24 +1031,28 @@ def metrics_row(epoch: int, capacity: int) -> int:
     return (epoch - 1) % capacity
 
 
-def fused_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, device: Device) -> Step | None:
+def fused_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, device: Device,
+               precision: str = "float32") -> Step | None:
     """The CUDA fast path as :meth:`gpunn.backend.Backend.step` hands it out, or None where it does not cover the
-    run: the gradient pass and update rule on the fused kernels, and for full-batch epochs a :class:`CudaGraphStep`
-    (``Step.epochs``)."""
+    run: the gradient pass and update rule on the fused kernels, their GEMMs in ``precision``, and for full-batch
+    epochs a :class:`CudaGraphStep` (``Step.epochs``)."""
     if not (supports(arch, dropout=dropout) and dtype in SUFFIX):
         return None
+    if precision != "float32" and dtype != "float32":
+        return None  # tensor cores take float32 matrices: the generic step refuses the run, saying why
     unavailable = device.capture_unavailable()
-    name = "fused CUDA kernels" + (", a full-batch epoch as one CUDA graph" if unavailable is None else
-                                   f", launched one by one (no CUDA graphs: {unavailable})")
+    name = "fused CUDA kernels" + PRECISION_NAMES[precision] + (
+        ", a full-batch epoch as one CUDA graph" if unavailable is None else
+        f", launched one by one (no CUDA graphs: {unavailable})")
 
     def epochs(config: Any, train: Any, val: Any, capacity: int) -> CudaGraphStep | None:
         if config.batch_columns(train.m) != train.m:
             return None  # mini-batches: the fused pass and update in gpunn.train's loop, without a graph
         rates = [config.lr_at(epoch) for epoch in range(1, config.epochs + 1)]
         return CudaGraphStep(arch, dtype, config.rule, config.l2, rates, (train.X, train.y),
-                             None if val is None else (val.X, val.y), capacity, device)
+                             None if val is None else (val.X, val.y), capacity, device, precision=precision)
 
-    return Step(name, lambda: FusedCudaPass(arch, dtype, columns, device=device),
+    return Step(name, lambda: FusedCudaPass(arch, dtype, columns, device=device, precision=precision),
                 update=lambda rule: FusedCudaUpdate(rule, dtype, device=device), epochs=epochs)
 
 
@@ -1206,7 +1261,8 @@ class SinglePassGraphStep(CudaGraphStep):
             self._graph = self.device.capture(self._enqueue_epoch)
         except Exception as error:  # noqa: BLE001 - any failure of the capture means: run without a graph
             self._want_graph = False
-            self.name = f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
+            self.name = (f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
+                         + self._precision_name)
 
     def _enqueue_gradients(self, params: list[Layer]) -> tuple[int, Array]:
         """The single pass (3 launches) in place of CudaGraphStep's layer-wise forward and backward passes."""
@@ -1237,12 +1293,14 @@ def single_pass_step(arch: Architecture, *, dtype: str, columns: int, dropout: f
                 update=lambda rule: FusedCudaUpdate(rule, dtype, device=device), pixels=True, epochs=epochs)
 
 
-def cuda_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, pixels: bool, device: Device
-              ) -> Step | None:
+def cuda_step(arch: Architecture, *, dtype: str, columns: int, dropout: float, pixels: bool, device: Device,
+              precision: str = "float32") -> Step | None:
     """The CUDA fast path for a run, or None where neither covers it: the single pass over uint8 pixels for one small
-    hidden layer on plain pixels / 255 (``pixels``), else the layer-wise fused kernels."""
-    if pixels:
+    hidden layer on plain pixels / 255 (``pixels``), else the layer-wise fused kernels. A reduced ``precision`` asks
+    for tensor-core GEMMs, which the single pass has none of (its products are float32 FMAs): those runs take the
+    fused kernels, whose GEMMs compute in it."""
+    if pixels and precision == "float32":
         single = single_pass_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=device)
         if single is not None:
             return single
-    return fused_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=device)
+    return fused_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=device, precision=precision)

@@ -96,7 +96,7 @@ class Model:
         or when the settings do not describe this model (layer sizes, activation, dtype, inputs, optimizer state):
         resuming such a file could only fail later, or blame the wrong thing.
         """
-        from gpunn.train import TrainConfig  # gpunn.train imports this module
+        from gpunn.train import SETTINGS_ADDED_LATER, TrainConfig  # gpunn.train imports this module
 
         where = self.source or "the model"
         info = self.info
@@ -107,7 +107,7 @@ class Model:
                 found = f"info.config is {_shown(info['config'])}, not an object of settings"
             raise ModelError(f"{where} holds no training state to resume ({found}); only a model or checkpoint "
                              "saved by gpunn train can be resumed: train a new run")
-        saved = info["config"]
+        saved = {**SETTINGS_ADDED_LATER, **info["config"]}  # a setting newer than the file: what its run had
         # gpunn train writes every setting; one missing would silently become its default in the resumed run
         missing = [name for name in TrainConfig.__dataclass_fields__ if name not in saved]
         if missing:

@@ -33,6 +33,10 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh")
 OUTPUTS = ("softmax", "sigmoid")
 INITS = ("he", "xavier", "uniform")
 DTYPES = ("float32", "float64")
+#: how a float32 run's matrix products may compute: in float32 (the reference), or on a GPU's tensor cores with their
+#: inputs rounded to TF32 (10 mantissa bits) or bfloat16 (7), the products summed in float32; the weights, the
+#: gradients and everything else stay float32 (see gpunn.backend.Backend.step)
+PRECISIONS = ("float32", "tf32", "bf16")
 
 
 # --- activations: g(Z), and the backward pass dZ = dA * g'(Z) ----------------------------------------------------

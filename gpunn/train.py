@@ -35,6 +35,7 @@ from gpunn.nn import (
     ACTIVATIONS,
     DTYPES,
     INITS,
+    PRECISIONS,
     Architecture,
     Layer,
     accuracy,
@@ -58,6 +59,11 @@ DRAIN_SECONDS = 0.25
 STOP_SIGNALS = HELD_SIGNALS
 
 
+#: TrainConfig's settings added after checkpoints were first written, with the value every run saved before them had:
+#: a file that lacks one of these is from that earlier version, not damaged (gpunn.model.Model.resume_state)
+SETTINGS_ADDED_LATER: dict[str, Any] = {"precision": "float32"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """What ``gpunn train`` lets a user choose; the defaults are the seed notes' network and settings."""
@@ -66,6 +72,7 @@ class TrainConfig:
     activation: str = "relu"
     init: str | None = None  # None: he for relu, xavier otherwise
     dtype: str = "float32"
+    precision: str = "float32"  # a float32 run's matrix products: "float32", or on CUDA tensor cores "tf32", "bf16"
     epochs: int = 500
     lr: float = 0.1
     seed: int = 0
@@ -99,6 +106,10 @@ class TrainConfig:
         _check(self.activation in ACTIVATIONS, "activation", f"one of {ACTIVATIONS}", self.activation)
         _check(self.init is None or self.init in INITS, "init", f"one of {INITS}", self.init)
         _check(self.dtype in DTYPES, "dtype", f"one of {DTYPES}", self.dtype)
+        _check(self.precision in PRECISIONS, "precision", f"one of {PRECISIONS}", self.precision)
+        if self.precision != "float32" and self.dtype != "float32":
+            raise ConfigError(f"precision {self.precision} rounds float32 matrices for the tensor cores; it needs "
+                              f"dtype float32, not {self.dtype}: use --dtype float32, or --precision float32")
         for name, minimum in [("epochs", 1), ("seed", 0), ("val_size", 0), ("lr_step_size", 1)]:
             _check(_is_int(getattr(self, name)) and getattr(self, name) >= minimum, name,
                    f"an integer >= {minimum}", getattr(self, name))
@@ -563,7 +574,7 @@ def run_step(config: TrainConfig, backend: Backend, arch: Architecture, m: int) 
     (:func:`describe_run`) names and :func:`fit` acts on."""
     columns = config.batch_columns(m)
     return backend.step(arch, dtype=config.dtype, columns=columns, dropout=config.dropout,
-                        pixels=config.normalize == "scale", batches=columns < m)
+                        pixels=config.normalize == "scale", batches=columns < m, precision=config.precision)
 
 
 def _to_device(split: Split, config: TrainConfig, backend: Backend, *, raw_pixels: bool, val_pixels: bool = False
@@ -729,7 +740,8 @@ def describe_run(config: TrainConfig, backend: Backend, split: Split, source: st
     lines = [f"device:  {backend.summary()}"] + ([f"         {backend.reason}"] if backend.reason else [])
     lines.append(f"data:    {source}: {split.sizes()}")
     lines.append(f"network: {'-'.join(map(str, arch.sizes))} {c.activation}/{arch.output}, {c.weight_init} init, "
-                 f"{c.dtype}, lr {c.lr:g}, {c.epochs} epochs, seed {c.seed}"
+                 f"{c.dtype}" + ("" if c.precision == "float32" else f" ({c.precision} GEMMs)")
+                 + f", lr {c.lr:g}, {c.epochs} epochs, seed {c.seed}"
                  + (", standardized inputs" if c.normalize == "standardize" else ""))
     if c.lr_schedule != "constant" or c.early_stop is not None:
         lines.append(f"         lr schedule {c.lr_schedule}"

@@ -50,13 +50,13 @@ class EmulatedCudaBackend(Backend):
         return np.random.default_rng(seed)
 
     def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
-             batches: bool = False) -> Step:
+             batches: bool = False, precision: str = "float32") -> Step:
         from gpunn import fused_cuda
 
         fused = self.fast and fused_cuda.cuda_step(arch, dtype=dtype, columns=columns, dropout=dropout,
-                                                   pixels=pixels, device=self.kernels)
+                                                   pixels=pixels, precision=precision, device=self.kernels)
         return fused or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
-                                     batches=batches)
+                                     batches=batches, precision=precision)
 
 
 @pytest.fixture(scope="module")

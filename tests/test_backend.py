@@ -318,3 +318,26 @@ def test_cuda_chooses_its_fast_path_by_network():
     for fused in (step(784, 17, 10), step(784, 10, 10, pixels=False), step(784, 16, 16, 10)):
         assert fused.name.startswith("fused CUDA kernels") and not fused.pixels
     assert step(784, 10, 10, dropout=0.2).name == "the generic array-API math"
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_a_reduced_precision_takes_the_tensor_core_gemms_or_says_why_not(precision):
+    """tf32 and bf16 are for the CUDA fast path's cuBLAS GEMMs: on CUDA (here its emulation) every ReLU network takes
+    the fused kernels with them, the 784-10-10 too (the single pass has no GEMMs); everywhere else the step refuses
+    the run with a ConfigError that says what to use instead."""
+    from conftest import emulated_cuda_or_skip
+
+    from gpunn.errors import ConfigError
+    from gpunn.nn import Architecture
+
+    cuda = emulated_cuda_or_skip()
+    for sizes in [(784, 10, 10), (784, 256, 10), (784, 16, 16, 10)]:
+        step = cuda.step(Architecture(sizes), dtype="float32", columns=1000, precision=precision)
+        assert step.name.startswith(f"fused CUDA kernels, cuBLAS GEMMs on {'TF32' if precision == 'tf32' else 'bfloat16'}"
+                                    " tensor cores") and not step.pixels, step.name
+    refused = [(cuda, "float64", 0.0), (cuda, "float32", 0.2), (get_backend("cpu"), "float32", 0.0),
+               (get_backend("cpu", fast=False), "float32", 0.0)]
+    for backend, dtype, dropout in refused:
+        with pytest.raises(ConfigError, match=rf"^precision {precision} runs .* on CUDA tensor cores, .* this run on "
+                                              rf"{backend.name} would compute them in {dtype}: use --device cuda"):
+            backend.step(Architecture((784, 10, 10)), dtype=dtype, columns=1000, dropout=dropout, precision=precision)

@@ -297,6 +297,39 @@ def test_gpunn_is_timed_on_the_whole_epoch_runner_where_its_step_has_one(monkeyp
     assert fast._epochs is None
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_a_reduced_precision_group_times_the_tensor_core_step_and_says_who_refuses_it(precision):
+    """--precision: gpunn (here on the emulated CUDA device) takes its tensor-core GEMMs and is checked and timed;
+    the generic math refuses the run in a row that says why; a peer without precisions is left out of it."""
+    from conftest import emulated_cuda_or_skip
+
+    cuda = emulated_cuda_or_skip()
+    arch = bench.Architecture((784, 16, 10))
+    variants = [("gpunn", cuda), ("gpunn-generic", bench.get_backend("cpu", fast=False))]
+    candidates, refused = bench.candidates_for("cuda-emulated", arch, "float32", 64, ["numpy-naive"], variants,
+                                               precision)
+    assert [c.name for c in candidates] == ["gpunn"] and "GEMMs on" in candidates[0].step
+    assert [(r.implementation, r.precision) for r in refused] == [("gpunn-generic", precision)]
+    assert refused[0].status.startswith(f"refused: precision {precision} runs")
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 784), dtype=np.uint8), rng.integers(0, 10, 64)
+    rounds = bench.Rounds(rounds=2, min_rounds=2, group_seconds=60, slot_ms=0, settle_ms=0)
+    rows, record = bench.run_group("cuda-emulated", "float32", 16, candidates, images, labels, group_of_params(16),
+                                   rounds, precision=precision)
+    assert rows[0].status == "ok" and rows[0].precision == precision and len(rows[0].epoch_ms) == 2
+    assert record["precision"] == precision
+    assert set(cuda.kernels.precisions) == {precision}
+    assert bench.same_step(1.0 + bench.CHECK_RTOL[precision] / 2, 1.0, "float32", precision)
+    assert not bench.same_step(1.0 + bench.CHECK_RTOL[precision] / 2, 1.0, "float32")
+
+
+def test_a_reduced_precision_is_for_float32_on_cuda():
+    for args in (["--precision", "tf32"], ["--precision", "bf16", "--devices", "cuda", "--dtypes", "float32,float64"]):
+        result = subprocess.run([sys.executable, str(BENCHMARKS / "epoch_throughput.py"), "--m", "64", *args],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "tensor cores: give it with --dtypes float32 --devices cuda" in result.stderr
+
+
 def test_cuda_compile_times_the_modules_a_run_loads():
     """benchmarks/cuda_compile.py compiles what a CUDA run of 784-h-10 loads: every kernel file but single_pass.cu
     whole, and of single_pass.cu the module of the run's hidden size (odd sizes run on the next even kernel) and the

@@ -163,6 +163,10 @@ def test_info_says_how_the_single_pass_runs_here(monkeypatch):
         (["--val-size", "5000"], 2, ["--val-size 5000 must be at least 0 and less than the 5,000"]),
         (["--activation", "gelu"], 2, ["--activation"]),
         (["--dtype", "float16"], 2, ["--dtype"]),
+        (["--precision", "fp16"], 2, ["--precision", "'fp16' is not one of 'float32', 'tf32', 'bf16'"]),
+        (["--precision", "tf32", "--device", "cpu"], 2, ["precision tf32 runs", "on CUDA tensor cores",
+                                                          "this run on cpu would compute them in float32"]),
+        (["--precision", "bf16", "--dtype", "float64"], 2, ["precision bf16", "needs dtype float32, not float64"]),
         (["--data-dir", "/nonexistent/mnist"], 2, ["--data-dir /nonexistent/mnist: no such directory"]),
         (["--out", "/nonexistent/dir/m.npz"], 2, ["--out /nonexistent/dir/m.npz: directory /nonexistent/dir does not exist"]),
         (["--lr", "1e10"], 1, ["diverged at epoch", "smaller learning rate than --lr 1e+10"]),
@@ -197,6 +201,16 @@ def test_train_on_the_gpu(tmp_path, cuda):
     result = run("train", "--device", "cuda", "--epochs", 20, "--out", tmp_path / "m.npz")
     assert result.exit_code == 0, result.output
     assert "device:  cuda:0 (" in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_train_on_the_gpus_tensor_cores(tmp_path, cuda, precision):
+    result = run("train", "--device", "cuda", "--precision", precision, "--hidden", 64, "--epochs", 20,
+                 "--out", tmp_path / "m.npz")
+    assert result.exit_code == 0, result.output
+    assert f"float32 ({precision} GEMMs)" in result.output
+    assert f"cuBLAS GEMMs on {'TF32' if precision == 'tf32' else 'bfloat16'} tensor cores" in result.output
 
 
 def test_checkpoint_then_resume_matches_a_straight_run(tmp_path):

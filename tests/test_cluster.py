@@ -34,7 +34,7 @@ from gpunn.cluster import (  # noqa: E402
     tree_sum,
 )
 from gpunn.data import Split, load_bundled_sample, split  # noqa: E402
-from gpunn.errors import BackendError  # noqa: E402
+from gpunn.errors import BackendError, ConfigError  # noqa: E402
 from gpunn.model import load_model  # noqa: E402
 from gpunn.train import TrainConfig, TrainingInterrupted, fit  # noqa: E402
 
@@ -226,6 +226,12 @@ def test_a_worker_that_cannot_use_the_device_is_named(cluster):
     with pytest.raises(ClusterError, match=rf"^worker tcp://[\d.:]+: .*{re.escape(reason)}") as caught:
         cluster_module.ClusterBackend(cluster.client, parse_cluster(address), device="cuda")
     assert caught.value.exit_code == 1
+
+
+def test_the_workers_are_asked_for_the_runs_precision(cluster, fewer):
+    """The precision reaches each worker's own step: the CPU workers refuse tf32 as a CPU process does, in one line."""
+    with pytest.raises(ConfigError, match=r"^precision tf32 runs .* this run on cpu would compute them in float32"):
+        fit(fewer, TrainConfig(epochs=1, precision="tf32"), backend=cluster)
 
 
 # --- the command -----------------------------------------------------------------------------------------------------

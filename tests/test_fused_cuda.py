@@ -11,15 +11,18 @@ import numpy as np
 import pytest
 
 from conftest import cuda_backend_or_skip
-from cuda_on_cpu import EmulatedDevice, RecordedGraph, build_all
+from cuda_on_cpu import BuildError, EmulatedDevice, RecordedGraph, build_all, build_cublas_stand_in
+from cuda_on_cpu.device import round_to
 from gpunn.data import load_bundled_sample
 from gpunn.fused_cuda import (
+    COMPUTE_TYPES,
     CudaGraphStep,
     Cublas,
     cublas_arguments,
     CupyDevice,
     FusedCudaPass,
     FusedCudaUpdate,
+    check_gemm,
     check_launch,
     kernel_signatures,
     loaded_library,
@@ -107,6 +110,61 @@ def test_one_pass_matches_the_generic_pass(host, sample, dtype, sizes, l2):
         assert dW.shape == ref_dW.shape and db.shape == ref_db.shape and dW.dtype == ref_dW.dtype
         assert_close(dW, ref_dW, dtype)
         assert_close(db, ref_db, dtype)
+
+
+#: how far a reduced precision's gradients may be from the float32 math's, relative to the largest: the GEMMs' inputs
+#: keep 10 (tf32) or 7 (bf16) mantissa bits, so each product is off by up to 2^-10 or 2^-7 of itself
+PRECISION_ATOL = {"tf32": 4e-3, "bf16": 3e-2}
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_a_reduced_precision_pass_is_near_the_generic_pass_but_not_float32(host, sample, precision):
+    """The GEMMs on tensor cores: the loss and gradients are the float32 math's to within the inputs' rounding, and
+    not the float32 pass's bits (the rounding happened); everything but the GEMMs is unchanged."""
+    sizes = (784, 32, 16, 10)
+    arch, params = start(sizes, "float32")
+    X, y = inputs(sample, sizes, "float32", m=333)
+    results = {}
+    for run in ("float32", precision):
+        with FusedCudaPass(arch, "float32", 333, device=host.device, precision=run) as fused:
+            loss, acc, grads = fused(host.layers_up(params), host.up(X), None, host.up(y), l2=0.1)
+            results[run] = host.down(loss), host.down(acc), host.layers_down(grads)
+    ref_loss, ref_acc, ref_grads = loss_and_gradients(params, X, one_hot(y, 10, np.float32), y, arch, l2=0.1)
+    loss, acc, grads = results[precision]
+    np.testing.assert_allclose(loss, ref_loss, rtol=PRECISION_ATOL[precision])
+    assert abs(acc - ref_acc) <= 3 / 333  # a few samples near a decision boundary may tip
+    for (dW, db), (ref_dW, ref_db) in zip(grads, ref_grads, strict=True):
+        for got, ref in ((dW, ref_dW), (db, ref_db)):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, ref, rtol=0, atol=PRECISION_ATOL[precision] * np.abs(ref).max())
+    assert any(not np.array_equal(a, b) for a, b in zip(results["float32"][2][0], grads[0]))
+    if isinstance(host.device, EmulatedDevice):
+        assert set(host.device.precisions) == {"float32", precision}
+
+
+def test_a_reduced_precision_is_for_float32_gemms():
+    A = np.ones((2, 3))
+    with pytest.raises(ValueError, match="a tf32 GEMM takes float32 operands, not float64"):
+        check_gemm(np.ones((2, 2)), A, A.T.copy(), False, False, "tf32")
+    with pytest.raises(ValueError, match="unknown GEMM precision 'fp16'; expected one of"):
+        check_gemm(*(np.ones((2, 2), np.float32),) * 3, False, False, "fp16")
+    with pytest.raises(ValueError, match="compute float64 in float64 and float32 in one of"):
+        FusedCudaPass(Architecture((784, 10)), "float64", 10, device=EmulatedDevice(), precision="bf16")
+
+
+def test_rounding_to_a_tensor_cores_precision():
+    """round_to, the emulator's model of what cuBLAS does to a GEMM's inputs: to nearest, ties to even, on the
+    mantissa bits TF32 (10) and bfloat16 (7) keep; NaN and the infinities unchanged."""
+    x = np.array([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-11 + 2**-20, -(1 + 2**-8), 3 * 2**-8 + 1, np.inf, -np.inf, np.nan,
+                  0.0, np.finfo(np.float32).max], np.float32)
+    tf32 = round_to("tf32", x)
+    np.testing.assert_array_equal(tf32[:3], [1.0, 1 + 2**-9, 1 + 2**-10])
+    bf16 = round_to("bf16", x)
+    np.testing.assert_array_equal(bf16[3:5], [-1.0, 1 + 2**-6])  # a tie to the even 1.0, then up from 1.5 ulp
+    for rounded in (tf32, bf16):
+        assert rounded.dtype == np.float32
+        np.testing.assert_array_equal(rounded[5:9], x[5:9])
+    assert tf32[9] == bf16[9] == np.inf  # float32's largest rounds up past the largest value either can hold
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -483,6 +541,40 @@ def test_cublas_calls_compute_the_row_major_product(dtype, trans_a, trans_b):
     np.testing.assert_allclose(C, expected, rtol=1e-5 if dtype == "float32" else 1e-12)
     assert lib.calls == ["cublasCreate_v2", "cublasSetPointerMode_v2", "cublasSetMathMode", "cublasSetStream_v2",
                          "cublasSetWorkspace_v2", "gemm"]  # the workspace set again after every stream change
+
+
+@pytest.fixture(scope="module")
+def cublas_stand_in():
+    """libcublas's C API on the host (tests/cuda_on_cpu/cublas_cpu.cpp), loaded through ctypes as Cublas loads cuBLAS."""
+    try:
+        return ctypes.CDLL(str(build_cublas_stand_in()))
+    except BuildError as error:
+        pytest.skip(f"the cuBLAS stand-in cannot be built here: {str(error)[:200]}")
+
+
+@pytest.mark.parametrize("precision", ["float32", "tf32", "bf16"])
+@pytest.mark.parametrize(("trans_a", "trans_b"), [(False, False), (False, True), (True, False)])
+def test_cublas_passes_each_precision_through_the_c_api(cublas_stand_in, precision, trans_a, trans_b):
+    """Cublas.gemm's ctypes declarations against C functions of cuBLAS's signatures: float32 runs cublasSgemm; tf32
+    and bf16 run cublasGemmEx with float32 matrices and their compute type, which rounds the inputs."""
+    rng = np.random.default_rng(1)
+    M, N, K = 6, 5, 40
+    A = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
+    B = rng.standard_normal((N, K) if trans_b else (K, N)).astype(np.float32)
+    C = rng.standard_normal((M, N)).astype(np.float32)
+    a, b = (A.T if trans_a else A).astype(np.float64), (B.T if trans_b else B).astype(np.float64)
+    exact = 0.5 * (a @ b) + 2.0 * C
+    if precision != "float32":
+        a, b = round_to(precision, a.astype(np.float32)), round_to(precision, b.astype(np.float32))
+    expected = 0.5 * (a.astype(np.float64) @ b) + 2.0 * C
+    blas = Cublas(cublas_stand_in, workspace_ptr=1234, workspace_bytes=4096)
+    blas.use_stream(99)
+    blas.gemm(np.dtype(np.float32), (C.ctypes.data, C.shape), (A.ctypes.data, A.shape), (B.ctypes.data, B.shape),
+              trans_a, trans_b, 0.5, 2.0, precision)
+    np.testing.assert_allclose(C, expected, rtol=1e-5, atol=1e-5)
+    assert cublas_stand_in.cublas_cpu_last_compute_type() == COMPUTE_TYPES.get(precision, 68)  # CUBLAS_COMPUTE_32F
+    assert (precision == "float32") == np.allclose(C, exact, rtol=1e-5, atol=1e-5)  # the rounding happened
+    blas.close()
 
 
 def test_the_column_major_arguments_of_a_row_major_product():

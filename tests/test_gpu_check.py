@@ -134,3 +134,57 @@ def test_a_missing_profiler_is_not_a_failure(tmp_path, monkeypatch):
     assert argv[argv.index("--device") + 1] == "cuda" and "WarpStateStats" in argv
     # a training run's clocks and caches, not ncu's base clock and flushed caches
     assert argv[argv.index("--clock-control") + 1] == "none" and argv[argv.index("--cache-control") + 1] == "none"
+
+
+def test_the_precision_step_holds_each_tensor_core_run_to_float32s_test_accuracy(tmp_path, monkeypatch):
+    """784-256-10 in float32, tf32 and bf16: a reduced precision more than 0.3 point from float32's test accuracy
+    fails the step, and DIR/precision.json keeps every run; then the benchmark's rows in tf32 and bf16 on CUDA."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check as module
+
+    check = module.GpuCheck(tmp_path, tmp_path / "mnist", budget_s=60)
+    accuracy = {"float32": 0.9612, "tf32": 0.9601, "bf16": 0.9571}
+    commands = {}
+
+    def command(step, argv, **kwargs):
+        commands[step] = argv
+        if "--metrics-out" in argv:
+            summary = {"type": "summary", "test_accuracy": accuracy[argv[argv.index("--precision") + 1]],
+                       "median_epoch_s": 0.001, "total_s": 0.5}
+            Path(argv[argv.index("--metrics-out") + 1]).write_text(json.dumps(summary) + "\n")
+        return check.record(module.Result(step, "ok", 2.0, ""))
+
+    monkeypatch.setattr(check, "command", command)
+    check.precisions()
+    saved = json.loads((tmp_path / "precision.json").read_text())
+    assert saved["points_allowed"] == 0.3 and set(saved["runs"]) == {"float32", "tf32", "bf16"}
+    assert saved["runs"]["tf32"]["points_from_float32"] == pytest.approx(0.11)
+    compared = next(r for r in check.results if r.step == "compare precisions")
+    assert compared.status == "FAILED" and compared.detail == "bf16: 0.41 points from float32's test accuracy"
+    for precision in ("float32", "tf32", "bf16"):
+        argv = commands[f"train {precision}"]
+        assert argv[argv.index("--hidden") + 1] == "256" and argv[argv.index("--device") + 1] == "cuda"
+    options, _ = check.benchmark_options()
+    for precision in ("tf32", "bf16"):
+        argv = commands[f"bench cuda {precision}"]
+        assert {arg for arg in argv if arg.startswith("--")} <= options
+        assert argv[argv.index("--precision") + 1] == precision and argv[argv.index("--dtypes") + 1] == "float32"
+        assert argv[argv.index("--devices") + 1] == "cuda"
+
+
+def test_steps_run_only_the_named_ones_after_the_prerequisites(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check as module
+
+    ran = []
+    for name in ("info", "check_data", "check_gpu"):
+        monkeypatch.setattr(module.GpuCheck, name, lambda self, _n=name: ran.append(_n))
+    for name in module.STEPS:
+        monkeypatch.setitem(module.STEPS, name, lambda check, _n=name: ran.append(_n))
+    assert module.GpuCheck(tmp_path, tmp_path, budget_s=60).run(["precision", "e2e"]) == 0
+    assert ran == ["info", "check_data", "check_gpu", "e2e", "precision"]  # in the check's order
+    ran.clear()
+    module.GpuCheck(tmp_path, tmp_path, budget_s=60).run()
+    assert ran == ["info", "check_data", "check_gpu", *module.STEPS]
+    with pytest.raises(SystemExit):
+        module.main(["--out", str(tmp_path), "--steps", "precision,nonsense"])

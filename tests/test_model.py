@@ -15,7 +15,7 @@ from gpunn.errors import ModelError
 from gpunn.files import OutputError, atomic_write
 from gpunn.model import FORMAT_VERSION, Model, load_model, save_model
 from gpunn.nn import Architecture, Layer, init_params
-from gpunn.train import TrainConfig
+from gpunn.train import SETTINGS_ADDED_LATER, TrainConfig
 
 from hostile import checkpoint_bytes, model_corpus, model_variants_that_load, resume_corpus
 
@@ -131,6 +131,24 @@ def test_the_valid_checkpoint_loads_and_resumes(tmp_path, cpu, checkpoint):
                                                epochs=5).as_dict()
     assert sorted(model.optimizer_state) == ["s", "v"] and model.preprocessing.kind == "standardize"
     assert model.source == str(path)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_its_run_had(tmp_path, cpu, checkpoint):
+    """gpunn before --precision wrote no precision: such a checkpoint computed its GEMMs in float32 and resumes so,
+    where any other missing setting marks a damaged file (tests/hostile.py's "a setting missing")."""
+    import io
+
+    with np.load(io.BytesIO(checkpoint)) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    meta = json.loads(str(arrays["meta"]))
+    assert set(SETTINGS_ADDED_LATER) <= set(meta["info"]["config"])  # written now: every setting is in the file
+    for name in SETTINGS_ADDED_LATER:
+        del meta["info"]["config"][name]
+    path = tmp_path / "old.npz"
+    np.savez(path, **{**arrays, "meta": np.asarray(json.dumps(meta))})
+    config, done = load_model(path, cpu).resume_state()
+    assert done == 3 and config == TrainConfig(hidden=(6,), optimizer="adam", normalize="standardize",
+                                               epochs=5).as_dict() and config["precision"] == "float32"
 
 
 @pytest.mark.parametrize("case", MODEL_CASES)

@@ -484,10 +484,11 @@ class SinglePassBackend(EmulatedCudaBackend):
     """The emulated CUDA backend choosing the single pass where it covers the run, the fused path elsewhere."""
 
     def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
-             batches: bool = False):
-        single = pixels and single_pass_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=self.kernels)
+             batches: bool = False, precision: str = "float32"):
+        single = (pixels and precision == "float32"
+                  and single_pass_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=self.kernels))
         return single or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
-                                      batches=batches)
+                                      batches=batches, precision=precision)
 
 
 @pytest.mark.parametrize("batch_size", [None, 128], ids=["full-batch", "mini-batches"])

@@ -87,10 +87,30 @@ def test_divergence_stops_at_once_and_names_the_epoch(sample_split, cpu):
         fit(sample_split, TrainConfig(epochs=50, lr=1e10), backend=cpu)
 
 
-@pytest.mark.parametrize("bad", [{"epochs": 0}, {"epochs": 2**63}, {"lr": 0.0}, {"lr": -1.0}])
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"epochs": 2**63}, {"lr": 0.0}, {"lr": -1.0}, {"precision": "fp16"},
+                                 {"precision": "tf32", "dtype": "float64"}])
 def test_config_rejects_impossible_values(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_tensor_core_gemms_learn_what_float32_learns(sample_split, precision):
+    """A run whose GEMMs take their inputs rounded to TF32 or bfloat16 (here on the emulated CUDA device) ends near the
+    float32 run from the same seed: the same accuracy give or take a point, its weights float32, its setting kept."""
+    from conftest import emulated_cuda_or_skip
+
+    backend = emulated_cuda_or_skip()
+    config = {"hidden": (32,), "epochs": 20, "lr": 0.2}
+    reference = fit(sample_split, TrainConfig(**config), backend=backend)
+    result = fit(sample_split, TrainConfig(**config, precision=precision), backend=backend)
+    assert result.model.info["step"] == ("fused CUDA kernels, one CUDA graph per epoch, cuBLAS GEMMs on "
+                                         f"{'TF32' if precision == 'tf32' else 'bfloat16'} tensor cores")
+    assert abs(result.history[-1].val_accuracy - reference.history[-1].val_accuracy) <= 0.01
+    assert result.history[-1].loss == pytest.approx(reference.history[-1].loss, rel=0.01)
+    assert result.history[-1].loss != reference.history[-1].loss
+    assert result.model.params[0].W.dtype == np.float32
+    assert set(backend.kernels.precisions) == {"float32", precision}  # the float32 run's GEMMs, then this run's
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])

@@ -17,6 +17,9 @@ except ImportError:  # the benchmark reports the peer as unavailable
 AVAILABLE = torch is not None
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
+#: what a float32 run's matrix products may compute in: torch.set_float32_matmul_precision's name for each of
+#: gpunn's precisions ("high": TF32 tensor cores; "medium": bfloat16 where PyTorch's cuBLAS calls take it)
+PRECISIONS = {"float32": "highest", "tf32": "high", "bf16": "medium"}
 #: untimed calls of the step on a side stream before a CUDA graph captures it, as PyTorch's notes do
 GRAPH_WARMUP = 3
 
@@ -38,7 +41,9 @@ def _step(X, Y, m: int, lr: float, W1, b1, W2, b2):
 class Runner:
     """One step per call of :meth:`step`: the new weights are new tensors (the eager and compiled peers)."""
 
-    def __init__(self, images, labels, params, lr, dtype, device, compile_step=False):
+    def __init__(self, images, labels, params, lr, dtype, device, compile_step=False, precision="float32"):
+        # process-wide in PyTorch: every torch peer of a benchmark run is made with the run's one precision
+        torch.set_float32_matmul_precision(PRECISIONS[precision])
         self.device = torch.device(device if device.startswith("cuda") else "cpu")
         float_dtype = getattr(torch, dtype)
         # torch warns on read-only arrays (real MNIST is read with np.frombuffer): it has no read-only tensors
@@ -74,10 +79,10 @@ class GraphRunner(Runner):
     made during the capture). The learning rate and m are Python numbers, so they are fixed into the graph.
     """
 
-    def __init__(self, images, labels, params, lr, dtype, device):
+    def __init__(self, images, labels, params, lr, dtype, device, precision="float32"):
         if not device.startswith("cuda"):
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
-        super().__init__(images, labels, params, lr, dtype, device)
+        super().__init__(images, labels, params, lr, dtype, device, precision=precision)
         with torch.cuda.device(self.device), torch.no_grad():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -96,17 +101,17 @@ class GraphRunner(Runner):
         self.graph.replay()
 
 
-def make(images, labels, params, *, lr, dtype, device, compile_step=False):
+def make(images, labels, params, *, lr, dtype, device, compile_step=False, precision="float32"):
     if len(params) != 2:
         raise ValueError("this peer has exactly one hidden layer")
-    return Runner(images, labels, params, lr, dtype, device, compile_step)
+    return Runner(images, labels, params, lr, dtype, device, compile_step, precision)
 
 
-def make_compiled(images, labels, params, *, lr, dtype, device):
-    return make(images, labels, params, lr=lr, dtype=dtype, device=device, compile_step=True)
+def make_compiled(images, labels, params, *, lr, dtype, device, precision="float32"):
+    return make(images, labels, params, lr=lr, dtype=dtype, device=device, compile_step=True, precision=precision)
 
 
-def make_graphed(images, labels, params, *, lr, dtype, device):
+def make_graphed(images, labels, params, *, lr, dtype, device, precision="float32"):
     if len(params) != 2:
         raise ValueError("this peer has exactly one hidden layer")
-    return GraphRunner(images, labels, params, lr, dtype, device)
+    return GraphRunner(images, labels, params, lr, dtype, device, precision)

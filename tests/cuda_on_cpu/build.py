@@ -111,6 +111,30 @@ def build_library(cu_file: str | Path, *, tsan: bool = False, kernel_dir: Path =
     return target
 
 
+CUBLAS_STAND_IN = Path(__file__).resolve().parent / "cublas_cpu.cpp"
+
+
+def build_cublas_stand_in() -> Path:
+    """The shared library of cublas_cpu.cpp, a host stand-in for libcublas (built now if the cache has none)."""
+    cxx = compiler()
+    if cxx is None:
+        raise BuildError(compiler_missing() or "no compiler")
+    flags = ("-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off")
+    digest = hashlib.sha256()
+    for part in [CUBLAS_STAND_IN.read_bytes(), " ".join(flags).encode(), _compiler_version(cxx).encode()]:
+        digest.update(hashlib.sha256(part).digest())
+    target = cache_dir() / f"cublas_cpu-{digest.hexdigest()[:20]}.so"
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=cache_dir()) as folder:
+            built = Path(folder) / target.name
+            command = [cxx, *flags, str(CUBLAS_STAND_IN), "-o", str(built)]
+            result = run_compiler(command)
+            if result.returncode != 0:
+                raise BuildError(f"{' '.join(command)}\n{result.stdout}{result.stderr}")
+            os.replace(built, target)
+    return target
+
+
 @cache
 def build_all(tsan: bool = False) -> str | None:
     """Build every kernel file's library (in parallel, once per process): None when done, else why it cannot be."""

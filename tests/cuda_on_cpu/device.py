@@ -52,6 +52,22 @@ _SCALARS = {np.dtype(np.int32): ctypes.c_int, np.dtype(np.int64): ctypes.c_longl
             np.dtype(np.uint8): ctypes.c_ubyte}
 
 
+#: mantissa bits a reduced precision drops from a float32 (23 bits): TF32 keeps 10, bfloat16 7
+DROPPED_BITS = {"tf32": 13, "bf16": 16}
+
+
+def round_to(precision: str, x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` with its mantissa rounded (to nearest, ties to even) to what a tensor core takes in
+    ``precision``, as float32 values: what cuBLAS's FAST_TF32 and FAST_16BF compute types do to a GEMM's inputs.
+    NaN and the infinities stay as they are."""
+    dropped = DROPPED_BITS[precision]
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    half, keep = np.uint32(1 << (dropped - 1)), np.uint32((0xFFFFFFFF << dropped) & 0xFFFFFFFF)
+    odd = (bits >> np.uint32(dropped)) & np.uint32(1)
+    rounded = ((bits + (half - np.uint32(1)) + odd) & keep).view(np.float32)
+    return np.where(np.isfinite(x), rounded, x).astype(np.float32)
+
+
 @cache
 def _library(path: str) -> ctypes.CDLL:
     return ctypes.CDLL(path)
@@ -93,6 +109,7 @@ class EmulatedDevice:
         self.kernel_dir = Path(kernel_dir)
         self.allocations: list[Allocation] = []
         self.launches: list[str] = []  # the name of every kernel run, in order
+        self.precisions: list[str] = []  # the precision of every GEMM issued, in order
         self._recording: list[Op] | None = None
 
     # arrays
@@ -170,11 +187,14 @@ class EmulatedDevice:
         self.launches.append(info.name)
 
     def gemm(self, C: np.ndarray, A: np.ndarray, B: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,
-             alpha: float = 1.0, beta: float = 0.0) -> None:
-        check_gemm(C, A, B, trans_a, trans_b)
+             alpha: float = 1.0, beta: float = 0.0, precision: str = "float32") -> None:
+        check_gemm(C, A, B, trans_a, trans_b, precision)
+        self.precisions.append(precision)
 
         def run() -> None:
             a, b = (A.T if trans_a else A), (B.T if trans_b else B)
+            if precision != "float32":  # the inputs as the tensor cores take them; the sums in float32
+                a, b = round_to(precision, a), round_to(precision, b)
             # one BLAS thread: OpenBLAS's threads keep spinning for a while after a call, and would take the cores
             # from the kernel threads of the next launch (measured: 1 ms launches became 60 ms)
             with threadpool_limits(limits=1, user_api="blas"):
