@@ -271,6 +271,15 @@ class CupyBackend(Backend):
         # imported here: gpunn.fused_cuda builds on this module's Step, and only a CUDA run needs it
         from gpunn import fused_cuda
 
+        if precision != "float32":
+            # cuBLAS takes a FAST_TF32 or FAST_16BF compute type as leave to use such tensor cores, not an order: an
+            # older GPU would compute in float32 under a name that says otherwise
+            props = self.cupy.cuda.runtime.getDeviceProperties(self.index)
+            if props["major"] < 8:
+                raise ConfigError(f"precision {precision} runs on tensor cores for TF32 and bfloat16, which came with "
+                                  f"compute capability 8.0 (Ampere); {self.name} "
+                                  f"({diagnostics.decode(props['name'])}) has {props['major']}.{props['minor']}: "
+                                  f"use --precision float32")
         if self.fast:
             if self._kernels is None:
                 self._kernels = fused_cuda.CupyDevice(self.cupy)

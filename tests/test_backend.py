@@ -19,7 +19,7 @@ class FakeCUDARuntimeError(RuntimeError):
     pass
 
 
-def fake_cupy(monkeypatch, *, names=(), count_error=None, first_op_error=None):
+def fake_cupy(monkeypatch, *, names=(), count_error=None, first_op_error=None, capability=(9, 0)):
     """Install a stand-in `cupy` module that reports the given GPUs, or fails where told to."""
 
     def get_device_count():
@@ -41,7 +41,7 @@ def fake_cupy(monkeypatch, *, names=(), count_error=None, first_op_error=None):
 
     runtime = types.SimpleNamespace(
         getDeviceCount=get_device_count,
-        getDeviceProperties=lambda i: {"name": names[i].encode(), "major": 9, "minor": 0},
+        getDeviceProperties=lambda i: {"name": names[i].encode(), "major": capability[0], "minor": capability[1]},
         CUDARuntimeError=FakeCUDARuntimeError,
     )
     module = types.ModuleType("cupy")
@@ -138,6 +138,20 @@ def test_device_that_fails_its_first_operation(monkeypatch):
     fake_cupy(monkeypatch, names=("Fake H100",), first_op_error=RuntimeError("CUDA driver version is insufficient"))
     with pytest.raises(BackendError, match=r"found cuda:0 but could not use it: .*driver version is insufficient"):
         get_backend("cuda")
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_a_gpu_without_tf32_and_bfloat16_tensor_cores_refuses_those_precisions(monkeypatch, precision):
+    """cuBLAS would quietly compute in float32 there, under a step name that says tensor cores."""
+    from gpunn.errors import ConfigError
+    from gpunn.nn import Architecture
+
+    fake_cupy(monkeypatch, names=("Tesla V100-SXM2-16GB",), capability=(7, 0))
+    backend = get_backend("cuda")
+    with pytest.raises(ConfigError, match=rf"^precision {precision} runs on tensor cores .* compute capability 8.0 "
+                                          r"\(Ampere\); cuda:0 \(Tesla V100-SXM2-16GB\) has 7.0: use --precision "
+                                          "float32$"):
+        backend.step(Architecture((784, 256, 10)), dtype="float32", columns=100, precision=precision)
 
 
 def test_two_cupy_wheels_at_once_are_refused(monkeypatch, tmp_path):
