@@ -491,10 +491,14 @@ def run_group(device: str, dtype: str, hidden: int, candidates: list[Candidate],
     return rows, record
 
 
+def dtype_label(dtype: str, precision: str = "float32") -> str:
+    """``float32``, or ``float32 (tf32 GEMMs)`` where the matrix products run in a reduced precision."""
+    return dtype if precision == "float32" else f"{dtype} ({precision} GEMMs)"
+
+
 def _echo_group(rows: list[Row], record: dict[str, Any], echo: Callable[[str], None]) -> None:
-    device, dtype, hidden = record["device"], record["dtype"], record["hidden"]
-    if record.get("precision", "float32") != "float32":
-        dtype = f"{dtype} ({record['precision']} GEMMs)"
+    device, hidden = record["device"], record["hidden"]
+    dtype = dtype_label(record["dtype"], record.get("precision", "float32"))
     echo(f"{device:>7} {dtype} h={hidden:<5} {record['rounds']} rounds in {record['seconds']:.1f} s "
          f"(stopped by --{record['stopped_by']}; load average {record['load_before']} -> {record['load_after']})")
     for row in rows:
@@ -690,8 +694,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in ok:
         lines.append(
-            f"| {r.device} | {r.dtype}{'' if r.precision == 'float32' else f' ({r.precision} GEMMs)'} | {r.hidden} "
-            f"| {r.implementation} | {len(r.epoch_ms)} | {r.epochs_per_slot} | "
+            f"| {r.device} | {dtype_label(r.dtype, r.precision)} | {r.hidden} | {r.implementation} | "
+            f"{len(r.epoch_ms)} | {r.epochs_per_slot} | "
             f"{r.min_ms:.2f} | {r.median_ms:.2f} | {r.ratio_median:.2f} | {r.ratio_min:.2f}–{r.ratio_max:.2f} | "
             f"{r.first_epoch_ms:.1f} | {r.bound_ms:.2f} | {r.median_ms / r.bound_ms:.2f} |"
         )
@@ -704,15 +708,15 @@ def markdown(result: dict[str, Any]) -> str:
         first = " → ".join(g["order"][0]) if g["order"] else "none"
         load = f"load average {g['load_before']} before, {g['load_after']} after its rounds" \
             if g["load_before"] is not None else "load average unknown"
-        lines.append(f"- {g['device']}, {g['dtype']}, h = {g['hidden']}: {g['rounds']} rounds in {g['seconds']:.1f} s"
-                     f" (stopped by --{g['stopped_by']}); {first}; gpunn's step: "
+        dtype = dtype_label(g["dtype"], g.get("precision", "float32"))
+        lines.append(f"- {g['device']}, {dtype}, h = {g['hidden']}: {g['rounds']} rounds in {g['seconds']:.1f} s "
+                     f"(stopped by --{g['stopped_by']}); {first}; gpunn's step: "
                      f"{gpunn_row.step if gpunn_row else '?'}; {load}")
     skipped = [r for r in rows if r.status != "ok"]
     if skipped:
         lines += ["", "Not reported:", ""]
-        lines += [f"- {r.implementation} on {r.device}, {r.dtype}"
-                  f"{'' if r.precision == 'float32' else f' ({r.precision} GEMMs)'}, hidden {r.hidden}: {r.status}"
-                  for r in skipped]
+        lines += [f"- {r.implementation} on {r.device}, {dtype_label(r.dtype, r.precision)}, hidden {r.hidden}: "
+                  f"{r.status}" for r in skipped]
     speedups = gpu_speedups(ok)
     if speedups:
         lines += ["", "GPU over CPU (gpunn's median CPU time over its median GPU time; the two come from different "

@@ -347,8 +347,9 @@ def test_a_reduced_precision_takes_the_tensor_core_gemms_or_says_why_not(precisi
     cuda = emulated_cuda_or_skip()
     for sizes in [(784, 10, 10), (784, 256, 10), (784, 16, 16, 10)]:
         step = cuda.step(Architecture(sizes), dtype="float32", columns=1000, precision=precision)
-        assert step.name.startswith(f"fused CUDA kernels, cuBLAS GEMMs on {'TF32' if precision == 'tf32' else 'bfloat16'}"
-                                    " tensor cores") and not step.pixels, step.name
+        cores = "TF32" if precision == "tf32" else "bfloat16"
+        assert step.name.startswith(f"fused CUDA kernels, cuBLAS GEMMs on {cores} tensor cores"), step.name
+        assert not step.pixels
     refused = [(cuda, "float64", 0.0), (cuda, "float32", 0.2), (get_backend("cpu"), "float32", 0.0),
                (get_backend("cpu", fast=False), "float32", 0.0)]
     for backend, dtype, dropout in refused:

@@ -545,7 +545,8 @@ def test_cublas_calls_compute_the_row_major_product(dtype, trans_a, trans_b):
 
 @pytest.fixture(scope="module")
 def cublas_stand_in():
-    """libcublas's C API on the host (tests/cuda_on_cpu/cublas_cpu.cpp), loaded through ctypes as Cublas loads cuBLAS."""
+    """libcublas's C API on the host (tests/cuda_on_cpu/cublas_cpu.cpp), loaded through ctypes as Cublas loads
+    cuBLAS."""
     try:
         return ctypes.CDLL(str(build_cublas_stand_in()))
     except BuildError as error:
