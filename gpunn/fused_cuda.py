@@ -70,6 +70,9 @@ CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 #: cublasComputeType_t of a reduced precision's cublasGemmEx (cublas_api.h): CUBLAS_COMPUTE_32F_FAST_TF32,
 #: CUBLAS_COMPUTE_32F_FAST_16BF; their matrices are CUDA_R_32F, the algorithm CUBLAS_GEMM_DEFAULT
 COMPUTE_TYPES = {"tf32": 77, "bf16": 75}
+#: cublasStatus_t's names (cublas_api.h), for a failed call's message
+CUBLAS_STATUS = {1: "NOT_INITIALIZED", 3: "ALLOC_FAILED", 7: "INVALID_VALUE", 8: "ARCH_MISMATCH", 11: "MAPPING_ERROR",
+                 13: "EXECUTION_FAILED", 14: "INTERNAL_ERROR", 15: "NOT_SUPPORTED", 16: "LICENSE_ERROR"}
 CUDA_R_32F = 0
 CUBLAS_GEMM_DEFAULT = -1
 #: how the step's name says what the GEMMs compute in
@@ -401,7 +404,8 @@ class Cublas:
     @staticmethod
     def _check(status: int, call: str) -> None:
         if status != 0:
-            raise RuntimeError(f"{call} failed with cuBLAS status {status}")
+            name = CUBLAS_STATUS.get(status, "unknown to gpunn")
+            raise RuntimeError(f"{call} failed with cuBLAS status {status} (CUBLAS_STATUS_{name})")
 
     def use_stream(self, stream_ptr: int) -> None:
         if stream_ptr != self.stream:

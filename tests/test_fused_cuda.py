@@ -578,6 +578,15 @@ def test_cublas_passes_each_precision_through_the_c_api(cublas_stand_in, precisi
     blas.close()
 
 
+def test_a_failed_cublas_call_names_its_status(cublas_stand_in):
+    blas = Cublas(cublas_stand_in, workspace_ptr=1234, workspace_bytes=4096)
+    blas.fn["cublasGemmEx"] = lambda *args: 15
+    A = np.ones((2, 2), np.float32)
+    with pytest.raises(RuntimeError, match=r"^cublasGemmEx \(bf16\) failed with cuBLAS status 15 "
+                                           r"\(CUBLAS_STATUS_NOT_SUPPORTED\)$"):
+        blas.gemm(np.dtype(np.float32), *[(A.ctypes.data, A.shape)] * 3, False, False, 1.0, 0.0, "bf16")
+
+
 def test_the_column_major_arguments_of_a_row_major_product():
     # C (5, 7) = A (5, 3) @ B (3, 7): cuBLAS computes C.T (7, 5) = B.T (7, 3) @ A.T (3, 5), no transposes
     assert cublas_arguments((5, 7), (5, 3), (3, 7), False, False) == (0, 0, 7, 5, 3, 7, 3, 7)
