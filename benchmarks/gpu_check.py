@@ -105,6 +105,7 @@ class GpuCheck:
         self.results: list[Result] = []
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         self.env = {**os.environ, "PYTHONPATH": path}
+        self._benchmark_help: str | None = None  # benchmarks/epoch_throughput.py --help, once read
 
     # --- running and recording ------------------------------------------------------------------------------
 
@@ -272,22 +273,27 @@ class GpuCheck:
                                          "--device", "cuda", "--data-dir", str(self.data), "--epochs", "3", "--quiet",
                                          "--out", str(self.out / "ncu.npz")], limit=120, log="ncu-single-pass.log")
 
+    def train(self, name: str, options: list[str], *, limit: float) -> dict[str, Any] | None:
+        """One ``gpunn train`` on the full MNIST, 500 epochs from seed 0, with ``options`` (the device, the network):
+        its summary record, model file, step and wall time, or None where it failed (the failure is in the step's
+        record). Metrics, model and log go to DIR/train-NAME.jsonl, model-NAME.npz and train-NAME.log."""
+        metrics, model = self.out / f"train-{name}.jsonl", self.out / f"model-{name}.npz"
+        argv = [*self.python(), "-m", "gpunn", "train", "--data-dir", str(self.data), *options, "--seed", "0",
+                "--epochs", "500", "--metrics-out", str(metrics), "--out", str(model)]
+        result = self.command(f"train {name}", argv, limit=limit, log=f"train-{name}.log")
+        if result.status != "ok":
+            return None
+        summary = run_summary(metrics)
+        header = Path(result.log).read_text().splitlines() if result.log else []
+        step = next((line.split(":", 1)[1].strip() for line in header if line.startswith("step:")), "?")
+        result.detail = (f"test {100 * summary['test_accuracy']:.2f} %, median epoch "
+                         f"{1e3 * summary['median_epoch_s']:.3f} ms, step: {step}")
+        return {"summary": summary, "model": model, "step": step, "wall_s": result.seconds}
+
     def trainings(self) -> dict[str, dict[str, Any]]:
-        runs: dict[str, dict[str, Any]] = {}
-        for name, (device, choice) in TRAININGS.items():
-            metrics, model = self.out / f"train-{name}.jsonl", self.out / f"model-{name}.npz"
-            argv = [*self.python(), "-m", "gpunn", "train", "--data-dir", str(self.data), "--device", device,
-                    "--seed", "0", "--epochs", "500", "--metrics-out", str(metrics), "--out", str(model)]
-            result = self.command(f"train {name}", [*argv, choice],
-                                  limit=150 if device == "cuda" else 300, log=f"train-{name}.log")
-            if result.status == "ok":
-                summary = run_summary(metrics)
-                step = next((line.split(":", 1)[1].strip() for line in Path(result.log).read_text().splitlines()
-                             if line.startswith("step:")), "?")
-                result.detail = (f"test {100 * summary['test_accuracy']:.2f} %, median epoch "
-                                 f"{1e3 * summary['median_epoch_s']:.2f} ms, step: {step}")
-                runs[name] = {"summary": summary, "model": model, "step": step}
-        return runs
+        runs = {name: self.train(name, ["--device", device, choice], limit=150 if device == "cuda" else 300)
+                for name, (device, choice) in TRAININGS.items()}
+        return {name: run for name, run in runs.items() if run is not None}
 
     def compare(self, runs: dict[str, dict[str, Any]]) -> None:
         import numpy as np
@@ -322,9 +328,12 @@ class GpuCheck:
 
     def benchmark_options(self) -> tuple[set[str], str]:
         """The options and the help text of benchmarks/epoch_throughput.py as it is now (it changes), so that
-        the check passes only what the script takes rather than failing on a renamed option."""
-        help_text = subprocess.run([*self.python(), "benchmarks/epoch_throughput.py", "--help"], cwd=REPO,
-                                   env=self.env, capture_output=True, text=True, timeout=120).stdout
+        the check passes only what the script takes rather than failing on a renamed option. Read once per check."""
+        if self._benchmark_help is None:
+            self._benchmark_help = subprocess.run([*self.python(), "benchmarks/epoch_throughput.py", "--help"],
+                                                  cwd=REPO, env=self.env, capture_output=True, text=True,
+                                                  timeout=120).stdout
+        help_text = self._benchmark_help
         return set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text)), help_text
 
     def benchmark(self) -> tuple[list[str], Callable[..., str]] | None:
@@ -367,18 +376,13 @@ class GpuCheck:
         start_all = time.monotonic()
         runs: dict[str, dict[str, Any]] = {}
         for precision in ("float32", "tf32", "bf16"):
-            metrics, model = self.out / f"precision-{precision}.jsonl", self.out / f"precision-{precision}.npz"
-            argv = [*self.python(), "-m", "gpunn", "train", "--data-dir", str(self.data), "--device", "cuda",
-                    "--hidden", str(PRECISION_HIDDEN), "--seed", "0", "--epochs", "500", "--precision", precision,
-                    "--quiet", "--metrics-out", str(metrics), "--out", str(model)]
-            result = self.command(f"train {precision}", argv, limit=120, log=f"precision-{precision}.log")
-            if result.status == "ok":
-                summary = run_summary(metrics)
-                runs[precision] = {"test_accuracy": summary["test_accuracy"],
+            run = self.train(precision, ["--device", "cuda", "--hidden", str(PRECISION_HIDDEN), "--precision",
+                                         precision], limit=120)
+            if run is not None:
+                summary = run["summary"]
+                runs[precision] = {"test_accuracy": summary["test_accuracy"], "step": run["step"],
                                    "median_epoch_ms": 1e3 * summary["median_epoch_s"], "training_s": summary["total_s"],
-                                   "wall_s": result.seconds}
-                result.detail = (f"test {100 * summary['test_accuracy']:.2f} %, median epoch "
-                                 f"{1e3 * summary['median_epoch_s']:.3f} ms")
+                                   "wall_s": run["wall_s"]}
         problems = [f"{name}: no run" for name in ("float32", "tf32", "bf16") if name not in runs]
         if "float32" in runs:
             for name in ("tf32", "bf16"):
