@@ -957,20 +957,23 @@ class CudaGraphStep:
             self._capture()
 
     def _capture(self) -> None:
-        net = self.net
-        # a dry run of the launches that a capture may not be the first to make (kernel loading, cuBLAS's choice
-        # of kernels): it writes only scratch buffers (activations, gradients, partial sums)
-        net.forward(net.layout.views(self.P), self.X, self.y, self.m, net.partials, delta=True)
-        net.backward(net.layout.views(self.P), self.X, self.m)
-        self.device.prepare([net.kernel(name) for name in ("advance_epoch", "bias_relu", "softmax_xent", "row_sum",
-                                                            "relu_mask", "train_metrics", "update", "sum_squares",
-                                                            "val_metrics")])
+        self._before_capture()
         try:
             self._graph = self.device.capture(self._enqueue_epoch)
         except Exception as error:  # noqa: BLE001 - any failure of the capture means: run without a graph
             self._want_graph = False
             self.name = (f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
                          + self._precision_name)
+
+    def _before_capture(self) -> None:
+        """A dry run of the launches that a capture may not be the first to make (kernel loading, cuBLAS's choice of
+        kernels), writing only scratch buffers (activations, gradients, partial sums), and every kernel loaded."""
+        net = self.net
+        net.forward(net.layout.views(self.P), self.X, self.y, self.m, net.partials, delta=True)
+        net.backward(net.layout.views(self.P), self.X, self.m)
+        self.device.prepare([net.kernel(name) for name in ("advance_epoch", "bias_relu", "softmax_xent", "row_sum",
+                                                            "relu_mask", "train_metrics", "update", "sum_squares",
+                                                            "val_metrics")])
 
     def _enqueue_epoch(self) -> None:
         """One epoch's launches, the same whether captured or issued one by one. Nothing here reads the host's
@@ -1252,21 +1255,15 @@ class SinglePassGraphStep(CudaGraphStep):
         self._setup(arch, _Network(arch, dtype, device, max(m_val, 1)), m, rule, l2, learning_rates, train, val,
                     capacity, device, graph)
 
-    def _capture(self) -> None:
+    def _before_capture(self) -> None:
+        """The single pass's dry run, and the validation pass's (cuBLAS's choice of kernels for it): it writes only
+        scratch buffers (W1T, partials, G, activations); then every kernel loaded."""
         net = self.net
-        # a dry run of the launches that a capture may not be the first to make (kernel loading, cuBLAS's choice
-        # of kernels for the validation pass): it writes only scratch buffers (W1T, partials, G, activations)
         self.sp.enqueue(self.P, self.X, self.y, self.m, net.G)
         if self.val is not None:
             net.forward(net.layout.views(self.P), *self.val, self.m_val, self.val_partials, delta=False)
         self.device.prepare(self.sp.kernels() + [net.kernel(name) for name in (
             "advance_epoch", "train_metrics", "update", "sum_squares", "bias_relu", "softmax_xent", "val_metrics")])
-        try:
-            self._graph = self.device.capture(self._enqueue_epoch)
-        except Exception as error:  # noqa: BLE001 - any failure of the capture means: run without a graph
-            self._want_graph = False
-            self.name = (f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
-                         + self._precision_name)
 
     def _enqueue_gradients(self, params: list[Layer]) -> tuple[int, Array]:
         """The single pass (3 launches) in place of CudaGraphStep's layer-wise forward and backward passes."""
