@@ -59,7 +59,7 @@ from gpunn.errors import BackendError, ConfigError  # noqa: E402
 from gpunn.model import Preprocessing  # noqa: E402
 from gpunn.nn import PRECISIONS, Architecture, Layer, cost, forward, init_params, one_hot  # noqa: E402
 from gpunn.optim import Optimizer  # noqa: E402
-from gpunn.train import DeviceData, Epochs, TrainConfig, train_step  # noqa: E402
+from gpunn.train import DeviceData, Epochs, TrainConfig, dtype_label, train_step  # noqa: E402
 
 CHECK_EPOCHS = 3
 #: epochs a whole-epoch runner is built for (its learning-rate table); GpunnRunner starts it over after as many
@@ -489,11 +489,6 @@ def run_group(device: str, dtype: str, hidden: int, candidates: list[Candidate],
         row.summarize()
     _echo_group(rows, record, echo)
     return rows, record
-
-
-def dtype_label(dtype: str, precision: str = "float32") -> str:
-    """``float32``, or ``float32 (tf32 GEMMs)`` where the matrix products run in a reduced precision."""
-    return dtype if precision == "float32" else f"{dtype} ({precision} GEMMs)"
 
 
 def _echo_group(rows: list[Row], record: dict[str, Any], echo: Callable[[str], None]) -> None:

@@ -732,6 +732,11 @@ def check_resumable(model: Model, config: TrainConfig, data_sha256: str) -> int:
     return done
 
 
+def dtype_label(dtype: str, precision: str = "float32") -> str:
+    """``float32``, or ``float32 (tf32 GEMMs)`` where the matrix products run in a reduced precision."""
+    return dtype if precision == "float32" else f"{dtype} ({precision} GEMMs)"
+
+
 def describe_run(config: TrainConfig, backend: Backend, split: Split, source: str) -> list[str]:
     """The header a run prints before its first epoch: device, data, network and settings, and the step's
     computation (the same decision :func:`fit` acts on)."""
@@ -740,8 +745,7 @@ def describe_run(config: TrainConfig, backend: Backend, split: Split, source: st
     lines = [f"device:  {backend.summary()}"] + ([f"         {backend.reason}"] if backend.reason else [])
     lines.append(f"data:    {source}: {split.sizes()}")
     lines.append(f"network: {'-'.join(map(str, arch.sizes))} {c.activation}/{arch.output}, {c.weight_init} init, "
-                 f"{c.dtype}" + ("" if c.precision == "float32" else f" ({c.precision} GEMMs)")
-                 + f", lr {c.lr:g}, {c.epochs} epochs, seed {c.seed}"
+                 f"{dtype_label(c.dtype, c.precision)}, lr {c.lr:g}, {c.epochs} epochs, seed {c.seed}"
                  + (", standardized inputs" if c.normalize == "standardize" else ""))
     if c.lr_schedule != "constant" or c.early_stop is not None:
         lines.append(f"         lr schedule {c.lr_schedule}"
