@@ -350,20 +350,26 @@ def device(request):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [8, 256])
-def test_the_reduction_adds_the_rows_and_divides_dw1_by_255(device, dtype, threads):
+@pytest.mark.parametrize("rows", [13, 75])
+def test_the_reduction_adds_the_rows_and_divides_dw1_by_255(device, dtype, threads, rows):
     """On 8 threads a column is one thread; on 256 (a GPU's), 8 lanes per column and a tree of three rounds; 3
-    blocks for 500 sums: each block takes several groups of columns."""
-    part = np.random.default_rng(4).standard_normal((13, 500)).astype(dtype)
+    blocks for 500 sums: each block takes several groups of columns. A lane reads 8 of its rows at once and the rest
+    one by one: 75 rows are 9 and 10 per lane on 8 lanes, 75 on one."""
+    part = np.random.default_rng(4).standard_normal((rows, 500)).astype(dtype)
     G = device.empty((500,), dtype)
     suffix = {"float32": "f32", "float64": "f64"}[dtype]
     device.launch(f"single_pass_reduce_{suffix}", 3, threads,
-                  (device.upload(part), np.int32(13), np.int64(500), np.int64(120), G))
+                  (device.upload(part), np.int32(rows), np.int64(500), np.int64(120), G))
     expected = part.sum(axis=0, dtype=np.float64)
     expected[:120] /= 255
     got = G.get() if hasattr(G, "get") else np.asarray(G)
     # summed in double: float32 sums are within one rounding of float32, float64 ones within a few of the largest
     tolerance = {"rtol": 1e-6} if dtype == "float32" else {"rtol": 1e-13, "atol": 1e-15}
     np.testing.assert_allclose(got, expected.astype(dtype), **tolerance)
+    if threads == 8:  # one lane per column: the rows in order, one at a time, whatever the loads' grouping
+        in_order = np.cumsum(part.astype(np.float64), axis=0)[-1]
+        in_order[:120] /= 255
+        np.testing.assert_array_equal(got, in_order.astype(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

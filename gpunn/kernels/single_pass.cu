@@ -36,6 +36,11 @@
 //   small   dW2, db1, db2 (C h + h + C sums) and dW1 of the pixels past 3 blockDim.x (MNIST's last 16), one thread
 //           per sum, kept in shared memory.
 //
+// Where a few threads work while the rest of the block waits at the next barrier (the list, the output layer, the
+// softmax, dZ1, the small sums), their loops run over constant bounds (SP_GROUP, HP, SP_MAX_CLASSES, SP_TILE) and
+// are unrolled, so that a thread's loads go out together: a loop of one load per trip waits out each load's
+// latency in turn. The order of every sum is that of the plain loop.
+//
 // Shared memory stays under the 48 KB of static shared memory every CUDA GPU gives a block without an opt-in
 // (about 43 KB in float32, 45 KB in float64), so nothing needs cudaFuncSetAttribute and any GPU can run it.
 //
@@ -210,20 +215,26 @@ __device__ void single_pass(const unsigned char* X, const long long* y, int n0, 
         const int groups = (n0 + SP_GROUP - 1) / SP_GROUP;
         if (tid < groups) {
             int n = 0;
-#pragma unroll 1
-            for (int p = tid * SP_GROUP; p < min(n0, (tid + 1) * SP_GROUP); ++p) {
-                n += (sh.nz[2 * p] | sh.nz[2 * p + 1]) != 0;
+#pragma unroll
+            for (int q = 0; q < SP_GROUP; ++q) {
+                const int p = tid * SP_GROUP + q;
+                if (p < n0) n += (sh.nz[2 * p] | sh.nz[2 * p + 1]) != 0;
             }
             sh.counts[tid] = n;
         }
         __syncthreads();
         if (tid < groups) {
             int at = 0;
-#pragma unroll 1
-            for (int g = 0; g < tid; ++g) at += sh.counts[g];
-#pragma unroll 1
-            for (int p = tid * SP_GROUP; p < min(n0, (tid + 1) * SP_GROUP); ++p) {
-                if (sh.nz[2 * p] | sh.nz[2 * p + 1]) sh.list[at++] = (unsigned short)(p * 8 + ((p >> 2) & 7));
+#pragma unroll
+            for (int g = 0; g < SP_MAX_GROUPS; ++g) {
+                if (g < tid) at += sh.counts[g];
+            }
+#pragma unroll
+            for (int q = 0; q < SP_GROUP; ++q) {
+                const int p = tid * SP_GROUP + q;
+                if (p < n0 && (sh.nz[2 * p] | sh.nz[2 * p + 1])) {
+                    sh.list[at++] = (unsigned short)(p * 8 + ((p >> 2) & 7));
+                }
             }
             if (tid == groups - 1) sh.count = at;
         }
@@ -302,8 +313,10 @@ __device__ void single_pass(const unsigned char* X, const long long* y, int n0, 
         for (int i = tid; i < SP_TILE * C; i += threads) {
             const int t = i % SP_TILE, c = i / SP_TILE;
             T z = T(0);
-#pragma unroll 1
-            for (int k = 0; k < h; ++k) z += W2[c * h + k] * A1s[t * HP4 + k];
+#pragma unroll
+            for (int k = 0; k < HP; ++k) {
+                if (k < h) z += W2[c * h + k] * A1s[t * HP4 + k];
+            }
             Z2s[t * SP_MAX_CLASSES + c] = z + b2[c];
         }
         __syncthreads();
@@ -316,16 +329,18 @@ __device__ void single_pass(const unsigned char* X, const long long* y, int n0, 
             if (t < valid) {
                 T top = z[0];
                 int predicted = 0;
-#pragma unroll 1
-                for (int c = 1; c < C; ++c) {
-                    if (z[c] > top) {  // strictly greater: the first maximum wins, as NumPy's argmax
+#pragma unroll 4
+                for (int c = 1; c < SP_MAX_CLASSES; ++c) {
+                    if (c < C && z[c] > top) {  // strictly greater: the first maximum wins, as NumPy's argmax
                         top = z[c];
                         predicted = c;
                     }
                 }
                 T sum = T(0);
-#pragma unroll 1
-                for (int c = 0; c < C; ++c) sum += g_exp(z[c] - top);
+#pragma unroll 4
+                for (int c = 0; c < SP_MAX_CLASSES; ++c) {
+                    if (c < C) sum += g_exp(z[c] - top);
+                }
                 const long long label = sh.ys[t];
                 const bool known = label >= 0 && label < C;
                 if (known) {
@@ -334,8 +349,10 @@ __device__ void single_pass(const unsigned char* X, const long long* y, int n0, 
                 } else {
                     loss += g_nan();
                 }
-#pragma unroll 1
-                for (int c = 0; c < C; ++c) z[c] = g_exp(z[c] - top) / sum - (known && c == label ? T(1) : T(0));
+#pragma unroll 4
+                for (int c = 0; c < SP_MAX_CLASSES; ++c) {
+                    if (c < C) z[c] = g_exp(z[c] - top) / sum - (known && c == label ? T(1) : T(0));
+                }
             } else {
                 for (int c = 0; c < C; ++c) z[c] = T(0);
             }
@@ -348,8 +365,10 @@ __device__ void single_pass(const unsigned char* X, const long long* y, int n0, 
             const int t = i % SP_TILE, k = i / SP_TILE;
             T d = T(0);
             if (k < h && t < valid) {
-#pragma unroll 1
-                for (int c = 0; c < C; ++c) d += W2[c * h + k] * Z2s[t * SP_MAX_CLASSES + c];
+#pragma unroll 4
+                for (int c = 0; c < SP_MAX_CLASSES; ++c) {
+                    if (c < C) d += W2[c * h + k] * Z2s[t * SP_MAX_CLASSES + c];
+                }
                 d = d * (A1s[t * HP4 + k] > T(0) ? T(1) : T(0));
             }
             dZ1s[t * HP4 + k] = d;
@@ -393,7 +412,7 @@ __device__ void single_pass(const unsigned char* X, const long long* y, int n0, 
             if (i >= n_small) {
                 const int p = SP_OWNED * threads + (i - n_small) / h, k = (i - n_small) % h;
                 if (sh.nz[2 * p] | sh.nz[2 * p + 1]) {
-#pragma unroll 1
+#pragma unroll 8
                     for (int t = 0; t < SP_TILE; ++t) {
                         const unsigned word = sh.xs[p * 8 + ((t >> 2) ^ ((p >> 2) & 7))];
                         sum += dZ1s[t * HP4 + k] * (T)((word >> (8 * (t & 3))) & 0xFFu);
@@ -464,6 +483,11 @@ __device__ void single_pass_prepare(const T* P, int n0, int h, int hp4, T* W1T) 
 // pixel units). Each block takes `width` = min(32, blockDim.x) consecutive entries; the blockDim.x / width lanes of
 // a column add the rows lane, lane + lanes, ... in order, in double, and then the lanes' sums pairwise in a fixed
 // tree: the same bits every run for the same launch.
+//
+// A lane's rows are read SP_REDUCE_LOADS at a time, all loads issued before the first add: on an H200 (264 rows
+// of 8,070 sums for 784-10-10) the loop of one load and one add per row took 18 us under ncu, a load's latency per
+// row; the additions keep their order, so the bits are those of the one-at-a-time loop.
+#define SP_REDUCE_LOADS 8
 template <typename T>
 __device__ void single_pass_reduce(const T* part, int blocks, long long n_total, long long n_w1, T* G) {
     __shared__ double sums[GPUNN_MAX_BLOCK];
@@ -474,7 +498,15 @@ __device__ void single_pass_reduce(const T* part, int blocks, long long n_total,
         const long long i = first + column;
         double sum = 0.0;
         if (i < n_total) {
-            for (int b = lane; b < blocks; b += lanes) sum += (double)part[(long long)b * n_total + i];
+            int b = lane;
+            for (; b + (SP_REDUCE_LOADS - 1) * lanes < blocks; b += SP_REDUCE_LOADS * lanes) {
+                T rows[SP_REDUCE_LOADS];
+#pragma unroll
+                for (int q = 0; q < SP_REDUCE_LOADS; ++q) rows[q] = part[(long long)(b + q * lanes) * n_total + i];
+#pragma unroll
+                for (int q = 0; q < SP_REDUCE_LOADS; ++q) sum += (double)rows[q];
+            }
+            for (; b < blocks; b += lanes) sum += (double)part[(long long)b * n_total + i];
         }
         // Each thread writes only its own slot, and after the tree below a thread reads only its own (lane 0's
         // is sums[column]): so the previous round needs no barrier here, only this round's readers do.
