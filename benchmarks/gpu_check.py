@@ -28,7 +28,8 @@ installs nothing (the GPU machines have no network). In order, each step with it
     h = 256 and 1024 in tf32 and bf16 (--precision), beside PyTorch's in the same precision;
 11. ``pytest -m gpu``: every test marked gpu, the CuPy case of each backend-parametrized test and the CuPy variant
     of each CUDA fast-path parity test among them (after the figures: how long the tests take on a GPU is unknown);
-12. ``ncu`` (where it is on PATH) on the single pass's kernels: throughput, occupancy, stall reasons;
+12. ``ncu`` (where it is on PATH) on the single pass's kernels: throughput, occupancy, stall reasons and where
+    they stall; and each kernel's time in one epoch of 784-10-10 and of 784-64-10 (DIR/ncu-epoch.json);
 13. the CPU rows of the benchmark on the same machine;
 14. the CUDA fast path's CPU-side tests (tests/test_kernels.py, tests/test_fused_cuda.py: NVRTC, the emulator),
     last, since CI runs them too.
@@ -44,6 +45,7 @@ session has: what the budget leaves out is marked skipped, for a second call wit
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import json
 import os
@@ -69,6 +71,10 @@ E2E_RUNS = 3
 #: the tensor-core precisions' runs: test accuracy within this many points of the float32 run's (the issue's target)
 PRECISION_POINTS = 0.3
 PRECISION_HIDDEN = 256
+#: the profile step's epoch breakdowns: the default 784-10-10 (the single pass) and 784-64-10 (layer-wise kernels)
+PROFILE_HIDDEN = (10, 64)
+EPOCH_METRIC = "gpu__time_duration.sum"  # a kernel's time on the GPU, start to end
+EPOCH_START = "advance_epoch"  # the first kernel of each epoch that a CUDA graph step runs
 
 # Runs in a subprocess, so that this process never holds a CUDA context while the tests and trainings run.
 GPU_PROBE = """
@@ -82,6 +88,26 @@ except BackendError as error:
 else:
     print(json.dumps({"ok": True, "gpu": backend.summary()}))
 """
+
+
+def epoch_kernels(text: str) -> dict[str, Any] | None:
+    """One steady epoch's kernels from ncu's ``--csv --page raw`` output (mixed with other lines, which are left
+    out): those from the second launch of an EPOCH_START kernel up to the third (the first epoch may still load
+    kernels), each with its EPOCH_METRIC in microseconds, and their sum. None where the output holds no such epoch."""
+    rows = [row for row in csv.reader(line for line in text.splitlines() if line.startswith('"')) if row]
+    header = next((row for row in rows if row[0] == "ID"), None)
+    if header is None or "Kernel Name" not in header or EPOCH_METRIC not in header:
+        return None
+    name_at, value_at = header.index("Kernel Name"), header.index(EPOCH_METRIC)
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6}
+    units = next((row[value_at] for row in rows if row is not header and not row[0] and len(row) > value_at), "")
+    launches = [(row[name_at], float(row[value_at].replace(",", "")) * scale.get(units, 1e-3))
+                for row in rows if row[0] and row[0] != "ID" and len(row) > value_at]
+    starts = [i for i, (name, _) in enumerate(launches) if name.startswith(EPOCH_START)]
+    if len(starts) < 3:
+        return None
+    kernels = [{"name": name, "us": round(us, 3)} for name, us in launches[starts[1]:starts[2]]]
+    return {"epoch_us": round(sum(kernel["us"] for kernel in kernels), 3), "kernels": kernels}
 
 
 def run_summary(metrics: Path) -> dict[str, Any]:
@@ -256,22 +282,45 @@ class GpuCheck:
                 "wall_s": result.seconds, "training_s": training, "rest_s": result.seconds - training}
 
     def profile(self) -> None:
-        """ncu's view of the single pass's kernels in a short default run: throughput, occupancy, memory, and the
-        warps' stall reasons, in DIR/ncu-single-pass.log. Under a training run's clocks and caches: by default ncu
-        locks the SM clock at its base (1.49 GHz on the H200, against the 1.98 GHz a timed run gets) and flushes the
-        caches before each kernel, so the reduce read the pass's partial sums from DRAM, where a training run may
-        find them still in L2."""
+        """ncu's view of the epoch, under a training run's clocks and caches (by default ncu locks the SM clock at
+        its base, 1.49 GHz on the H200 against the 1.98 GHz a timed run gets, and flushes the caches before each
+        kernel, so the reduce would read the pass's partial sums from DRAM, where a training run may find them still
+        in L2):
+
+        - the single pass's kernels in a short default run: throughput, occupancy, memory, the warps' stall reasons
+          and where in the code they stall (SourceCounters), in DIR/ncu-single-pass.log;
+        - every kernel of one steady epoch (the second of three) at each of PROFILE_HIDDEN, the single pass's and
+          the layer-wise kernels', cuBLAS's GEMMs among them: each one's time on the GPU, in DIR/ncu-epoch.json."""
         ncu = shutil.which("ncu")
         if ncu is None:
             self.record(Result("ncu single pass", "n/a", 0.0, "ncu is not on PATH"))
             return
+        real_clocks = ["--target-processes", "all", "--clock-control", "none", "--cache-control", "none"]
         sections = [item for name in ("SpeedOfLight", "LaunchStats", "Occupancy", "MemoryWorkloadAnalysis",
-                                      "SchedulerStats", "WarpStateStats") for item in ("--section", name)]
-        self.command("ncu single pass", [ncu, "--target-processes", "all", "-k", "regex:single_pass",
-                                         "--launch-count", "3", "--clock-control", "none", "--cache-control", "none",
+                                      "SchedulerStats", "WarpStateStats", "SourceCounters")
+                    for item in ("--section", name)]
+        self.command("ncu single pass", [ncu, *real_clocks, "-k", "regex:single_pass", "--launch-count", "3",
                                          *sections, *self.python(), "-m", "gpunn", "train",
                                          "--device", "cuda", "--data-dir", str(self.data), "--epochs", "3", "--quiet",
                                          "--out", str(self.out / "ncu.npz")], limit=120, log="ncu-single-pass.log")
+        epochs = {}
+        for hidden in PROFILE_HIDDEN:
+            result = self.command(f"ncu epoch h={hidden}", [
+                ncu, *real_clocks, "--csv", "--page", "raw", "--print-units", "base", "--metrics", EPOCH_METRIC,
+                *self.python(), "-m", "gpunn", "train", "--device", "cuda", "--data-dir", str(self.data), "--hidden",
+                str(hidden), "--epochs", "3", "--quiet", "--out", str(self.out / f"ncu-h{hidden}.npz")],
+                limit=120, log=f"ncu-epoch-h{hidden}.log")
+            if result.status != "ok" or result.log is None:
+                continue
+            epoch = epoch_kernels(Path(result.log).read_text(errors="replace"))
+            if epoch is None:
+                result.status, result.detail = "FAILED", f"no epoch between {EPOCH_START} launches in ncu's CSV"
+                continue
+            epochs[f"h{hidden}"] = epoch
+            top = max(epoch["kernels"], key=lambda kernel: kernel["us"])
+            result.detail = (f"{len(epoch['kernels'])} kernels, {epoch['epoch_us']:.1f} us on the GPU; the largest "
+                             f"{top['name'][:60]} {top['us']:.1f} us")
+        (self.out / "ncu-epoch.json").write_text(json.dumps(epochs, indent=1) + "\n")
 
     def train(self, name: str, options: list[str], *, limit: float) -> dict[str, Any] | None:
         """One ``gpunn train`` on the full MNIST, 500 epochs from seed 0, with ``options`` (the device, the network):

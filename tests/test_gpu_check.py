@@ -127,13 +127,70 @@ def test_a_missing_profiler_is_not_a_failure(tmp_path, monkeypatch):
     assert [(r.step, r.status) for r in check.results] == [("ncu single pass", "n/a")]
     monkeypatch.setattr(module.shutil, "which", lambda name: f"/usr/local/cuda/bin/{name}")
     commands = []
-    monkeypatch.setattr(check, "command", lambda step, argv, **kwargs: commands.append(argv))
+    monkeypatch.setattr(check, "command", lambda step, argv, **kwargs: commands.append(argv) or module.Result(
+        step, "FAILED", 0.0, "not run here"))
     check.profile()
     argv = commands[0]
     assert argv[0] == "/usr/local/cuda/bin/ncu" and argv[argv.index("-k") + 1] == "regex:single_pass"
-    assert argv[argv.index("--device") + 1] == "cuda" and "WarpStateStats" in argv
-    # a training run's clocks and caches, not ncu's base clock and flushed caches
-    assert argv[argv.index("--clock-control") + 1] == "none" and argv[argv.index("--cache-control") + 1] == "none"
+    assert argv[argv.index("--device") + 1] == "cuda" and "WarpStateStats" in argv and "SourceCounters" in argv
+    assert len(commands) == 1 + len(module.PROFILE_HIDDEN)  # then one epoch breakdown per hidden size
+    for argv, hidden in zip(commands[1:], module.PROFILE_HIDDEN, strict=True):
+        assert argv[argv.index("--hidden") + 1] == str(hidden) and argv[argv.index("--metrics") + 1] == \
+            module.EPOCH_METRIC and argv[argv.index("--page") + 1] == "raw" and "--csv" in argv
+    for argv in commands:
+        # a training run's clocks and caches, not ncu's base clock and flushed caches
+        assert argv[argv.index("--clock-control") + 1] == "none" and argv[argv.index("--cache-control") + 1] == "none"
+
+
+def ncu_csv(launches, units="nsecond"):
+    """ncu --csv --page raw as the profile step's log holds it: among the run's own lines, a header, a row of units
+    and one row per launch (name, nanoseconds)."""
+    quoted = lambda *fields: ",".join(f'"{field}"' for field in fields)  # noqa: E731
+    rows = [quoted("ID", "Process ID", "Kernel Name", "Block Size", "gpu__time_duration.sum"),
+            quoted("", "", "", "", units)]
+    rows += [quoted(i, 4242, name, "(256, 1, 1)", f"{ns:,}") for i, (name, ns) in enumerate(launches)]
+    return "\n".join(["$ ncu ...", "==PROF== Connected to process 4242", "step: single pass", *rows,
+                      "==PROF== Disconnected from process 4242"])
+
+
+def test_the_epoch_breakdown_is_the_second_epoch_of_ncus_csv():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check as module
+
+    epoch = [("advance_epoch_f32", 2400), ("single_pass_h10_f32", 180500), ("single_pass_reduce_f32", 4100),
+             ("update_f32", 3000)]
+    setup = [("set_step_f32", 2000), ("single_pass_h10_f32", 250000)]
+    first = [("advance_epoch_f32", 2500), ("single_pass_h10_f32", 260000)]  # the first epoch: not steady yet
+    text = ncu_csv(setup + first + epoch + [("advance_epoch_f32", 2300), ("val_metrics_f32", 5000)])
+    got = module.epoch_kernels(text)
+    assert [kernel["name"] for kernel in got["kernels"]] == [name for name, _ in epoch]
+    assert [kernel["us"] for kernel in got["kernels"]] == [2.4, 180.5, 4.1, 3.0]
+    assert got["epoch_us"] == 190.0
+    in_us = module.epoch_kernels(ncu_csv(first + epoch + first, units="usecond").replace("180,500", "180.5"))
+    assert in_us["kernels"][1] == {"name": "single_pass_h10_f32", "us": 180.5}
+    assert module.epoch_kernels(ncu_csv(first + epoch)) is None  # two epochs: no second one ended
+    assert module.epoch_kernels("==PROF== Connected\nno kernels were profiled") is None
+
+
+def test_the_profile_step_writes_each_epochs_kernels(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check as module
+
+    check = module.GpuCheck(tmp_path, tmp_path, budget_s=60)
+    monkeypatch.setattr(module.shutil, "which", lambda name: f"/usr/bin/{name}")
+    epoch = [("advance_epoch_f32", 2000), ("sm90_xmma_gemm_f32f32", 60000), ("update_f32", 3000)]
+
+    def command(step, argv, log, **kwargs):
+        path = tmp_path / log
+        path.write_text(ncu_csv(epoch * 3) if "epoch" in step else "ncu's sections")
+        return check.record(module.Result(step, "ok", 1.0, "", str(path)))
+
+    monkeypatch.setattr(check, "command", command)
+    check.profile()
+    written = json.loads((tmp_path / "ncu-epoch.json").read_text())
+    assert sorted(written) == [f"h{hidden}" for hidden in sorted(module.PROFILE_HIDDEN)]
+    assert written["h64"]["epoch_us"] == 65.0 and len(written["h64"]["kernels"]) == 3
+    assert check.results[-1].detail == "3 kernels, 65.0 us on the GPU; the largest sm90_xmma_gemm_f32f32 60.0 us"
 
 
 def test_the_precision_step_holds_each_tensor_core_run_to_float32s_test_accuracy(tmp_path, monkeypatch):
