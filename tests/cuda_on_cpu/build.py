@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -83,27 +84,22 @@ def launcher_source(cu_file: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_library(cu_file: str | Path, *, tsan: bool = False, kernel_dir: Path = KERNEL_DIR) -> Path:
-    """The shared library of one kernel file of ``kernel_dir`` (built now if the cache has none for these inputs).
-    Another ``kernel_dir`` than gpunn's serves the tests that break a kernel on purpose."""
+def _cached_build(stem: str, parts: list[bytes], compile_into: Callable[[Path, Path], list[str]]) -> Path:
+    """The cached shared library ``stem-DIGEST.so``, DIGEST a hash of ``parts`` (every input of the build) and the
+    compiler's version; built now where the cache has none: ``compile_into(folder, output)`` is the compiler's
+    command line, run in a temporary folder of the cache (which it may write sources to)."""
     cxx = compiler()
     if cxx is None:
         raise BuildError(compiler_missing() or "no compiler")
-    cu_file = Path(kernel_dir) / Path(cu_file).name
-    source = launcher_source(cu_file)
-    flags = TSAN_FLAGS if tsan else FLAGS
     digest = hashlib.sha256()
-    for part in [HEADER.read_bytes(), Path(__file__).read_bytes(), source.encode(), " ".join(flags).encode(),
-                 _compiler_version(cxx).encode()] + [p.read_bytes() for p in sorted(Path(kernel_dir).iterdir())]:
+    for part in [*parts, _compiler_version(cxx).encode()]:
         digest.update(hashlib.sha256(part).digest())
-    target = cache_dir() / f"{cu_file.stem}-{'tsan-' if tsan else ''}{digest.hexdigest()[:20]}.so"
+    target = cache_dir() / f"{stem}-{digest.hexdigest()[:20]}.so"
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=cache_dir()) as folder:
-        launchers = Path(folder) / f"{cu_file.stem}_launchers.cpp"
-        launchers.write_text(source)
         built = Path(folder) / target.name
-        command = [cxx, *flags, f"-I{kernel_dir}", "-include", str(HEADER), str(launchers), "-o", str(built)]
+        command = [cxx, *compile_into(Path(folder), built)]
         result = run_compiler(command)
         if result.returncode != 0:
             raise BuildError(f"{' '.join(command)}\n{result.stdout}{result.stderr}")
@@ -111,28 +107,31 @@ def build_library(cu_file: str | Path, *, tsan: bool = False, kernel_dir: Path =
     return target
 
 
+def build_library(cu_file: str | Path, *, tsan: bool = False, kernel_dir: Path = KERNEL_DIR) -> Path:
+    """The shared library of one kernel file of ``kernel_dir`` (built now if the cache has none for these inputs).
+    Another ``kernel_dir`` than gpunn's serves the tests that break a kernel on purpose."""
+    cu_file = Path(kernel_dir) / Path(cu_file).name
+    source = launcher_source(cu_file)
+    flags = TSAN_FLAGS if tsan else FLAGS
+
+    def compile_into(folder: Path, built: Path) -> list[str]:
+        launchers = folder / f"{cu_file.stem}_launchers.cpp"
+        launchers.write_text(source)
+        return [*flags, f"-I{kernel_dir}", "-include", str(HEADER), str(launchers), "-o", str(built)]
+
+    parts = [HEADER.read_bytes(), Path(__file__).read_bytes(), source.encode(), " ".join(flags).encode()]
+    parts += [path.read_bytes() for path in sorted(Path(kernel_dir).iterdir())]
+    return _cached_build(cu_file.stem + ("-tsan" if tsan else ""), parts, compile_into)
+
+
 CUBLAS_STAND_IN = Path(__file__).resolve().parent / "cublas_cpu.cpp"
+CUBLAS_STAND_IN_FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off")
 
 
 def build_cublas_stand_in() -> Path:
     """The shared library of cublas_cpu.cpp, a host stand-in for libcublas (built now if the cache has none)."""
-    cxx = compiler()
-    if cxx is None:
-        raise BuildError(compiler_missing() or "no compiler")
-    flags = ("-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off")
-    digest = hashlib.sha256()
-    for part in [CUBLAS_STAND_IN.read_bytes(), " ".join(flags).encode(), _compiler_version(cxx).encode()]:
-        digest.update(hashlib.sha256(part).digest())
-    target = cache_dir() / f"cublas_cpu-{digest.hexdigest()[:20]}.so"
-    if not target.exists():
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as folder:
-            built = Path(folder) / target.name
-            command = [cxx, *flags, str(CUBLAS_STAND_IN), "-o", str(built)]
-            result = run_compiler(command)
-            if result.returncode != 0:
-                raise BuildError(f"{' '.join(command)}\n{result.stdout}{result.stderr}")
-            os.replace(built, target)
-    return target
+    return _cached_build("cublas_cpu", [CUBLAS_STAND_IN.read_bytes(), " ".join(CUBLAS_STAND_IN_FLAGS).encode()],
+                         lambda folder, built: [*CUBLAS_STAND_IN_FLAGS, str(CUBLAS_STAND_IN), "-o", str(built)])
 
 
 @cache
