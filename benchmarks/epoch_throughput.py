@@ -337,9 +337,15 @@ def loss_after_steps(make: Callable[..., Any], images, labels, params, *, dtype:
         getattr(runner, "close", lambda: None)()
 
 
+def arithmetic(dtype: str, precision: str = "float32") -> str:
+    """What sets a step's rounding and its GEMMs' rate: a reduced ``precision`` where there is one, else the dtype
+    (the key of CHECK_RTOL and of the limits' GEMM rates)."""
+    return dtype if precision == "float32" else precision
+
+
 def same_step(loss: float, reference: float, dtype: str, precision: str = "float32") -> bool:
     """Do two losses after CHECK_EPOCHS epochs agree within the rounding of ``dtype`` (or of ``precision``'s GEMMs)?"""
-    return abs(loss - reference) <= CHECK_RTOL[precision if precision != "float32" else dtype] * abs(reference)
+    return abs(loss - reference) <= CHECK_RTOL[arithmetic(dtype, precision)] * abs(reference)
 
 
 def verdict(loss: float, reference: float, dtype: str, precision: str = "float32") -> str:
@@ -574,7 +580,7 @@ def lower_bound_ms(hidden: int, m: int, dtype: str, limits: dict[str, float], pr
     the reduced precision): the larger."""
     itemsize = np.dtype(dtype).itemsize
     read = 784 * m * itemsize / limits["read_bytes_per_s"]
-    flops = 3196 * hidden * m / limits[f"gemm_flops_per_s_{dtype if precision == 'float32' else precision}"]
+    flops = 3196 * hidden * m / limits[f"gemm_flops_per_s_{arithmetic(dtype, precision)}"]
     return max(read, flops) * 1e3
 
 
