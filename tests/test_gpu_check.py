@@ -19,6 +19,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
+def module():
+    """benchmarks/gpu_check.py, imported: a script, not a module of a package."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check as script
+
+    return script
+
+
+@pytest.fixture(scope="module")
 def no_gpu():
     try:
         get_backend("cuda")
@@ -66,11 +75,8 @@ def test_the_make_target_uses_python3_as_it_is_and_needs_out(tmp_path):
     assert missing.returncode != 0 and "make gpu-check needs OUT=DIR" in missing.stdout
 
 
-def test_the_benchmark_steps_pass_only_options_the_benchmark_takes(tmp_path, monkeypatch):
+def test_the_benchmark_steps_pass_only_options_the_benchmark_takes(module, tmp_path, monkeypatch):
     """benchmarks/epoch_throughput.py changes; the check reads its --help rather than failing on a GPU machine."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check as module
-
     check = module.GpuCheck(tmp_path, tmp_path, budget_s=60)
     commands = {}
     monkeypatch.setattr(check, "command", lambda step, argv, **kwargs: commands.setdefault(step, argv))
@@ -85,13 +91,10 @@ def test_the_benchmark_steps_pass_only_options_the_benchmark_takes(tmp_path, mon
     assert commands["bench cuda"][commands["bench cuda"].index("--devices") + 1] == "cuda"
 
 
-def test_end_to_end_runs_keep_wall_time_and_training_time(tmp_path, monkeypatch):
+def test_end_to_end_runs_keep_wall_time_and_training_time(module, tmp_path, monkeypatch):
     """Each run's wall time is the command's (start to model on disk); its training's share comes from the metrics;
     a failed run is left out of DIR/e2e.json and stays a failed step. The first run finds CuPy's and the driver's
     kernel caches empty; the others run with the caches the environment already names."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check as module
-
     check = module.GpuCheck(tmp_path, tmp_path / "mnist", budget_s=60)
     walls = iter([4.5, 1.5, 9.0, 1.25])
     caches = []
@@ -117,10 +120,7 @@ def test_end_to_end_runs_keep_wall_time_and_training_time(tmp_path, monkeypatch)
     assert caches[1:] == [None] * module.E2E_RUNS
 
 
-def test_a_missing_profiler_is_not_a_failure(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check as module
-
+def test_a_missing_profiler_is_not_a_failure(module, tmp_path, monkeypatch):
     check = module.GpuCheck(tmp_path, tmp_path, budget_s=60)
     monkeypatch.setattr(module.shutil, "which", lambda name: None)
     check.profile()
@@ -153,10 +153,7 @@ def ncu_csv(launches, units="nsecond"):
                       "==PROF== Disconnected from process 4242"])
 
 
-def test_the_epoch_breakdown_is_the_second_epoch_of_ncus_csv():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check as module
-
+def test_the_epoch_breakdown_is_the_second_epoch_of_ncus_csv(module):
     epoch = [("advance_epoch_f32", 2400), ("single_pass_h10_f32", 180500), ("single_pass_reduce_f32", 4100),
              ("update_f32", 3000)]
     setup = [("set_step_f32", 2000), ("single_pass_h10_f32", 250000)]
@@ -172,10 +169,7 @@ def test_the_epoch_breakdown_is_the_second_epoch_of_ncus_csv():
     assert module.epoch_kernels("==PROF== Connected\nno kernels were profiled") is None
 
 
-def test_the_profile_step_writes_each_epochs_kernels(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check as module
-
+def test_the_profile_step_writes_each_epochs_kernels(module, tmp_path, monkeypatch):
     check = module.GpuCheck(tmp_path, tmp_path, budget_s=60)
     monkeypatch.setattr(module.shutil, "which", lambda name: f"/usr/bin/{name}")
     epoch = [("advance_epoch_f32", 2000), ("sm90_xmma_gemm_f32f32", 60000), ("update_f32", 3000)]
@@ -193,12 +187,9 @@ def test_the_profile_step_writes_each_epochs_kernels(tmp_path, monkeypatch):
     assert check.results[-1].detail == "3 kernels, 65.0 us on the GPU; the largest sm90_xmma_gemm_f32f32 60.0 us"
 
 
-def test_the_precision_step_holds_each_tensor_core_run_to_float32s_test_accuracy(tmp_path, monkeypatch):
+def test_the_precision_step_holds_each_tensor_core_run_to_float32s_test_accuracy(module, tmp_path, monkeypatch):
     """784-256-10 in float32, tf32 and bf16: a reduced precision more than 0.3 point from float32's test accuracy
     fails the step, and DIR/precision.json keeps every run; then the benchmark's rows in tf32 and bf16 on CUDA."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check as module
-
     check = module.GpuCheck(tmp_path, tmp_path / "mnist", budget_s=60)
     accuracy = {"float32": 0.9612, "tf32": 0.9601, "bf16": 0.9571}
     commands = {}
@@ -229,10 +220,7 @@ def test_the_precision_step_holds_each_tensor_core_run_to_float32s_test_accuracy
         assert argv[argv.index("--devices") + 1] == "cuda"
 
 
-def test_steps_run_only_the_named_ones_after_the_prerequisites(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gpu_check as module
-
+def test_steps_run_only_the_named_ones_after_the_prerequisites(module, tmp_path, monkeypatch):
     ran = []
     for name in ("info", "check_data", "check_gpu"):
         monkeypatch.setattr(module.GpuCheck, name, lambda self, _n=name: ran.append(_n))
