@@ -68,7 +68,10 @@ TRAININGS = {"cuda": ("cuda", "--fast"), "cuda-generic": ("cuda", "--generic"), 
              "cpu-generic": ("cpu", "--generic")}
 PAIRS = [("cuda", "cpu"), ("cuda-generic", "cpu-generic"), ("cuda", "cuda-generic")]
 E2E_RUNS = 3
-#: the tensor-core precisions' runs: test accuracy within this many points of the float32 run's (the issue's target)
+#: the precision step's runs (gpunn.nn.PRECISIONS): float32, the reference, and the tensor cores' precisions, whose
+#: test accuracy is to be within PRECISION_POINTS points of the float32 run's (the issue's target)
+PRECISIONS = ("float32", "tf32", "bf16")
+REDUCED = PRECISIONS[1:]
 PRECISION_POINTS = 0.3
 PRECISION_HIDDEN = 256
 #: the profile step's epoch breakdowns: the default 784-10-10 (the single pass) and 784-64-10 (layer-wise kernels)
@@ -424,7 +427,7 @@ class GpuCheck:
         each precision, h = 256 and 1024, beside PyTorch's."""
         start_all = time.monotonic()
         runs: dict[str, dict[str, Any]] = {}
-        for precision in ("float32", "tf32", "bf16"):
+        for precision in PRECISIONS:
             run = self.train(precision, ["--device", "cuda", "--hidden", str(PRECISION_HIDDEN), "--precision",
                                          precision], limit=120)
             if run is not None:
@@ -432,9 +435,9 @@ class GpuCheck:
                 runs[precision] = {"test_accuracy": summary["test_accuracy"], "step": run["step"],
                                    "median_epoch_ms": 1e3 * summary["median_epoch_s"], "training_s": summary["total_s"],
                                    "wall_s": run["wall_s"]}
-        problems = [f"{name}: no run" for name in ("float32", "tf32", "bf16") if name not in runs]
+        problems = [f"{name}: no run" for name in PRECISIONS if name not in runs]
         if "float32" in runs:
-            for name in ("tf32", "bf16"):
+            for name in REDUCED:
                 if name in runs:
                     points = 100 * abs(runs[name]["test_accuracy"] - runs["float32"]["test_accuracy"])
                     runs[name]["points_from_float32"] = points
@@ -452,7 +455,7 @@ class GpuCheck:
         if "--precision" not in self.benchmark_options()[0]:
             self.record(Result("bench precision", "FAILED", 0.0, "benchmarks/epoch_throughput.py has no --precision"))
             return
-        for precision in ("tf32", "bf16"):
+        for precision in REDUCED:
             self.command(f"bench cuda {precision}", [*common, "--devices", "cuda", "--dtypes", "float32", "--hidden",
                                                      "256,1024", "--precision", precision, "--peers",
                                                      peers("torch-eager", "torch-graph"), "--name",

@@ -13,6 +13,7 @@ import pytest
 
 from gpunn.backend import get_backend
 from gpunn.errors import BackendError
+from gpunn.nn import PRECISIONS
 from helpers import write_mnist_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,3 +234,8 @@ def test_steps_run_only_the_named_ones_after_the_prerequisites(module, tmp_path,
     assert ran == ["info", "check_data", "check_gpu", *module.STEPS]
     with pytest.raises(SystemExit):
         module.main(["--out", str(tmp_path), "--steps", "precision,nonsense"])
+
+
+def test_the_precision_step_runs_every_precision_gpunn_takes(module):
+    """The check keeps its own list (it imports no gpunn; gpunn runs in its subprocesses): float32 first."""
+    assert module.PRECISIONS == PRECISIONS and module.REDUCED == PRECISIONS[1:]
