@@ -486,17 +486,6 @@ def test_the_runner_takes_pixels_for_training_and_floats_for_validation(emulated
 # --- through the training loop ------------------------------------------------------------------------------------
 
 
-class SinglePassBackend(EmulatedCudaBackend):
-    """The emulated CUDA backend choosing the single pass where it covers the run, the fused path elsewhere."""
-
-    def step(self, arch, *, dtype: str, columns: int, dropout: float = 0.0, pixels: bool = True,
-             batches: bool = False, precision: str = "float32"):
-        single = (pixels and precision == "float32"
-                  and single_pass_step(arch, dtype=dtype, columns=columns, dropout=dropout, device=self.kernels))
-        return single or super().step(arch, dtype=dtype, columns=columns, dropout=dropout, pixels=pixels,
-                                      batches=batches, precision=precision)
-
-
 @pytest.mark.parametrize("batch_size", [None, 128], ids=["full-batch", "mini-batches"])
 def test_training_keeps_the_pixels_as_uint8_and_ends_where_the_generic_run_ends(batch_size):
     """gpunn.fit with the single pass: full batches run SinglePassGraphStep, mini-batches the gradient pass on
@@ -508,7 +497,7 @@ def test_training_keeps_the_pixels_as_uint8_and_ends_where_the_generic_run_ends(
     small = Dataset(data.source, data.train_images[:420], data.train_labels[:420])
     parts = split(small, val_size=100, seed=0)
     config = TrainConfig(hidden=(10,), epochs=3, lr=0.5, batch_size=batch_size, optimizer="momentum", l2=0.1)
-    backend = SinglePassBackend()
+    backend = EmulatedCudaBackend()  # gpunn.fused_cuda.cuda_step's choice, as CupyBackend makes it
     step = backend.step(config.architecture(784), dtype="float32", columns=config.batch_columns(320))
     assert step.pixels and step.name.startswith("single-pass CUDA kernel over uint8 pixels")
     standardized = backend.step(config.architecture(784), dtype="float32", columns=320, pixels=False)
