@@ -924,9 +924,13 @@ class CudaGraphStep:
         self._next: int | None = None
         reason = None if graph else "graphs turned off"
         reason = reason or device.capture_unavailable()
-        self._precision_name = PRECISION_NAMES[net.precision]  # the validation pass's GEMMs, the training's too
-        self.name = (self.GRAPH_NAME if reason is None else f"{self.EAGER_NAME} ({reason})") + self._precision_name
+        self.name = self._named(self.GRAPH_NAME if reason is None else f"{self.EAGER_NAME} ({reason})")
         self._want_graph = reason is None
+
+    def _named(self, how: str) -> str:
+        """The runner's name: how it launches an epoch, then what its GEMMs compute in (the training's and the
+        validation pass's)."""
+        return how + PRECISION_NAMES[self.net.precision]
 
     def __enter__(self) -> CudaGraphStep:
         return self
@@ -962,8 +966,8 @@ class CudaGraphStep:
             self._graph = self.device.capture(self._enqueue_epoch)
         except Exception as error:  # noqa: BLE001 - any failure of the capture means: run without a graph
             self._want_graph = False
-            self.name = (f"{self.EAGER_NAME} (CUDA graph capture failed: {' '.join(str(error).split())[:200]})"
-                         + self._precision_name)
+            self.name = self._named(f"{self.EAGER_NAME} (CUDA graph capture failed: "
+                                    f"{' '.join(str(error).split())[:200]})")
 
     def _before_capture(self) -> None:
         """A dry run of the launches that a capture may not be the first to make (kernel loading, cuBLAS's choice of
