@@ -192,6 +192,10 @@ class GpuCheck:
     def python(self) -> list[str]:
         return [sys.executable]
 
+    def gpunn_train(self, *options: str) -> list[str]:
+        """``gpunn train`` on the check's MNIST with ``options``, as this Python runs it."""
+        return [*self.python(), "-m", "gpunn", "train", "--data-dir", str(self.data), *options]
+
     # --- the steps ------------------------------------------------------------------------------------------------
 
     def info(self) -> None:
@@ -274,8 +278,7 @@ class GpuCheck:
     def end_to_end_run(self, run: str | int, env: dict[str, str] | None = None) -> dict[str, Any] | None:
         """One run of end_to_end, or None where it failed (the failure is in the step's record)."""
         metrics, model = self.out / f"e2e-{run}.jsonl", self.out / f"e2e-{run}.npz"
-        argv = [*self.python(), "-m", "gpunn", "train", "--device", "cuda", "--data-dir", str(self.data), "--quiet",
-                "--metrics-out", str(metrics), "--out", str(model)]
+        argv = self.gpunn_train("--device", "cuda", "--quiet", "--metrics-out", str(metrics), "--out", str(model))
         result = self.command(f"e2e cuda {run}", argv, limit=60 if env is None else 90, log=f"e2e-{run}.log", env=env)
         if result.status != "ok":
             return None
@@ -302,16 +305,16 @@ class GpuCheck:
         sections = [item for name in ("SpeedOfLight", "LaunchStats", "Occupancy", "MemoryWorkloadAnalysis",
                                       "SchedulerStats", "WarpStateStats", "SourceCounters")
                     for item in ("--section", name)]
-        self.command("ncu single pass", [ncu, *real_clocks, "-k", "regex:single_pass", "--launch-count", "3",
-                                         *sections, *self.python(), "-m", "gpunn", "train",
-                                         "--device", "cuda", "--data-dir", str(self.data), "--epochs", "3", "--quiet",
-                                         "--out", str(self.out / "ncu.npz")], limit=120, log="ncu-single-pass.log")
+        three_epochs = ("--device", "cuda", "--epochs", "3", "--quiet")
+        self.command("ncu single pass", [
+            ncu, *real_clocks, "-k", "regex:single_pass", "--launch-count", "3", *sections,
+            *self.gpunn_train(*three_epochs, "--out", str(self.out / "ncu.npz"))], limit=120, log="ncu-single-pass.log")
         epochs = {}
         for hidden in PROFILE_HIDDEN:
+            model = str(self.out / f"ncu-h{hidden}.npz")
             result = self.command(f"ncu epoch h={hidden}", [
                 ncu, *real_clocks, "--csv", "--page", "raw", "--print-units", "base", "--metrics", EPOCH_METRIC,
-                *self.python(), "-m", "gpunn", "train", "--device", "cuda", "--data-dir", str(self.data), "--hidden",
-                str(hidden), "--epochs", "3", "--quiet", "--out", str(self.out / f"ncu-h{hidden}.npz")],
+                *self.gpunn_train(*three_epochs, "--hidden", str(hidden), "--out", model)],
                 limit=120, log=f"ncu-epoch-h{hidden}.log")
             if result.status != "ok" or result.log is None:
                 continue
@@ -330,8 +333,8 @@ class GpuCheck:
         its summary record, model file, step and wall time, or None where it failed (the failure is in the step's
         record). Metrics, model and log go to DIR/train-NAME.jsonl, model-NAME.npz and train-NAME.log."""
         metrics, model = self.out / f"train-{name}.jsonl", self.out / f"model-{name}.npz"
-        argv = [*self.python(), "-m", "gpunn", "train", "--data-dir", str(self.data), *options, "--seed", "0",
-                "--epochs", "500", "--metrics-out", str(metrics), "--out", str(model)]
+        argv = self.gpunn_train(*options, "--seed", "0", "--epochs", "500", "--metrics-out", str(metrics), "--out",
+                                str(model))
         result = self.command(f"train {name}", argv, limit=limit, log=f"train-{name}.log")
         if result.status != "ok":
             return None
